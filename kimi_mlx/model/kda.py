@@ -1,0 +1,87 @@
+"""Kimi Delta Attention layer: projections, causal short convs, gates, gated output norm."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KDACache
+from ..config import ModelConfig
+from ..ops.kda import kda
+from .common import l2norm
+
+
+class ShortConvWeight(nn.Module):
+    """Depthwise causal conv weight, stored [channels, kernel] (published: [channels, 1, kernel])."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel))
+
+
+def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None):
+    """x [B, T, C], weight [C, Kc], state [B, Kc-1, C] (previous inputs) -> (silu(conv), new state)."""
+    B, T, C = x.shape
+    kc = weight.shape[1]
+    if state is None:
+        state = mx.zeros((B, kc - 1, C), dtype=x.dtype)
+    xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
+    w = weight.astype(x.dtype)
+    out = xs[:, 0:T] * w[:, 0]
+    for j in range(1, kc):
+        out = out + xs[:, j:j + T] * w[:, j]
+    return nn.silu(out), xs[:, -(kc - 1):]
+
+
+def decay_gate(f: mx.array, dt_bias: mx.array, A_log: mx.array, num_heads: int) -> mx.array:
+    """g = -exp(A_log[h]) * softplus(f + dt_bias), per channel, fp32, log space. f: [B, T, H*K]."""
+    B, T, P = f.shape
+    x = f.astype(mx.float32) + dt_bias.astype(mx.float32)
+    sp = mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
+    g = -mx.exp(A_log.astype(mx.float32)).reshape(num_heads, 1) * sp.reshape(B, T, num_heads, P // num_heads)
+    return g
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = H = cfg.linear_num_heads
+        self.head_dim = K = cfg.linear_head_dim
+        P = H * K
+        d = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = nn.Linear(d, P, bias=False)
+        self.k_proj = nn.Linear(d, P, bias=False)
+        self.v_proj = nn.Linear(d, P, bias=False)
+        self.q_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
+        self.k_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
+        self.v_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
+        self.f_a_proj = nn.Linear(d, K, bias=False)
+        self.f_b_proj = nn.Linear(K, P, bias=False)
+        self.dt_bias = mx.zeros((P,), dtype=mx.float32)
+        self.A_log = mx.zeros((H,), dtype=mx.float32)
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self.g_a_proj = nn.Linear(d, K, bias=False)
+        self.g_b_proj = nn.Linear(K, P, bias=False)
+        self.o_norm = nn.RMSNorm(K, eps=cfg.rms_norm_eps)
+        self.o_proj = nn.Linear(P, d, bias=False)
+
+    def __call__(self, x: mx.array, cache: KDACache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        P = H * K
+        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        w = mx.concatenate([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], axis=0)
+        qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
+        q = l2norm(qkv[..., :P].reshape(B, T, H, K).astype(mx.float32))
+        k = l2norm(qkv[..., P:2 * P].reshape(B, T, H, K).astype(mx.float32))
+        v = qkv[..., 2 * P:].reshape(B, T, H, K)
+        g = decay_gate(self.f_b_proj(self.f_a_proj(x)), self.dt_bias, self.A_log, H)
+        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
+        o, state = kda(q, k, v, g, beta, initial_state=cache.state if cache is not None else None)
+        if cache is not None:
+            cache.conv, cache.state = conv_state, state
+            cache.offset += T
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
+        o = mx.fast.rms_norm(o.astype(mx.float32), self.o_norm.weight.astype(mx.float32), self.eps)
+        o = (o * mx.sigmoid(gate.astype(mx.float32))).astype(x.dtype)
+        return self.o_proj(o.reshape(B, T, P))

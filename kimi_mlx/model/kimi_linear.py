@@ -1,0 +1,68 @@
+"""Decoder layer, model, and make_cache."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KDACache, KimiCache, MLACache
+from ..config import ModelConfig
+from .common import MLP
+from .kda import KimiDeltaAttention
+from .mla import KimiMLA
+from .moe import KimiMoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        self.is_mla = cfg.is_mla(idx)
+        self.self_attn = KimiMLA(cfg) if self.is_mla else KimiDeltaAttention(cfg)
+        self.mlp = KimiMoE(cfg) if cfg.is_moe(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class KimiLinearModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, input_ids: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """`model(input_ids [B, T], cache=None) -> logits [B, T, vocab]`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = KimiLinearModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, cache: KimiCache | None = None) -> mx.array:
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        h = self.model(input_ids, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self, mla_bits: int | None = None) -> KimiCache:
+        """A fresh cache; pass it to successive calls to continue one sequence (batch fixed by the first call)."""
+        return KimiCache(MLACache(bits=mla_bits) if layer.is_mla else KDACache() for layer in self.layers)

@@ -1,0 +1,50 @@
+"""NoPE Multi-head Latent Attention with a latent-only cache and the absorbed form."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import MLACache
+from ..config import ModelConfig
+from ..ops.attention import latent_attention
+from .common import linear_weight
+
+
+class KimiMLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = H = cfg.num_attention_heads
+        self.nope = cfg.qk_nope_head_dim
+        self.rope = cfg.qk_rope_head_dim  # never rotated (NoPE), still part of the score
+        self.v_dim = cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=cfg.kv_a_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, d, bias=False)
+        self.scale = cfg.qk_head_dim ** -0.5
+
+    def __call__(self, x: mx.array, cache: MLACache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.q_proj(x).reshape(B, T, H, self.nope + self.rope).transpose(0, 2, 1, 3)
+        ckv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(ckv[..., : self.rank])
+        rows = mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)  # [B, T, rank + rope]
+
+        w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        # absorb W_uk into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
+        q_lat = q[..., : self.nope] @ w_uk.astype(q.dtype)  # [B, H, T, rank]
+        qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
+
+        if cache is not None:
+            cache.append(rows)
+            blocks, q_offset = cache.blocks(), cache.offset - T
+        else:
+            blocks, q_offset = [rows], 0
+        o_lat = latent_attention(qa, blocks, self.rank, self.scale, q_offset)  # [B, H, T, rank]
+        o = o_lat @ w_uv.astype(o_lat.dtype).transpose(0, 2, 1)  # [B, H, T, v]
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
