@@ -1,0 +1,742 @@
+"""Memory and time planner for long-context Kimi Linear runs.
+
+Everything is arithmetic on the model config, so a refusal ("this document will
+not fit") can be given before any weights are loaded. The config may be a
+``ModelConfig`` (0-indexed ``kda_layers`` / ``mla_layers``), any object with the
+same attribute names, a transformers-style config with ``linear_attn_config``,
+or the plain dict of the published ``config.json`` (whose layer lists are
+1-indexed).
+
+Sizes are bytes; human output uses decimal GB (1e9 bytes).
+
+What is counted:
+
+* weights: every tensor of the checkpoint. Linear and embedding matrices are
+  quantized with ``bits`` (plus one 16-bit scale and one 16-bit bias per group
+  of ``group_size`` weights, as ``mx.quantize`` stores them). The MoE router,
+  norms and conv filters stay 16-bit; ``A_log``, ``dt_bias`` and the router's
+  correction bias stay fp32.
+* per-sequence state: KDA recurrent state (fp32 [H, K, V] per KDA layer), the
+  short-conv tail ((kernel-1) x 3P per KDA layer, 16-bit), and the MLA latent
+  cache ([kv_lora_rank + qk_rope_head_dim] per token per MLA layer), stored in
+  pages of ``PAGE_TOKENS`` as ``kimi_mlx.cache.MLACache`` does. With
+  ``mla_bits=8`` full pages are 8-bit + per-group scale/bias and the last,
+  partial page stays 16-bit.
+* prefill temporaries for one chunk (see :func:`prefill_peak_bytes`).
+* a fixed runtime overhead (MLX/Metal runtime, Python, tokenizer, token ids).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "Plan",
+    "PlanError",
+    "param_count",
+    "param_breakdown",
+    "weight_bytes",
+    "kda_state_bytes",
+    "mla_bytes_per_token",
+    "cache_bytes",
+    "prefill_peak_bytes",
+    "plan",
+    "max_context",
+    "check_fits",
+    "machine_memory_bytes",
+    "estimate_prefill_seconds",
+    "format_bytes",
+    "format_duration",
+    "DEFAULT_CHUNK_TOKENS",
+    "RUNTIME_OVERHEAD_BYTES",
+    "MACOS_USABLE_FRACTION",
+]
+
+GB = 1e9
+# Must match kimi_mlx.cache.PAGE_TOKENS (not imported: that module needs mlx).
+PAGE_TOKENS = 4096
+# Must match kimi_mlx.ops.attention.TILE_ELEMS: the largest fp32 score tile.
+SCORE_TILE_ELEMS = 1 << 23
+# KDA chunked-scan block length (intra-chunk [C, C] matrices per head).
+KDA_CHUNK = 64
+DEFAULT_CHUNK_TOKENS = 2048
+# MLX + Metal runtime, Python, the tokenizer and a 1M-token id list.
+RUNTIME_OVERHEAD_BYTES = 1 << 30
+# On macOS the GPU shares RAM with the OS and every other app, and Metal's
+# recommended working set is ~65-75% of RAM; going past it makes the system swap
+# or the GPU stall. 75% is the usable share unless the user raised the wired
+# limit (sysctl iogpu.wired_limit_mb), which is then taken as the budget.
+MACOS_USABLE_FRACTION = 0.75
+# On Linux MemAvailable already excludes what other processes use; keep 10%
+# of it free for the page cache and allocator slack.
+LINUX_AVAILABLE_FRACTION = 0.90
+# Lazy graphs keep some inputs and outputs alive together; pad estimates.
+_PREFILL_MARGIN = 1.25
+
+
+class PlanError(ValueError):
+    """A context will not fit in memory. ``plan`` holds the numbers."""
+
+    def __init__(self, message: str, plan: "Optional[Plan]" = None):
+        super().__init__(message)
+        self.plan = plan
+
+
+# --------------------------------------------------------------------------
+# config access
+# --------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _get(cfg: Any, *names: str, default: Any = _MISSING) -> Any:
+    for n in names:
+        if isinstance(cfg, dict):
+            if n in cfg and cfg[n] is not None:
+                return cfg[n]
+        else:
+            v = getattr(cfg, n, None)
+            if v is not None and not callable(v):
+                return v
+    if default is _MISSING:
+        raise PlanError(f"model config has no '{names[0]}'")
+    return default
+
+
+@dataclass(frozen=True)
+class _Arch:
+    layers: int
+    hidden: int
+    vocab: int
+    tie: bool
+    intermediate: int
+    moe_intermediate: int
+    experts: int
+    top_k: int
+    shared_experts: int
+    first_dense: int
+    moe_freq: int
+    heads: int
+    nope: int
+    rope: int
+    v_dim: int
+    kv_rank: int
+    q_rank: Optional[int]
+    kda_layers: tuple
+    mla_layers: tuple
+    lin_heads: int
+    lin_dim: int
+    conv: int
+    max_len: Optional[int]
+
+    def is_moe(self, i: int) -> bool:
+        return self.experts > 0 and i >= self.first_dense and i % self.moe_freq == 0
+
+
+def _layer_split(cfg: Any, n_layers: int) -> "tuple[tuple, tuple]":
+    """(kda_layers, mla_layers), 0-indexed."""
+    lac = _get(cfg, "linear_attn_config", default=None)
+    if not isinstance(cfg, dict):
+        kda = getattr(cfg, "kda_layers", None)
+        mla = getattr(cfg, "mla_layers", None)
+        if isinstance(kda, (list, tuple)) or isinstance(mla, (list, tuple)):
+            # ModelConfig-style attributes are 0-indexed
+            kda = list(kda) if kda is not None else [i for i in range(n_layers) if i not in mla]
+            mla = list(mla) if mla is not None else [i for i in range(n_layers) if i not in kda]
+            return tuple(sorted(kda)), tuple(sorted(mla))
+        is_kda = getattr(cfg, "is_kda_layer", None)
+        if callable(is_kda):
+            kda = [i for i in range(n_layers) if is_kda(i)]
+            return tuple(kda), tuple(i for i in range(n_layers) if i not in kda)
+    if isinstance(lac, dict):
+        # published config.json: layer numbers are 1-indexed
+        full = [int(x) - 1 for x in lac.get("full_attn_layers") or []]
+        kda = lac.get("kda_layers")
+        kda = [int(x) - 1 for x in kda] if kda is not None else [
+            i for i in range(n_layers) if i not in full]
+        return tuple(sorted(kda)), tuple(sorted(i for i in range(n_layers) if i not in kda))
+    if isinstance(cfg, dict) and ("kda_layers" in cfg or "mla_layers" in cfg):
+        kda = list(cfg.get("kda_layers") or [])
+        mla = list(cfg.get("mla_layers") or [i for i in range(n_layers) if i not in kda])
+        return tuple(sorted(kda)), tuple(sorted(mla))
+    # no linear-attention description: every layer is full attention
+    return (), tuple(range(n_layers))
+
+
+def _arch(cfg: Any) -> _Arch:
+    if isinstance(cfg, _Arch):
+        return cfg
+    L = int(_get(cfg, "num_hidden_layers"))
+    kda, mla = _layer_split(cfg, L)
+    lac = _get(cfg, "linear_attn_config", default=None) or {}
+    heads = int(_get(cfg, "num_attention_heads"))
+    return _Arch(
+        layers=L,
+        hidden=int(_get(cfg, "hidden_size")),
+        vocab=int(_get(cfg, "vocab_size")),
+        tie=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        intermediate=int(_get(cfg, "intermediate_size")),
+        moe_intermediate=int(_get(cfg, "moe_intermediate_size", default=0)),
+        experts=int(_get(cfg, "num_experts", "n_routed_experts", "num_local_experts", default=0)),
+        top_k=int(_get(cfg, "num_experts_per_token", "num_experts_per_tok", default=0)),
+        shared_experts=int(_get(cfg, "num_shared_experts", "n_shared_experts", default=0)),
+        first_dense=int(_get(cfg, "first_k_dense_replace", default=0)),
+        moe_freq=int(_get(cfg, "moe_layer_freq", default=1) or 1),
+        heads=heads,
+        nope=int(_get(cfg, "qk_nope_head_dim")),
+        rope=int(_get(cfg, "qk_rope_head_dim")),
+        v_dim=int(_get(cfg, "v_head_dim")),
+        kv_rank=int(_get(cfg, "kv_lora_rank")),
+        q_rank=_get(cfg, "q_lora_rank", default=None),
+        kda_layers=kda,
+        mla_layers=mla,
+        lin_heads=int(_get(cfg, "linear_num_heads", default=lac.get("num_heads", heads))),
+        lin_dim=int(_get(cfg, "linear_head_dim", default=lac.get("head_dim", 128))),
+        conv=int(_get(cfg, "short_conv_kernel_size", default=lac.get("short_conv_kernel_size", 4))),
+        max_len=_get(cfg, "model_max_length", "max_position_embeddings", default=None),
+    )
+
+
+# --------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------
+
+
+def param_breakdown(cfg: Any) -> "dict[str, int]":
+    """Parameter counts by storage class.
+
+    ``matrix``: linear/embedding weights (quantized with the model);
+    ``half``: 16-bit tensors never quantized (router, norms, conv filters);
+    ``fp32``: tensors kept in fp32 (A_log, dt_bias, router correction bias).
+    """
+    a = _arch(cfg)
+    d = a.hidden
+    matrix = half = fp32 = 0
+
+    # embeddings and head
+    matrix += a.vocab * d * (1 if a.tie else 2)
+    half += d  # final norm
+
+    P = a.lin_heads * a.lin_dim
+    for _ in a.kda_layers:
+        matrix += 3 * P * d  # q, k, v
+        half += 3 * P * a.conv  # depthwise short convs
+        matrix += a.lin_dim * d + P * a.lin_dim  # f_a, f_b (gate low-rank)
+        fp32 += P + a.lin_heads  # dt_bias (per channel), A_log (per head)
+        matrix += a.lin_heads * d  # b_proj (beta)
+        matrix += a.lin_dim * d + P * a.lin_dim  # g_a, g_b (output gate)
+        half += a.lin_dim  # o_norm
+        matrix += d * P  # o_proj
+
+    qk = a.nope + a.rope
+    for _ in a.mla_layers:
+        if a.q_rank:
+            matrix += d * a.q_rank + a.q_rank * a.heads * qk
+            half += a.q_rank
+        else:
+            matrix += a.heads * qk * d
+        matrix += (a.kv_rank + a.rope) * d  # kv_a_proj_with_mqa
+        half += a.kv_rank  # kv_a_layernorm
+        matrix += a.heads * (a.nope + a.v_dim) * a.kv_rank  # kv_b_proj
+        matrix += d * a.heads * a.v_dim  # o_proj
+
+    for i in range(a.layers):
+        half += 2 * d  # input / post-attention norms
+        if a.is_moe(i):
+            half += a.experts * d  # router
+            fp32 += a.experts  # e_score_correction_bias
+            matrix += a.experts * 3 * a.moe_intermediate * d
+            matrix += 3 * a.shared_experts * a.moe_intermediate * d
+        else:
+            matrix += 3 * a.intermediate * d
+    return {"matrix": matrix, "half": half, "fp32": fp32}
+
+
+def param_count(cfg: Any) -> int:
+    """Total number of parameters."""
+    return sum(param_breakdown(cfg).values())
+
+
+def _quantized_bytes(n: int, bits: int, group_size: int) -> float:
+    if bits >= 16:
+        return n * bits / 8
+    # packed weights + one 16-bit scale and one 16-bit bias per group
+    return n * bits / 8 + math.ceil(n / group_size) * 4
+
+
+def weight_bytes(cfg: Any, bits: int = 16, group_size: int = 64) -> int:
+    """Bytes of all weights with matrices at ``bits`` (16 = unquantized bf16)."""
+    if bits not in (2, 3, 4, 5, 6, 8, 16, 32):
+        raise ValueError(f"unsupported weight bits: {bits}")
+    b = param_breakdown(cfg)
+    return int(_quantized_bytes(b["matrix"], bits, group_size) + 2 * b["half"] + 4 * b["fp32"])
+
+
+# --------------------------------------------------------------------------
+# per-sequence state
+# --------------------------------------------------------------------------
+
+
+def kda_state_bytes(cfg: Any, batch: int = 1, conv_bytes: int = 2) -> "tuple[int, int]":
+    """(recurrent state bytes, conv-tail bytes) for all KDA layers; independent of length."""
+    a = _arch(cfg)
+    n = len(a.kda_layers)
+    state = n * a.lin_heads * a.lin_dim * a.lin_dim * 4 * batch  # fp32 [H, K, V]
+    conv = n * 3 * a.lin_heads * a.lin_dim * max(0, a.conv - 1) * conv_bytes * batch
+    return state, conv
+
+
+def _mla_row_bytes(a: _Arch, mla_bits: int, group_size: int) -> float:
+    D = a.kv_rank + a.rope
+    if mla_bits >= 16:
+        return D * mla_bits / 8
+    if mla_bits != 8:
+        raise ValueError(f"MLA cache bits must be 16 or 8, got {mla_bits}")
+    return D + math.ceil(D / group_size) * 4  # 8-bit rows + 16-bit scale and bias per group
+
+
+def mla_bytes_per_token(cfg: Any, mla_bits: int = 16, group_size: int = 64) -> float:
+    """MLA cache bytes per token of context, summed over MLA layers (batch 1)."""
+    a = _arch(cfg)
+    return len(a.mla_layers) * _mla_row_bytes(a, mla_bits, group_size)
+
+
+def _mla_cache_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, group_size: int,
+                     page_tokens: int) -> int:
+    n_mla = len(a.mla_layers)
+    if tokens <= 0 or n_mla == 0:
+        return 0
+    full_row = _mla_row_bytes(a, 16, group_size)
+    if mla_bits >= 16:
+        # pages are allocated whole
+        rows = math.ceil(tokens / page_tokens) * page_tokens if page_tokens else tokens
+        return int(n_mla * batch * rows * full_row)
+    # quantized full pages + a 16-bit tail that has not filled a page yet
+    full_pages = tokens // page_tokens if page_tokens else 0
+    q_rows = full_pages * page_tokens if page_tokens else tokens
+    tail = tokens - q_rows
+    return int(n_mla * batch * (q_rows * _mla_row_bytes(a, mla_bits, group_size) + tail * full_row))
+
+
+def _dequant_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, page_tokens: int) -> int:
+    """16-bit copy of one MLA layer's quantized pages while attention reads them.
+
+    kimi_mlx.ops.attention.latent_attention keeps every dequantized page of the
+    layer it is running alive until it returns, so an 8-bit cache costs one
+    layer's worth of bf16 rows on top (one layer at a time, not all seven).
+    """
+    if mla_bits >= 16 or tokens <= 0 or not a.mla_layers:
+        return 0
+    q_rows = (tokens // page_tokens) * page_tokens if page_tokens else tokens
+    return int(batch * q_rows * (a.kv_rank + a.rope) * 2)
+
+
+def _context_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, group_size: int,
+                   page_tokens: int) -> int:
+    return (_mla_cache_bytes(a, tokens, batch, mla_bits, group_size, page_tokens)
+            + _dequant_bytes(a, tokens, batch, mla_bits, page_tokens))
+
+
+def cache_bytes(cfg: Any, context_tokens: int, batch: int = 1, mla_bits: int = 16, *,
+                group_size: int = 64, page_tokens: int = PAGE_TOKENS) -> int:
+    """All per-sequence state for ``context_tokens`` of context.
+
+    KDA recurrent state (fp32) + conv tails + MLA latent cache. ``mla_bits`` is
+    16 (bf16) or 8 (8-bit with per-group scale/bias). ``page_tokens=0`` counts
+    rows exactly instead of whole pages.
+    """
+    a = _arch(cfg)
+    state, conv = kda_state_bytes(a, batch)
+    return state + conv + _mla_cache_bytes(a, context_tokens, batch, mla_bits, group_size, page_tokens)
+
+
+# --------------------------------------------------------------------------
+# prefill temporaries
+# --------------------------------------------------------------------------
+
+
+def prefill_peak_bytes(cfg: Any, chunk_tokens: int, *, batch: int = 1, act_bytes: int = 2,
+                       all_logits: bool = False) -> int:
+    """Approximate peak of activation temporaries while prefilling one chunk.
+
+    Layers run one after another, so the peak is the hidden-state buffers plus
+    the largest single layer's temporaries:
+
+    * KDA: q/k/v projections and their conv outputs, fp32 gates, the chunked
+      scan's per-head [C, C] intra-chunk matrices and [T, K] work arrays, the
+      gated output.
+    * MLA (absorbed form over the latent cache): per-head latent queries,
+      fp32 accumulators, and a few score tiles of at most SCORE_TILE_ELEMS
+      (so the cost does not grow with context).
+    * MoE: router scores, the token copies per chosen expert and the expert
+      hidden activations.
+
+    Logits are for the last position only unless ``all_logits``. The sum is
+    padded by 25% for tensors a lazy graph keeps alive together.
+    """
+    a = _arch(cfg)
+    T = max(0, int(chunk_tokens)) * batch
+    if T == 0:
+        return 0
+    d = a.hidden
+    P = a.lin_heads * a.lin_dim
+
+    hidden = 3 * T * d * act_bytes  # residual stream, normed input, layer output
+
+    kda = 0
+    if a.kda_layers:
+        kda = (
+            2 * 3 * T * P * act_bytes  # q, k, v before and after the short conv
+            + 2 * T * P * 4  # gate (fp32, per channel) and its cumulative sum
+            + T * a.lin_heads * KDA_CHUNK * 4 * 2  # intra-chunk [C, C] per head (A and its inverse)
+            + 2 * T * P * 4  # W / U work arrays of the chunked scan (fp32)
+            + T * P * 4 + 2 * T * P * act_bytes  # fp32 output, output gate, gated output
+        )
+
+    mla = 0
+    if a.mla_layers:
+        D = a.kv_rank + a.rope
+        mla = (
+            T * a.heads * (a.nope + a.rope) * act_bytes  # q
+            + T * a.heads * D * act_bytes  # absorbed latent queries
+            + T * a.heads * a.kv_rank * 4  # fp32 accumulators
+            + 3 * SCORE_TILE_ELEMS * 4  # scores, exp, masked copy of one tile
+            + T * a.heads * a.v_dim * act_bytes  # values after kv_b
+        )
+
+    moe = 3 * T * a.intermediate * act_bytes if a.intermediate else 0
+    if a.experts:
+        k = a.top_k or a.experts
+        moe = max(moe,
+                  T * a.experts * 4 * 2  # router logits and scores (fp32)
+                  + 2 * T * k * d * act_bytes  # token copies sorted by expert, and outputs
+                  + 3 * T * k * a.moe_intermediate * act_bytes  # gate, up, activation
+                  + 3 * T * a.shared_experts * a.moe_intermediate * act_bytes)
+
+    logits = (T if all_logits else batch) * a.vocab * 4
+    return int(_PREFILL_MARGIN * (hidden + max(kda, mla, moe) + logits))
+
+
+# --------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------
+
+
+def format_bytes(n: float) -> str:
+    """Decimal GB with two decimals (MB below 0.1 GB)."""
+    if abs(n) < 0.1 * GB:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / GB:.2f} GB"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class Plan:
+    context_tokens: int
+    batch: int
+    bits: int
+    group_size: int
+    mla_bits: int
+    chunk_tokens: int
+    weights_bytes: int
+    kda_state_bytes: int
+    conv_state_bytes: int
+    mla_cache_bytes: int
+    prefill_bytes: int
+    overhead_bytes: int
+    machine_bytes: Optional[int]  # usable budget; None if unknown
+    max_context_tokens: Optional[int]  # largest context that fits; None if unknown
+    model_max_tokens: Optional[int] = None
+    dequant_bytes: int = 0  # 8-bit MLA cache: one layer's pages dequantized while read
+    prefill_seconds: Optional[float] = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kda_state_bytes + self.conv_state_bytes + self.mla_cache_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.cache_bytes + self.prefill_bytes + self.dequant_bytes
+                + self.overhead_bytes)
+
+    @property
+    def fits(self) -> bool:
+        """True when the total is within the usable budget (or the budget is unknown)."""
+        return self.machine_bytes is None or self.total_bytes <= self.machine_bytes
+
+    @property
+    def exceeds_model_limit(self) -> bool:
+        return bool(self.model_max_tokens) and self.context_tokens > self.model_max_tokens
+
+    def describe(self) -> str:
+        w = "16-bit" if self.bits >= 16 else f"{self.bits}-bit, group {self.group_size}"
+        kv = "bf16" if self.mla_bits >= 16 else f"{self.mla_bits}-bit"
+        rows = [
+            (f"weights ({w})", self.weights_bytes),
+            ("KDA state (fp32, fixed size)", self.kda_state_bytes + self.conv_state_bytes),
+            (f"MLA cache ({kv})", self.mla_cache_bytes),
+            (f"prefill temporaries ({self.chunk_tokens:,}-token chunks)", self.prefill_bytes),
+        ]
+        if self.dequant_bytes:
+            rows.append(("MLA pages dequantized while read", self.dequant_bytes))
+        rows.append(("runtime overhead", self.overhead_bytes))
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [f"Memory plan for {self.context_tokens:,} tokens"
+                 + (f" x {self.batch} sequences" if self.batch != 1 else "") + ":"]
+        lines += [f"  {name:<{width}}{format_bytes(v):>10}" for name, v in rows]
+        total = f"  {'total':<{width}}{format_bytes(self.total_bytes):>10}"
+        if self.machine_bytes is None:
+            total += "  (machine memory unknown)"
+        else:
+            total += (f"  of {format_bytes(self.machine_bytes)} usable: "
+                      + ("fits" if self.fits else "does NOT fit"))
+        lines.append(total)
+        if self.max_context_tokens is not None:
+            lines.append(f"  largest context that fits: {self.max_context_tokens:,} tokens")
+        if self.exceeds_model_limit:
+            lines.append(f"  note: beyond the model's trained length of {self.model_max_tokens:,} tokens")
+        if self.prefill_seconds is not None:
+            lines.append(f"  estimated prefill time: {format_duration(self.prefill_seconds)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _default_bits(cfg: Any) -> int:
+    q = _get(cfg, "quantization", "quantization_config", default=None)
+    if isinstance(q, dict) and q.get("bits"):
+        return int(q["bits"])
+    return 16
+
+
+def _default_group(cfg: Any) -> int:
+    q = _get(cfg, "quantization", "quantization_config", default=None)
+    if isinstance(q, dict) and q.get("group_size"):
+        return int(q["group_size"])
+    return 64
+
+
+def _max_tokens_for(a: _Arch, budget: float, batch: int, mla_bits: int, group_size: int,
+                    page_tokens: int) -> int:
+    """Largest n whose length-dependent bytes fit the budget (monotone in n)."""
+    if budget < 0:
+        return 0
+    if not a.mla_layers:
+        return sys.maxsize  # constant-size state: length is not memory-bound
+    lo, hi = 0, 1
+    while _context_bytes(a, hi, batch, mla_bits, group_size, page_tokens) <= budget:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 40:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _context_bytes(a, mid, batch, mla_bits, group_size, page_tokens) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan(
+    cfg: Any,
+    context_tokens: int,
+    *,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    mla_bits: int = 16,
+    mla_group_size: int = 64,
+    batch: int = 1,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    machine_bytes: Optional[int] = None,
+    weights_bytes: Optional[int] = None,
+    overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
+    page_tokens: int = PAGE_TOKENS,
+    tokens_per_second: Optional[float] = None,
+) -> Plan:
+    """Memory needed to hold ``context_tokens`` of context and prefill it.
+
+    bits / group_size: weight quantization; default: the config's
+        ``quantization`` entry, else 16-bit.
+    machine_bytes: usable memory budget; default :func:`machine_memory_bytes`.
+    weights_bytes: measured size of the loaded weights, overriding the estimate.
+    tokens_per_second: prefill speed, to add a time estimate.
+    """
+    a = _arch(cfg)
+    bits = _default_bits(cfg) if bits is None else int(bits)
+    group_size = _default_group(cfg) if group_size is None else int(group_size)
+    context_tokens = max(0, int(context_tokens))
+    if machine_bytes is None:
+        machine_bytes = machine_memory_bytes()
+    wb = weight_bytes(a, bits, group_size) if weights_bytes is None else int(weights_bytes)
+    state, conv = kda_state_bytes(a, batch)
+    chunk = min(chunk_tokens, context_tokens) if context_tokens else chunk_tokens
+    pre = prefill_peak_bytes(a, chunk, batch=batch)
+    mla = _mla_cache_bytes(a, context_tokens, batch, mla_bits, mla_group_size, page_tokens)
+
+    max_ctx = None
+    if machine_bytes is not None:
+        fixed = wb + state + conv + prefill_peak_bytes(a, chunk_tokens, batch=batch) + overhead_bytes
+        max_ctx = _max_tokens_for(a, machine_bytes - fixed, batch, mla_bits, mla_group_size,
+                                  page_tokens)
+        if max_ctx == sys.maxsize:
+            max_ctx = None if machine_bytes >= fixed else 0
+    p = Plan(
+        context_tokens=context_tokens, batch=batch, bits=bits, group_size=group_size,
+        mla_bits=mla_bits, chunk_tokens=chunk, weights_bytes=wb, kda_state_bytes=state,
+        conv_state_bytes=conv, mla_cache_bytes=mla, prefill_bytes=pre,
+        dequant_bytes=_dequant_bytes(a, context_tokens, batch, mla_bits, page_tokens),
+        overhead_bytes=overhead_bytes, machine_bytes=machine_bytes, max_context_tokens=max_ctx,
+        model_max_tokens=int(a.max_len) if a.max_len else None,
+    )
+    if tokens_per_second:
+        p.prefill_seconds = estimate_prefill_seconds(context_tokens, tokens_per_second)
+    return p
+
+
+def max_context(cfg: Any, machine_bytes: Optional[int] = None, bits: Optional[int] = None,
+                **kwargs: Any) -> int:
+    """Largest context (tokens) whose plan fits ``machine_bytes`` (0 if none does)."""
+    p = plan(cfg, 0, bits=bits, machine_bytes=machine_bytes, **kwargs)
+    if p.max_context_tokens is None:
+        if p.machine_bytes is None:
+            raise PlanError("machine memory is unknown; pass machine_bytes")
+        return sys.maxsize
+    return p.max_context_tokens
+
+
+def check_fits(cfg: Any, context_tokens: int, **kwargs: Any) -> Plan:
+    """The plan for ``context_tokens``; raises PlanError with the numbers if it won't fit.
+
+    Takes the keyword arguments of :func:`plan`.
+    """
+    p = plan(cfg, context_tokens, **kwargs)
+    if p.fits:
+        return p
+    msg = [
+        f"{context_tokens:,} tokens of context need about {format_bytes(p.total_bytes)} "
+        f"(weights {format_bytes(p.weights_bytes)} + cache {format_bytes(p.cache_bytes)} "
+        f"+ prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)} + runtime {format_bytes(p.overhead_bytes)}), "
+        f"but only {format_bytes(p.machine_bytes)} is usable on this machine.",
+    ]
+    if p.max_context_tokens:
+        msg.append(f"At most {p.max_context_tokens:,} tokens fit with these settings.")
+    else:
+        msg.append("Even an empty context does not fit with these settings.")
+    hints = []
+    if p.mla_bits >= 16:
+        alt = plan(cfg, context_tokens, **{**kwargs, "mla_bits": 8, "machine_bytes": p.machine_bytes})
+        hints.append(f"an 8-bit MLA cache ({format_bytes(alt.total_bytes)} in total"
+                     + (", fits)" if alt.fits else ")"))
+    if p.bits > 4:
+        alt = plan(cfg, context_tokens, **{**kwargs, "bits": 4, "machine_bytes": p.machine_bytes})
+        hints.append(f"4-bit weights ({format_bytes(alt.total_bytes)} in total"
+                     + (", fits)" if alt.fits else ")"))
+    hints.append("fewer or shorter documents")
+    msg.append("Options: " + "; ".join(hints) + ".")
+    raise PlanError(" ".join(msg), p)
+
+
+# --------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------
+
+
+def _sysctl_int(name: str) -> Optional[int]:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _meminfo() -> "dict[str, int]":
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    info[key] = int(parts[0]) * 1024  # values are in kB
+    except OSError:
+        pass
+    return info
+
+
+def _cgroup_limit() -> Optional[int]:
+    """Memory left under a container's cgroup limit, if one is set."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if not raw.isdigit() or int(raw) >= 1 << 60:
+            return None  # "max" or the v1 "unlimited" sentinel
+        used = 0
+        try:
+            with open(usage_file) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+        return max(0, int(raw) - used)
+    return None
+
+
+def machine_memory_bytes(usable: bool = True) -> Optional[int]:
+    """Memory this process can plan to use (``usable=False``: physical total).
+
+    macOS (unified memory): 75% of ``hw.memsize``, or the GPU wired limit if
+    the user raised it with ``sysctl iogpu.wired_limit_mb``. Linux: 90% of
+    MemAvailable, capped by a cgroup limit. None if it cannot be found.
+    """
+    total = None
+    if sys.platform == "darwin":
+        total = _sysctl_int("hw.memsize")
+        if not usable or total is None:
+            return total
+        wired_mb = _sysctl_int("iogpu.wired_limit_mb") or 0
+        if wired_mb > 0:
+            return min(total, wired_mb * 1024 * 1024)
+        return int(total * MACOS_USABLE_FRACTION)
+    info = _meminfo()
+    total = info.get("MemTotal")
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if not usable:
+        return total
+    avail = info.get("MemAvailable")
+    budget = int(avail * LINUX_AVAILABLE_FRACTION) if avail else int(total * MACOS_USABLE_FRACTION)
+    cg = _cgroup_limit()
+    if cg is not None:
+        budget = min(budget, int(cg * LINUX_AVAILABLE_FRACTION))
+    return budget
+
+
+def estimate_prefill_seconds(tokens: int, tokens_per_second: float) -> float:
+    """Prefill time at a measured rate (tokens/s).
+
+    A single rate is a lower bound at very long contexts: the KDA layers cost
+    the same per token, but the 7 MLA layers attend to the whole prefix, so
+    their share grows with the context length.
+    """
+    if tokens_per_second <= 0:
+        raise ValueError("tokens_per_second must be positive")
+    return max(0, tokens) / tokens_per_second
