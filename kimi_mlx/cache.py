@@ -15,6 +15,24 @@ import mlx.core as mx
 PAGE_TOKENS = 4096
 
 
+def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 8):
+    """Affine-quantize [B, T, D] per token in groups along D (zero-padded to a whole group)."""
+    B, T, D = x.shape
+    pad = -D % group_size
+    flat = x.reshape(B * T, D)
+    if pad:
+        flat = mx.concatenate([flat, mx.zeros((B * T, pad), dtype=x.dtype)], axis=1)
+    wq, scales, biases = mx.quantize(flat, group_size=group_size, bits=bits)
+    return {"wq": wq, "scales": scales, "biases": biases, "shape": (B, T, D), "dtype": x.dtype,
+            "group_size": group_size, "bits": bits}
+
+
+def dequantize_rows(q: dict) -> mx.array:
+    B, T, D = q["shape"]
+    x = mx.dequantize(q["wq"], q["scales"], q["biases"], group_size=q["group_size"], bits=q["bits"])
+    return x[:, :D].astype(q["dtype"]).reshape(B, T, D)
+
+
 class KDACache:
     """conv: [B, K-1, 3P] tail of the q|k|v projections; state: [B, H, K, V] fp32."""
 
@@ -58,7 +76,7 @@ class MLACache:
         self.page_tokens = page_tokens
         self.bits = bits
         self.group_size = group_size
-        self.pages: list = []  # full-precision pages, or (wq, scales, biases) tuples when quantized
+        self.pages: list = []  # full-precision pages, or quantize_rows() dicts when bits=8
         self.offset = 0
         # tokens not yet written to a quantized page (kept in full precision until a page fills)
         self._tail: mx.array | None = None
@@ -89,26 +107,16 @@ class MLACache:
         tail = kv if self._tail is None else mx.concatenate([self._tail, kv], axis=1)
         while tail.shape[1] >= self.page_tokens:
             page, tail = tail[:, : self.page_tokens], tail[:, self.page_tokens:]
-            self.pages.append(self._quantize(page))
+            self.pages.append(quantize_rows(page, self.group_size))
         self._tail = tail if tail.shape[1] else None
         self.offset += kv.shape[1]
-
-    def _quantize(self, page: mx.array):
-        B, T, D = page.shape
-        wq, scales, biases = mx.quantize(page.reshape(B * T, D), group_size=self.group_size, bits=8)
-        return (wq, scales, biases, page.dtype, B)
-
-    def _dequantize(self, q) -> mx.array:
-        wq, scales, biases, dtype, B = q
-        x = mx.dequantize(wq, scales, biases, group_size=self.group_size, bits=8).astype(dtype)
-        return x.reshape(B, -1, x.shape[-1])
 
     # -- reading -----------------------------------------------------------
     def blocks(self) -> list[mx.array]:
         """The cached rows as a list of [B, n, D] arrays in token order (views, no copy)."""
         out = []
         if self.bits is not None:
-            out = [self._dequantize(q) for q in self.pages]
+            out = [dequantize_rows(q) for q in self.pages]
             if self._tail is not None:
                 out.append(self._tail)
             return out
@@ -135,7 +143,7 @@ class MLACache:
     def nbytes(self) -> int:
         total = 0
         for p in self.pages:
-            total += sum(a.nbytes for a in p[:3]) if isinstance(p, tuple) else p.nbytes
+            total += sum(p[k].nbytes for k in ("wq", "scales", "biases")) if isinstance(p, dict) else p.nbytes
         if self._tail is not None:
             total += self._tail.nbytes
         return total
@@ -159,7 +167,7 @@ class KimiCache(list):
         arrs = []
         for c in self:
             if isinstance(c, MLACache):
-                arrs += [p[0] if isinstance(p, tuple) else p for p in c.pages[-1:]]
+                arrs += [p["wq"] if isinstance(p, dict) else p for p in c.pages[-1:]]
                 if c._tail is not None:
                     arrs.append(c._tail)
             else:

@@ -107,6 +107,7 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, source: dict[str, P
     source = dict(source or {})
     out: dict[str, mx.array] = {}
     experts: dict[tuple, dict[int, mx.array]] = {}
+    mlx_lm_mla: dict[str, dict[str, mx.array]] = {}  # mlx-lm's embed_q / unembed_out, per attention prefix
 
     def put(name, value, src_name):
         out[name] = value
@@ -119,6 +120,12 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, source: dict[str, P
         m = _EXPERT.match(k)
         if m:
             experts.setdefault((m.group(1), _W_NAME[m.group(3)], m.group(4)), {})[int(m.group(2))] = (v, k)
+            continue
+        m = _MLX_LM_MLA.match(k)
+        if m:
+            mlx_lm_mla.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = v
+            if k in source:
+                source.setdefault(f"{m.group(1)}.kv_b_proj.weight", source[k])
             continue
         n = k
         n = n.replace(".block_sparse_moe.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")
@@ -143,9 +150,57 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig, source: dict[str, P
         first_src = per[0][1]
         put(f"{prefix}.mlp.switch_mlp.{proj}.{kind}", mx.stack([per[e][0] for e in range(want)]), first_src)
 
+    for prefix, parts in mlx_lm_mla.items():
+        out[f"{prefix}.kv_b_proj.weight"] = _kv_b_from_mlx_lm(prefix, parts, cfg)
+
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out, source
+
+
+_MLX_LM_MLA = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(embed_q|unembed_out)\.(weight|scales|biases)$")
+# modes whose scales are uint8 allow exactly one (bits, group size); affine keeps scales in a float dtype
+_FP_MODES = {(4, 32): "mxfp4", (4, 16): "nvfp4", (8, 32): "mxfp8"}
+
+
+def infer_quant_params(path: str, in_dims: int, weight: mx.array, scales: mx.array, qcfg: dict | None) -> dict:
+    """group_size / bits / mode of a packed tensor: from the config's per-path entry, else from the shapes."""
+    over = (qcfg or {}).get(path)
+    bits = weight.shape[-1] * 32 // in_dims
+    group_size = in_dims // scales.shape[-1]
+    if isinstance(over, dict):
+        return {"group_size": over.get("group_size", group_size), "bits": over.get("bits", bits),
+                "mode": over.get("mode", "affine")}
+    if scales.dtype != mx.uint8:
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _FP_MODES.get((bits, group_size))
+    if mode is None:
+        raise WeightsError(f"cannot tell how '{path}' was quantized ({bits} bits, group size {group_size})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def _kv_b_from_mlx_lm(prefix: str, parts: dict[str, mx.array], cfg: ModelConfig) -> mx.array:
+    """Invert mlx-lm's kimi_linear sanitize: embed_q [H, rank, nope] and unembed_out [H, v, rank]
+    (MultiLinear weights, possibly quantized along the last axis) -> kv_b_proj [H*(nope+v), rank].
+    Dequantized: our absorbed MLA reads kv_b_proj densely anyway."""
+    H, nope, vd, rank = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+
+    def dense(name: str, in_dims: int) -> mx.array:
+        w = parts.get(f"{name}.weight")
+        if w is None:
+            raise WeightsError(f"missing tensor '{prefix}.{name}.weight' (mlx-lm layout needs embed_q and unembed_out)")
+        if f"{name}.scales" not in parts:
+            return w
+        p = infer_quant_params(f"{prefix}.{name}", in_dims, w, parts[f"{name}.scales"], cfg.quantization)
+        return mx.dequantize(w, parts[f"{name}.scales"], parts.get(f"{name}.biases"), **p)
+
+    wk = dense("embed_q", nope)  # [H, rank, nope]
+    wv = dense("unembed_out", rank)  # [H, v, rank]
+    if tuple(wk.shape) != (H, rank, nope) or tuple(wv.shape) != (H, vd, rank):
+        raise WeightsError(f"{prefix}: embed_q / unembed_out have shapes {tuple(wk.shape)} / {tuple(wv.shape)}, "
+                           f"expected {(H, rank, nope)} / {(H, vd, rank)}")
+    wv = wv.astype(wk.dtype)
+    return mx.concatenate([wk.swapaxes(-1, -2), wv], axis=1).reshape(H * (nope + vd), rank)
 
 
 # ---------------------------------------------------------------------------
@@ -159,12 +214,12 @@ def apply_quantization(model: nn.Module, qcfg: dict, weights: dict[str, mx.array
     default = {"group_size": qcfg.get("group_size", 64), "bits": qcfg.get("bits", 4), "mode": qcfg.get("mode", "affine")}
 
     def predicate(path, module):
-        if f"{path}.scales" not in weights:
+        # the tensors decide (a per-path `false` or a missing .scales means unquantized); the shapes
+        # give bits / group size when the config has no per-path entry (mlx-lm configs often don't)
+        if qcfg.get(path) is False or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
             return False
-        over = qcfg.get(path)
-        if isinstance(over, dict):
-            return {**default, **{k: over[k] for k in ("group_size", "bits", "mode") if k in over}}
-        return default
+        return infer_quant_params(path, module.weight.shape[-1], weights[f"{path}.weight"],
+                                  weights[f"{path}.scales"], qcfg)
 
     nn.quantize(model, group_size=default["group_size"], bits=default["bits"], mode=default["mode"],
                 class_predicate=predicate)
@@ -200,12 +255,21 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], source: di
     model.update(tree_unflatten(fixed))
 
 
-def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | None = None):
-    """Load a Kimi-Linear model directory (published HF layout, or our / mlx-lm converted layout)."""
+def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | None = None,
+               context_tokens: int | None = None):
+    """Load a Kimi-Linear model directory (published HF layout, or our / mlx-lm converted layout).
+
+    context_tokens: if given, first check that the weights (their size on disk) plus the cache for
+    that many tokens fit this machine; raises planner.PlanError (a ValueError) before reading any weights.
+    """
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise WeightsError(f"{model_dir}: not a directory (expected a model directory with config.json)")
     cfg = ModelConfig.from_file(model_dir)
+    if context_tokens is not None:
+        from .planner import check_fits
+
+        check_fits(cfg, context_tokens, weights_bytes=sum(s.stat().st_size for s in find_shards(model_dir)))
     weights, source = load_raw(model_dir)
     weights, source = sanitize(weights, cfg, source)
     model = build_model(cfg)
@@ -222,4 +286,5 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
     return model
 
 
-__all__ = ["load_model", "WeightsError", "ConfigError", "sanitize", "find_shards", "read_safetensors_header"]
+__all__ = ["load_model", "WeightsError", "ConfigError", "sanitize", "find_shards", "read_safetensors_header",
+           "infer_quant_params"]

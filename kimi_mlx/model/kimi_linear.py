@@ -51,10 +51,13 @@ class Model(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def __call__(self, input_ids: mx.array, cache: KimiCache | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, cache: KimiCache | None = None, last_n: int | None = None) -> mx.array:
+        """last_n: only compute logits for the last n positions (prefill needs one, not [T, vocab])."""
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         h = self.model(input_ids, cache)
+        if last_n is not None:
+            h = h[:, -last_n:]
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

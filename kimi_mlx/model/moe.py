@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+from .switch import SwitchGLU
 
 from ..config import ModelConfig
 from .common import MLP

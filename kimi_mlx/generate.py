@@ -1,0 +1,640 @@
+"""Text generation with Kimi Linear: `load`, `stream_generate`, `generate` and the CLI.
+
+    python -m kimi_mlx.generate --prompt "Why is the sky blue?"
+    python -m kimi_mlx.generate --document notes/ --prompt "Summarise these notes" --save-session notes.kimisession
+    python -m kimi_mlx.generate --session notes.kimisession --prompt "What are the open questions?"
+
+Documents always come first in the token stream, so the state after them is a true
+prefix of every question: a saved session answers exactly as the documents would.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .sampling import make_logits_processors, make_sampler
+from .session import prefill
+
+DEFAULT_MODEL = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "*.py"]
+# Prompts at least this long get a progress bar and a memory estimate before the prefill.
+PROGRESS_MIN_TOKENS = 4096
+
+__all__ = ["DEFAULT_MODEL", "GenerationResponse", "ModelLoadError", "load", "resolve_model_path",
+           "stream_generate", "generate", "main"]
+
+
+class ModelLoadError(OSError):
+    """The model could not be found or downloaded (message is one line, ready to show)."""
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _fmt_bytes(n: float) -> str:
+    from .planner import format_bytes
+
+    return format_bytes(n)
+
+
+def _hub_reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+def _offline_snapshot(repo: str, why: str) -> Path:
+    """A snapshot already in the local Hugging Face cache, for when the Hub can't be reached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(
+            f"{repo}: cannot reach the Hugging Face Hub ({why}) and the model is not in the local cache; "
+            f"connect to the internet once to download it, or pass --model a local model directory") from None
+
+
+def _download(repo: str, log: Callable[[str], None]) -> Path:
+    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        info = HfApi().model_info(repo, files_metadata=True)
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo}: the repository is gated; accept its terms on huggingface.co and log in "
+                             f"with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{repo}: no such model on the Hugging Face Hub and no local directory of that name") from None
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"{repo}: {_hub_reason(e)}") from None
+    except OfflineModeIsEnabled:
+        return _offline_snapshot(repo, "HF_HUB_OFFLINE is set")
+    except Exception as e:  # connection refused, DNS, timeouts, 5xx: try the cache
+        return _offline_snapshot(repo, _hub_reason(e))
+
+    files = [s for s in (info.siblings or []) if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOW_PATTERNS)]
+    total = sum(s.size or 0 for s in files)
+    missing = sum(s.size or 0 for s in files
+                  if not isinstance(try_to_load_from_cache(repo, s.rfilename, revision=info.sha), str))
+    if missing:
+        weights = sum(s.size or 0 for s in files if s.rfilename.endswith(".safetensors"))
+        from .planner import RUNTIME_OVERHEAD_BYTES, machine_memory_bytes
+
+        need = weights + RUNTIME_OVERHEAD_BYTES
+        log(f"Downloading {repo}: {_fmt_bytes(missing)} to fetch ({_fmt_bytes(total)} in {len(files)} files) "
+            f"into {constants.HF_HUB_CACHE}.")
+        have = machine_memory_bytes()
+        log(f"Running it needs about {_fmt_bytes(need)} of memory for the weights and runtime, plus the cache"
+            + (f"; this machine has about {_fmt_bytes(have)} usable." if have else "."))
+        if have and need > have:
+            log("warning: that is more memory than this machine has free; a quantized (4-bit, 27+ GB) "
+                "conversion of the model is a better fit.")
+        try:
+            Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(constants.HF_HUB_CACHE).free
+        except OSError:
+            free = None
+        if free is not None and free < missing:
+            raise ModelLoadError(f"{repo}: needs {_fmt_bytes(missing)} of disk space to download, "
+                                 f"but only {_fmt_bytes(free)} is free in {constants.HF_HUB_CACHE}")
+    try:
+        return Path(snapshot_download(repo, revision=info.sha, allow_patterns=ALLOW_PATTERNS))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"{repo}: download failed ({_hub_reason(e)}); run the command again to resume") from None
+
+
+def resolve_model_path(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL,
+                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """A local model directory: the path itself, or a Hugging Face repo's snapshot (downloaded if needed)."""
+    s = os.fspath(path_or_repo)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{s}: not a directory (expected a model directory with config.json)")
+        return p
+    if not _REPO_ID.match(s) or s.startswith((".", "~")):
+        raise ModelLoadError(f"{s}: no such model directory")
+    return _download(s, log)
+
+
+def load(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL, lazy: bool = False,
+         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+    """(model, tokenizer) from a local directory or a Hugging Face repo id.
+
+    The config and the tokenizer are checked before the weights are read, so a broken
+    directory fails in milliseconds, not after loading tens of GB.
+    """
+    from .config import ModelConfig
+    from .tokenizer import load_tokenizer
+    from .weights import load_model
+
+    model_dir = resolve_model_path(path_or_repo, log)
+    ModelConfig.from_file(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, lazy=lazy)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    text: the new text since the previous response (may be "" while a multi-byte
+        character is incomplete). token: the token id of this step.
+    logprobs: log-probabilities over the vocabulary for this step ([V]).
+    prompt_tps / generation_tps: tokens per second. peak_memory: GB.
+    finish_reason: None while generating, then "stop" (end-of-turn token), "length"
+        (max_tokens reached) or "cancelled" (should_stop returned True).
+    """
+
+    text: str
+    token: int
+    logprobs: Optional[mx.array]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        # raw text, no template; special-token text is honoured so a hand-written template works
+        return list(tokenizer.encode(prompt, allow_special=True))
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.reshape(-1).tolist()]
+    return [int(t) for t in prompt]
+
+
+def _context_limit(model) -> Optional[int]:
+    return getattr(model.config, "model_max_length", None)
+
+
+def check_prompt_length(model, n_prompt: int, n_cached: int = 0) -> None:
+    """ValueError for an empty prompt or one that overflows the model's context."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty")
+    limit = _context_limit(model)
+    if limit and n_prompt + n_cached > limit:
+        cached = f" + {n_cached:,} tokens already in the cache" if n_cached else ""
+        raise ValueError(f"the prompt is {n_prompt:,} tokens{cached}, longer than the model's context "
+                         f"of {limit:,} tokens")
+
+
+def _token_steps(model, cache, first_logits: mx.array, history: mx.array, sampler, processors,
+                 max_tokens: int) -> Iterator[tuple[int, mx.array]]:
+    """(token, logprobs) pairs. The graph for step n+1 is built and queued (async_eval) before
+    step n's token is read back, so the device never waits on Python between tokens."""
+    hist = [history]
+
+    def sample(logits: mx.array, fed: Optional[mx.array]):
+        logits = logits.astype(mx.float32)
+        if processors:
+            if fed is not None:
+                hist[0] = mx.concatenate([hist[0], fed])
+            for proc in processors:
+                logits = proc(hist[0], logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    def step(y: mx.array):
+        return sample(model(y[None], cache=cache)[:, -1, :], y)
+
+    y, logprobs = sample(first_logits, None)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        n += 1
+        if n >= max_tokens:
+            return
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+
+
+def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], mx.array], max_tokens: int = 256,
+                    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                    prompt_cache=None, prefill_step_size: int = 2048,
+                    progress: Optional[Callable[[int, int, float, float], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text encoded as is, or token ids), yielding one response per token.
+
+    prompt_cache: continue from this cache (e.g. a document session's fork); it is
+        updated in place. Otherwise a fresh cache is used.
+    progress(done, total, tokens_per_s, eta_s): called after each prefill chunk.
+    should_stop(): polled between prefill chunks (raises session.PrefillCancelled) and
+        after every generated token (ends with finish_reason "cancelled").
+    Stops at any of tokenizer.eos_token_ids; the last response carries finish_reason.
+    """
+    from .tokenizer import StreamingDetokenizer
+
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill step size must be >= 1, got {prefill_step_size}")
+    ids = _prompt_ids(tokenizer, prompt)
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    check_prompt_length(model, len(ids), cache.offset)
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    processors = make_logits_processors(repetition_penalty)
+    eos = set(int(t) for t in tokenizer.eos_token_ids)
+    detok = StreamingDetokenizer(tokenizer)
+
+    tic = time.perf_counter()
+    cache, logits = prefill(model, ids, cache, step=prefill_step_size, progress=progress,
+                            should_stop=should_stop, return_logits=True)
+    steps = _token_steps(model, cache, logits, mx.array(ids, dtype=mx.int32), sampler, processors, max_tokens)
+
+    prompt_tps = gen_tps = 0.0
+    token, logprobs, n, finish = -1, None, 0, None
+    for n, (token, logprobs) in enumerate(steps, 1):
+        now = time.perf_counter()
+        if n == 1:  # the first token closes the prompt phase (as in mlx-lm)
+            prompt_tps = len(ids) / max(now - tic, 1e-9)
+            tic = now
+        else:
+            gen_tps = (n - 1) / max(now - tic, 1e-9)
+        if token in eos:
+            finish = "stop"
+            break
+        detok.add_token(token)
+        if n >= max_tokens:
+            finish = "length"
+            break
+        if should_stop is not None and should_stop():
+            finish = "cancelled"
+            break
+        yield GenerationResponse(detok.last_segment, token, logprobs, len(ids), prompt_tps, n, gen_tps,
+                                 mx.get_peak_memory() / 1e9, None)
+    steps.close()
+    detok.finalize()
+    yield GenerationResponse(detok.last_segment, token, logprobs, len(ids), prompt_tps, n, gen_tps,
+                             mx.get_peak_memory() / 1e9, finish)
+
+
+def _print_stats(r: GenerationResponse, file=None) -> None:
+    file = file or sys.stderr
+    print("==========", file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """All of `stream_generate`'s text as one string. verbose: stream it to stdout, stats to stderr."""
+    text, last = [], None
+    for r in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+        last = r
+    if verbose and last is not None:
+        print()
+        _print_stats(last)
+    return "".join(text)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+class _Interrupt:
+    """First Ctrl-C asks for a clean stop (checked between prefill chunks and tokens);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        return self
+
+    def arm(self) -> None:
+        """Install the handler (after loading: until then Ctrl-C simply aborts)."""
+        if self._old is None:
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[stopping: Ctrl-C again to abort at once]", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class _Progress:
+    """A rich progress bar on stderr for long prefills (tokens done/total, tokens/s, ETA)."""
+
+    def __init__(self, total: int, label: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[tps]:>8.0f} tok/s  ETA {task.fields[eta]}"),
+                           console=Console(stderr=True), transient=False)
+        self._task = self._p.add_task(label, total=total, tps=0.0, eta="-")
+
+    def __enter__(self):
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._p.stop()
+        return False
+
+    def __call__(self, done: int, total: int, tps: float, eta: float) -> None:
+        from .planner import format_duration
+
+        self._p.update(self._task, completed=done, total=total, tps=tps,
+                       eta=format_duration(eta) if eta != float("inf") else "?")
+
+
+def _build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m kimi_mlx.generate",
+                                description="Generate text with Kimi Linear (MLX), optionally about documents.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local model directory or Hugging Face repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--prompt", "-p", help="the prompt or question; '-' reads it from stdin")
+    p.add_argument("--system-prompt", help="system message for the chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold relative to the top token (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1; off by default")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="prefill chunk size in tokens (default 2048)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed and peak memory on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")
+    p.add_argument("--document", "-d", action="append", default=[], metavar="PATH",
+                   help="file or directory to read before the prompt (repeatable)")
+    p.add_argument("--save-session", metavar="FILE", help="save the state after the documents to FILE")
+    p.add_argument("--session", metavar="FILE", help="answer --prompt from a saved document session")
+    p.add_argument("--mla-cache-bits", type=int, choices=[8], default=None,
+                   help="store the MLA latent cache at 8 bits (half the memory, slightly less exact)")
+    return p
+
+
+def _err(msg: str) -> None:
+    msg = " ".join(str(msg).split()) or "unknown error"
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _read_prompt(arg: Optional[str]) -> Optional[str]:
+    if arg is None:
+        return None
+    if arg == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+        raise ValueError("the prompt is not valid UTF-8") from None
+    return arg
+
+
+def _check_args(args, parser) -> None:
+    if args.session and args.document:
+        parser.error("--session and --document can't be combined (the session already holds its documents)")
+    if args.session and args.save_session:
+        parser.error("--session and --save-session can't be combined")
+    if args.save_session and not args.document:
+        parser.error("--save-session needs --document")
+    if args.session and args.prompt is None:
+        parser.error("--session needs --prompt (the question)")
+    if args.prompt is None and not args.save_session:
+        parser.error("--prompt is required (or --document ... --save-session FILE to only save a session)")
+    if (args.document or args.session) and args.ignore_chat_template:
+        parser.error("--document/--session use the chat template; drop --ignore-chat-template")
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be >= 1")
+    if args.prefill_step_size < 1:
+        parser.error("--prefill-step-size must be >= 1")
+    # sampler arguments are checked by building one (same messages as the API)
+    try:
+        make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+        make_logits_processors(args.repetition_penalty)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def _weights_nbytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+
+def _plan_report(model, n_tokens: int, args, what: str, extra: int = 0) -> None:
+    """Token count and memory estimate before a long prefill; PlanError if it can't fit."""
+    from .planner import check_fits, format_bytes
+
+    p = check_fits(model.config, n_tokens + extra, mla_bits=args.mla_cache_bits or 16,
+                   chunk_tokens=args.prefill_step_size, weights_bytes=_weights_nbytes(model))
+    avail = f" of {format_bytes(p.machine_bytes)} usable" if p.machine_bytes else ""
+    more = f" (+{extra:,} for the question)" if extra else ""
+    print(f"{what}: {n_tokens:,} tokens{more}; memory needed about {format_bytes(p.total_bytes)}{avail} "
+          f"(weights {format_bytes(p.weights_bytes)}, cache {format_bytes(p.cache_bytes)}, "
+          f"prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)}); prefill time is shown as it runs",
+          file=sys.stderr, flush=True)
+
+
+def _run(args, stop: _Interrupt) -> int:
+    from contextlib import nullcontext
+
+    from . import session as S
+
+    prompt = _read_prompt(args.prompt)
+    if prompt is not None and not prompt.strip():
+        raise ValueError("the prompt is empty")
+
+    docs = None
+    if args.document:  # read documents before loading tens of GB, so path mistakes fail fast
+        from .documents import load_documents
+
+        docs = load_documents(args.document)
+        print(f"documents: {docs.summary()}", file=sys.stderr)
+        for w in docs.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    if args.session:
+        S.DocumentSession.read_meta(args.session)  # fail fast on a missing or foreign file
+
+    model, tok = load(args.model)
+    stop.arm()
+    limit = _context_limit(model)
+    bits = args.mla_cache_bits
+
+    def long_prefill(n: int, label: str):
+        return _Progress(n, label) if n >= PROGRESS_MIN_TOKENS else nullcontext(None)
+
+    cache, ids = None, None
+    if docs is not None:
+        doc_ids = S.document_prompt(tok, docs.render(), args.system_prompt)
+        q_ids = S.question_prompt(tok, prompt, args.system_prompt) if prompt is not None else []
+        if limit and len(doc_ids) + len(q_ids) > limit:
+            raise ValueError(f"the documents and prompt are {len(doc_ids) + len(q_ids):,} tokens, longer than "
+                             f"the model's context of {limit:,} tokens")
+        _plan_report(model, len(doc_ids), args, "documents", extra=len(q_ids))
+        with long_prefill(len(doc_ids), "documents") as bar:
+            if args.save_session:
+                sess = S.DocumentSession.create(model, tok, doc_ids, progress=bar, step=args.prefill_step_size,
+                                                should_stop=stop, mla_bits=bits)
+            else:
+                cache = S.prefill(model, doc_ids, model.make_cache(mla_bits=bits), step=args.prefill_step_size,
+                                  progress=bar, should_stop=stop)
+        if args.save_session:
+            path = sess.save(args.save_session, mla_bits=bits)
+            print(f"saved session ({len(doc_ids):,} tokens) to {path}", file=sys.stderr, flush=True)
+            cache = sess.fork() if prompt is not None else None
+        if prompt is None:
+            return 0
+        ids = q_ids
+    elif args.session:
+        sess = S.DocumentSession.load(args.session, model, tok)
+        print(f"session: {sess.num_tokens:,} document tokens", file=sys.stderr, flush=True)
+        cache = sess.fork()
+        ids = S.question_prompt(tok, prompt, args.system_prompt)
+    elif args.ignore_chat_template:
+        ids = _prompt_ids(tok, prompt)
+    else:
+        msgs = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        msgs.append({"role": "user", "content": prompt})
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+
+    n_cached = cache.offset if cache is not None else 0
+    check_prompt_length(model, len(ids), n_cached)
+    if cache is None:
+        if len(ids) >= PROGRESS_MIN_TOKENS:
+            _plan_report(model, len(ids), args, "prompt")
+        cache = model.make_cache(mla_bits=bits)
+
+    pieces, tokens, last = [], [], None
+    interrupted = False
+    try:
+        with long_prefill(len(ids), "prompt") as bar:
+            gen = stream_generate(model, tok, ids, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+                                  top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed, prompt_cache=cache, prefill_step_size=args.prefill_step_size,
+                                  progress=bar, should_stop=stop)
+            first = next(gen)  # runs the prefill (under the bar)
+        for r in _chain(first, gen):
+            pieces.append(r.text)
+            if r.finish_reason != "stop":  # the end-of-turn token is not part of the answer
+                tokens.append(r.token)
+            last = r
+            if not args.json and r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:  # second Ctrl-C: stop at once, keep what we have
+        interrupted = True
+    if last is not None and last.finish_reason == "cancelled":
+        interrupted = True
+
+    text = "".join(pieces)
+    if args.json:
+        out = {"text": text, "tokens": tokens,
+               "prompt_tokens": last.prompt_tokens if last else len(ids),
+               "generation_tokens": last.generation_tokens if last else 0,
+               "prompt_tps": last.prompt_tps if last else 0.0,
+               "generation_tps": last.generation_tps if last else 0.0,
+               "peak_memory": last.peak_memory if last else mx.get_peak_memory() / 1e9,
+               "finish_reason": (last.finish_reason if last is not None and last.finish_reason
+                                 else "cancelled" if interrupted else None)}
+        if n_cached:
+            out["document_tokens"] = n_cached
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if args.verbose and last is not None:
+        _print_stats(last)
+    if interrupted:
+        print("[interrupted: generation stopped]", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError
+    from .documents import DocumentError
+    from .planner import PlanError
+    from .session import PrefillCancelled, SessionError
+    from .weights import WeightsError
+
+    try:
+        from .tokenizer import TokenizerError
+    except ImportError:  # pragma: no cover - only while the tokenizer module is missing
+        TokenizerError = ValueError
+
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _check_args(args, parser)
+    try:
+        sys.stdout.reconfigure(errors="replace")  # never die on a terminal that can't show a character
+    except (AttributeError, ValueError):
+        pass
+    try:
+        with _Interrupt() as stop:
+            return _run(args, stop)
+    except PrefillCancelled as e:
+        _err(f"{e}; nothing was generated")
+        return 130
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError) as e:
+        _err(e)
+        return 1
+    except (ValueError, OSError) as e:
+        _err(e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The real KimiEngine adapter against the tiny fixture model (CPU, a second or two)."""
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+from fixtures.tiny_tokenizer import write_tiny_tokenizer
+from helpers import MODELS
+from tui.engine import (
+    ChatMessage,
+    DocumentInfo,
+    DocumentTooLargeError,
+    KimiEngine,
+    PrefillCancelled,
+    SamplingSettings,
+    SessionUnavailableError,
+    conversation_ids,
+)
+
+GREEDY = SamplingSettings(temperature=0.0, max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model") / "tiny_grouped"
+    shutil.copytree(MODELS / "tiny_grouped", d)
+    write_tiny_tokenizer(d)
+    eng = KimiEngine(str(d))
+    eng.load()
+    return eng
+
+
+def _reply(engine, msgs, docs=None, settings=GREEDY):
+    deltas = list(engine.stream_reply(msgs, settings, docs, threading.Event()))
+    assert deltas and deltas[-1].finish_reason in ("stop", "length")
+    return "".join(d.text for d in deltas), deltas[-1]
+
+
+def test_prompt_layout_matches_kimi_mlx(engine):
+    from kimi_mlx import session as S
+
+    tok = engine._tokenizer
+    msgs = [ChatMessage("system", "Be brief."), ChatMessage("user", "What is 2+2?")]
+    # whole conversation == the tokenizer's own template rendering
+    assert conversation_ids(tok, msgs) == list(tok.apply_chat_template([m.as_dict() for m in msgs], add_generation_prompt=True))
+    # after documents, one question == session.question_prompt
+    assert conversation_ids(tok, msgs, after_documents=True) == S.question_prompt(tok, "What is 2+2?", "Be brief.")
+    # and document prefix + multi-turn tail == the template with the documents inline
+    turns = msgs + [ChatMessage("assistant", "4"), ChatMessage("user", "And 3+3?")]
+    doc = "=== a.txt ===\nsome notes\n\n"
+    inline = [turns[0], ChatMessage("user", doc + "\n\n" + turns[1].content)] + turns[2:]
+    full = tok.decode(conversation_ids(tok, inline))
+    split = tok.decode(S.document_prompt(tok, doc, "Be brief.") + conversation_ids(tok, turns, after_documents=True))
+    assert split == full
+
+
+def test_chat_documents_and_saved_session(engine, tmp_path):
+    assert engine.max_context > 0 and engine.model_name == "tiny_grouped"
+    msgs = [ChatMessage("system", "sys"), ChatMessage("user", "hello there")]
+    text, last = _reply(engine, msgs)
+    assert last.generation_tokens >= 1 and last.context_tokens == last.prompt_tokens + last.generation_tokens
+    assert engine.stats.peak_memory_gb > 0
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nalpha beta gamma\n" * 20)
+    (tmp_path / "b.txt").write_text("delta epsilon\n" * 10)
+    seen = []
+    session = str(tmp_path / "chat-1.session")
+    info = engine.prefill_documents(
+        [str(tmp_path / "docs"), str(tmp_path / "b.txt")], session, seen.append, threading.Event(), system_prompt="sys"
+    )
+    assert [s.label for s in info.sources] == ["docs/", "b.txt"] and info.sources[0].files == 1
+    assert info.token_count > sum(s.tokens for s in info.sources) > 0  # plus the template prefix
+    assert any(p.stage == "prefill" and p.done == p.total == info.token_count for p in seen)
+    with_docs, last = _reply(engine, msgs, info)
+    assert last.context_tokens == info.token_count + last.prompt_tokens + last.generation_tokens
+    # reopening uses the saved snapshot and answers the same (greedy)
+    reopened = engine.open_documents(DocumentInfo(info.sources, info.token_count, session, system_prompt="sys"))
+    assert _reply(engine, msgs, reopened)[0] == with_docs
+    # cancel stops promptly
+    cancel = threading.Event()
+    it = engine.stream_reply(msgs, SamplingSettings(temperature=0.0, max_tokens=200), info, cancel)
+    next(it)
+    cancel.set()
+    assert len(list(it)) <= 2
+    # cancelled prefill: nothing written
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(PrefillCancelled):
+        engine.prefill_documents([str(tmp_path / "b.txt")], str(tmp_path / "x.session"), lambda p: None, stop)
+    assert not (tmp_path / "x.session").exists()
+    # a damaged session file is reported as unusable, not a crash
+    (tmp_path / "bad.session").write_bytes(b"junk")
+    with pytest.raises(SessionUnavailableError):
+        engine.open_documents(DocumentInfo(info.sources, info.token_count, str(tmp_path / "bad.session")))
+
+
+def test_documents_larger_than_context(engine, tmp_path, monkeypatch):
+    (tmp_path / "big.txt").write_text("word " * 3000)
+    monkeypatch.setattr(engine, "max_context", 2048)
+    with pytest.raises(DocumentTooLargeError, match="2,048"):
+        engine.prefill_documents([str(tmp_path / "big.txt")], str(tmp_path / "s"), lambda p: None, threading.Event())
+
+
+def test_app_end_to_end_with_tiny_model(engine, tmp_path):
+    import asyncio
+    import time
+
+    from tui.app import KimiChatApp
+
+    (tmp_path / "notes.txt").write_text("The meeting is on Tuesday.\n" * 20)
+    app = KimiChatApp(KimiEngine(engine.model_path), data_dir=tmp_path / "data", start_dir=str(tmp_path))
+
+    async def until(pred, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+    async def run():
+        async with app.run_test(size=(100, 30)):
+            await until(lambda: app.engine_state == "ready" and app.chat_screen and app.chat_screen.chat)
+            screen = app.chat_screen
+            screen.attach(["notes.txt"])
+            await until(lambda: screen.doc_job is None)
+            assert screen.docs is not None and screen.docs.handle is not None
+            screen.store.update_chat_settings(screen.chat.id, screen.chat.system_prompt, SamplingSettings(temperature=0.0, max_tokens=5))
+            screen.chat = screen.store.get_chat(screen.chat.id)
+            prompt = screen.prompt
+            prompt.post_message(prompt.Submitted(prompt, "When is the meeting?"))
+            await until(lambda: screen.replies_done == 1)
+            [user, reply] = screen.store.list_messages(screen.chat.id)
+            assert reply.status in ("ok", "length") and reply.meta["generation_tokens"] >= 1
+            assert reply.meta["context_tokens"] > screen.docs.token_count
+            assert "tiny_grouped" in str(screen.status_bar.render())
+
+    asyncio.run(run())

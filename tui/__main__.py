@@ -1,0 +1,55 @@
+"""`kimi-chat` / `python -m tui`: the terminal chat app."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+FAKE_ENV = "KIMI_MLX_FAKE_ENGINE"
+MODEL_ENV = "KIMI_MLX_MODEL"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="kimi-chat", description="Chat with Kimi Linear locally, documents included.")
+    p.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
+        help=f"model directory or Hugging Face repo id already downloaded (default: ${MODEL_ENV} or {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where chats and document sessions are kept (default: $KIMI_MLX_HOME or the platform data directory)",
+    )
+    # Hidden: a scripted engine for tests and demos (also KIMI_MLX_FAKE_ENGINE=1).
+    p.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def make_engine_factory(fake: bool):
+    from .engine import FakeEngine, KimiEngine
+
+    if fake:
+        delay = float(os.environ.get("KIMI_MLX_FAKE_DELAY", "0.01"))
+        return lambda model: FakeEngine(model_name="fake-kimi", token_delay=delay)
+    return KimiEngine
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    fake = args.fake_engine or os.environ.get(FAKE_ENV, "") not in ("", "0")
+    factory = make_engine_factory(fake)
+
+    from .app import KimiChatApp
+
+    app = KimiChatApp(engine=factory(args.model), data_dir=args.data_dir, engine_factory=factory)
+    app.run()
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
