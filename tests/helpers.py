@@ -7,7 +7,7 @@ import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = FIXTURES / "models"
-MODEL_NAMES = ["tiny_grouped", "tiny_sharded"]
+MODEL_NAMES = ["tiny_grouped", "tiny_sharded", "tiny_quant"]
 
 
 def golden(name: str) -> dict:
