@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m kimi_mlx.bench {kda,model,roofline} [options]` (each has --help)."""

@@ -1,0 +1,231 @@
+"""Roofline: this machine's memory bandwidth and matmul throughput, and how close the model gets.
+
+    python -m kimi_mlx.bench roofline                                  # limits + a quick slice run
+    python -m kimi_mlx.bench roofline --model-json docs/bench_model.json --json docs/bench_roofline.json
+
+Decode is bounded by bandwidth: every token reads the active weights (dense layers, the router,
+k of E experts, the shared expert, lm_head) plus the cache (KDA state read and written, MLA
+latent rows up to the depth). Prefill is bounded by matmul throughput: about 2 FLOPs per active
+weight per token plus the attention work. The fractions printed are measured / bound.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+
+# bytes per weight: 4-bit with an fp32 scale and bias per 64 values; the router at 8 bits
+_BYTES = {"fp32": 4.0, "bf16": 2.0, "q4": 0.5 + 8 / 64}
+_BYTES_ROUTER = {"fp32": 4.0, "bf16": 2.0, "q4": 1.0 + 8 / 64}
+
+
+def model_costs(c: dict, dtype: str, n: int) -> dict:
+    """Analytic per-token costs of a (published-style) config at context depth n."""
+    d, V = c["hidden_size"], c["vocab_size"]
+    lac = c["linear_attn_config"]
+    H, K = lac["num_heads"], lac["head_dim"]
+    P = H * K
+    Hm, nope, rope, vd, rank = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                                c["v_head_dim"], c["kv_lora_rank"])
+    F, Fd, E, k = c["moe_intermediate_size"], c["intermediate_size"], c["num_experts"], c["num_experts_per_token"]
+    shared = c.get("num_shared_experts", 1) or 0
+    mla = {i - 1 for i in lac["full_attn_layers"]}
+    L = c["num_hidden_layers"]
+    params = 0.0  # matmul weights read per token, excluding the router and lm_head
+    router = 0.0
+    attn_flops = 0.0  # beyond the projections, per token averaged over a prefill of n tokens
+    cache_bytes = 0.0  # read per decode token at depth n
+    act = 2 if dtype == "bf16" else 4
+    for i in range(L):
+        if i in mla:
+            params += d * Hm * (nope + rope) + d * (rank + rope) + Hm * (nope + vd) * rank + Hm * vd * d
+            attn_flops += Hm * n * (2 * rank + rope)  # scores + values over n/2 keys on average
+            cache_bytes += n * (rank + rope) * act
+        else:
+            params += 4 * d * P + 2 * (d * K + K * P) + d * H
+            attn_flops += H * 8 * K * K  # decay, k^T S, rank-1 update, readout
+            cache_bytes += 2 * H * K * K * 4  # fp32 state, read and written
+        if i < c["first_k_dense_replace"]:
+            params += 3 * d * Fd
+        else:
+            params += (k + shared) * 3 * d * F
+            router += d * E
+    w_bytes = params * _BYTES[dtype] + router * _BYTES_ROUTER[dtype] + d * V * _BYTES[dtype] + d * 4
+    return {"active_params": int(params + router),
+            "decode_bytes_per_token": int(w_bytes + cache_bytes),
+            "prefill_flops_per_token": int(2 * (params + router) + attn_flops)}
+
+
+def _best(f, reps: int = 5) -> float:
+    mx.eval(f())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(f())
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def _raw_sgemv_GBps(m: np.ndarray, x: np.ndarray) -> float | None:
+    """cblas_sgemv of the BLAS that kimi_mlx loaded, called directly (None if none was loaded)."""
+    import ctypes
+
+    from .. import _blas
+
+    fn = None
+    for lib in _blas._LIBS:
+        for name in ("cblas_sgemv", "scipy_cblas_sgemv"):
+            fn = fn or getattr(lib, name, None)
+    if fn is None:
+        return None
+    P, I_ = ctypes.c_void_p, ctypes.c_int
+    fn.restype = None
+    fn.argtypes = [I_, I_, I_, I_, ctypes.c_float, P, I_, P, I_, ctypes.c_float, P, I_]
+    rows, cols = m.shape
+    y = np.zeros(rows, np.float32)
+    xs = np.ascontiguousarray(x.reshape(-1))
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn(101, 111, rows, cols, 1.0, m.ctypes.data, cols, xs.ctypes.data, 1, 0.0, y.ctypes.data, 1)
+        ts.append(time.perf_counter() - t)
+    return m.nbytes / min(ts) / 1e9
+
+
+def measure_limits(mib: int = 512, n: int = 2048) -> dict:
+    """Best of a few runs each (the box may be shared)."""
+    out = {}
+    a = mx.random.uniform(shape=(mib * 2**20 // 4,))
+    mx.eval(a)
+    nbytes = a.nbytes
+    out["mlx_copy_GBps"] = 2 * nbytes / _best(lambda: a * 1.0001) / 1e9
+    out["mlx_reduce_GBps"] = nbytes / _best(lambda: a.sum()) / 1e9
+    an = np.asarray(a)
+    bn = np.empty_like(an)
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(bn, an)
+        ts.append(time.perf_counter() - t)
+    out["numpy_copy_GBps"] = 2 * nbytes / min(ts) / 1e9
+    side = int(np.sqrt(a.size))
+    m = a[: side * side].reshape(side, side)
+    x = mx.random.uniform(shape=(side, 1))
+    mx.eval(m, x)
+    # MLX sends a matrix-vector product to sgemm, which packs the matrix: well below the bandwidth
+    out["mlx_matvec_GBps"] = m.nbytes / _best(lambda: m @ x) / 1e9
+    gemv = _raw_sgemv_GBps(np.asarray(m), np.asarray(x))
+    if gemv:
+        out["blas_sgemv_GBps"] = gemv  # the loaded BLAS's own sgemv: multi-threaded matrix read
+    out["bandwidth_GBps"] = max(v for k, v in out.items() if k.endswith("GBps"))
+    del a, an, bn, m
+    A = mx.random.normal((n, n))
+    B = mx.random.normal((n, n))
+    mx.eval(A, B)
+    out["matmul_fp32_GFLOPs"] = 2 * n ** 3 / _best(lambda: A @ B, 3) / 1e9
+    try:
+        nb = 1024
+        Ab, Bb = A[:nb, :nb].astype(mx.bfloat16), B[:nb, :nb].astype(mx.bfloat16)
+        out["matmul_bf16_GFLOPs"] = 2 * nb ** 3 / _best(lambda: Ab @ Bb, 2) / 1e9
+    except Exception as e:  # not every backend has bf16 matmul
+        out["matmul_bf16_GFLOPs"] = None
+        out["matmul_bf16_error"] = str(e)[:200]
+    rows = 256
+    wq, s, b = mx.quantize(A, group_size=64, bits=4)
+    X = A[:rows]
+    mx.eval(wq, s, b, X)
+    out["qmm_q4_GFLOPs"] = 2 * rows * n * n / _best(lambda: mx.quantized_matmul(X, wq, s, b, transpose=True), 2) / 1e9
+    return out
+
+
+def analyse(limits: dict, results: list[dict]) -> list[dict]:
+    rows = []
+    bw, fl = limits["bandwidth_GBps"] * 1e9, limits["matmul_fp32_GFLOPs"] * 1e9
+    for r in results:
+        if not r.get("prefill_tok_s"):
+            continue
+        dec_bound = bw / r["decode_bytes_per_token"]
+        pre_bound = fl / r["prefill_flops_per_token"]
+        rows.append({"dtype": r["dtype"], "impl": r["impl"], "length": r["length"],
+                     "decode_tok_s": r["decode_tok_s"], "decode_bound_tok_s": dec_bound,
+                     "decode_fraction": r["decode_tok_s"] / dec_bound,
+                     "prefill_tok_s": r["prefill_tok_s"], "prefill_bound_tok_s": pre_bound,
+                     "prefill_fraction": r["prefill_tok_s"] / pre_bound,
+                     "decode_bytes_per_token": r["decode_bytes_per_token"],
+                     "prefill_flops_per_token": r["prefill_flops_per_token"]})
+    return rows
+
+
+def print_tables(limits: dict, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .model import fmt_len
+
+    t = Table(title="Machine limits (best of several runs)")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for k, v in limits.items():
+        if isinstance(v, float):
+            t.add_row(k, f"{v:.1f}")
+    Console().print(t)
+    if not rows:
+        return
+    t = Table(title="Roofline: measured / bound")
+    for col in ("dtype", "impl", "context", "decode tok/s", "bound", "fraction", "prefill tok/s", "bound",
+                "fraction"):
+        t.add_column(col, justify="left" if col in ("dtype", "impl") else "right")
+    for r in rows:
+        t.add_row(r["dtype"], r["impl"], fmt_len(r["length"]), f"{r['decode_tok_s']:.2f}",
+                  f"{r['decode_bound_tok_s']:.1f}", f"{r['decode_fraction']:.0%}", f"{r['prefill_tok_s']:.1f}",
+                  f"{r['prefill_bound_tok_s']:.1f}", f"{r['prefill_fraction']:.0%}")
+    Console().print(t)
+
+
+def quick_results(length: int = 1024, dtype: str = "q4") -> list[dict]:
+    """A small built-in run of our slice model (when no model-bench JSON is given)."""
+    from . import model as mb
+
+    c = mb.slice_config()
+    base = mb.random_weights(c)
+    model = mb.build("ours", c, base, dtype)
+    del base
+    mb.run_length("ours", model, 64, 2048, 1, c["vocab_size"], 1)
+    r = {"dtype": dtype, "impl": "ours", "length": length, **model_costs(c, dtype, length)}
+    r.update(mb.run_length("ours", model, length, 2048, 4, c["vocab_size"]))
+    return [r]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kimi_mlx.bench roofline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-json", help="results of `python -m kimi_mlx.bench model` (default: a quick run)")
+    ap.add_argument("--quick-length", type=int, default=1024)
+    ap.add_argument("--quick-dtype", default="q4")
+    ap.add_argument("--json", default="out/bench_roofline.json")
+    a = ap.parse_args(argv)
+    from .model import machine_info
+
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, BLAS: {info['blas'].get('source')}", flush=True)
+    limits = measure_limits()
+    if a.model_json:
+        results = json.loads(Path(a.model_json).read_text())["results"]
+    else:
+        results = quick_results(a.quick_length, a.quick_dtype)
+    rows = analyse(limits, results)
+    print_tables(limits, rows)
+    path = Path(a.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "limits": limits, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Custom KDA kernels: Metal on Apple GPUs, the CUDA twin on NVIDIA, one definition for both.
+
+    kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None)
+        -> (o [B,T,H,V] in q_raw's dtype, state [B,H,K,V] fp32)   or None
+    kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
+                          o_norm_weight=None, gate=None, eps=1e-5)
+        -> (o, state)   or None
+
+Inputs are the raw projections: q_raw, k_raw [B,T,H,K] (after the short conv, before the L2
+norm), f [B,T,H,K] (f_b(f_a(x)), before dt_bias and softplus), b_raw [B,T,H] (before the
+sigmoid), v [B,T,H,V]; dt_bias has H*K values, A_log H values. The kernels compute the L2 norm
+(and q * K^-1/2), g = -exp(A_log) softplus(f + dt_bias) and beta = sigmoid(b_raw) themselves.
+
+None means "no kernel here": the caller runs the MLX-ops path. That happens on the CPU, when
+KIMI_MLX_KDA=reference, or for shapes the kernels do not take (K not a multiple of 32, V not a
+multiple of 16).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+from . import dialect as _dialect
+from .kda_template import (DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs,
+                           prefill_smem_floats, render)
+
+__all__ = ["available", "backend", "kda_prefill_fused", "kda_decode_step_fused"]
+
+_PREFILL_THREADS = 512  # bf16 / f16; fp32 builds use 256 (registers)
+_CUDA_SMEM_LIMIT = 232448  # bytes of shared memory one block may take on sm_90 (227 KB)
+
+
+def backend() -> str | None:
+    """'metal', 'cuda' or None (no kernel: use the MLX-ops path)."""
+    if os.environ.get("KIMI_MLX_KDA", "").lower() == "reference":
+        return None
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def available() -> bool:
+    return backend() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_threads: int = 0):
+    """Built once per (backend, kind[, shared memory, ...]); MLX compiles per template instance."""
+    import mlx.core as mx
+
+    d = _dialect.DIALECTS[be]
+    header, body = render(d, kind, prof, max_threads)
+    ins = PREFILL_INPUTS if kind == "prefill" else DECODE_INPUTS
+    outs = prefill_outputs(d, prof) if kind == "prefill" else DECODE_OUTPUTS
+    # the source hash in the name keeps MLX's on-disk PTX cache from serving an older build
+    tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
+    name = f"kda_{kind}_{tag}"
+    if be == "metal":
+        return mx.fast.metal_kernel(name=name, input_names=ins, output_names=outs,
+                                    source=body, header=header)
+    return mx.fast.cuda_kernel(name=name, input_names=ins, output_names=outs, source=body,
+                               header=header, shared_memory=shared_memory)
+
+
+def _poison():
+    """KIMI_MLX_KDA_POISON=1 fills outputs with NaN before the kernel (tests: unwritten elements show)."""
+    return float("nan") if os.environ.get("KIMI_MLX_KDA_POISON") else None
+
+
+def _precisions(dtype, be: str, env: str | None) -> tuple[int, int]:
+    """(intra-chunk, state) matrix precision. Metal multiplies fp32 fragments either way."""
+    import mlx.core as mx
+
+    if env:
+        a, b = env.split(",")
+        return int(a), int(b)
+    if be == "metal" or dtype == mx.float32:
+        return _dialect.PREC_TF32X3, _dialect.PREC_TF32X3
+    return _dialect.PREC_BF16, _dialect.PREC_BF16
+
+
+def _slice_width(be: str, B: int, H: int, K: int, V: int) -> int | None:
+    """Columns of V per threadgroup: wide slices repeat less intra-chunk work, narrow ones give
+    more threadgroups when B*H is small. KIMI_MLX_KDA_BV overrides."""
+    env = os.environ.get("KIMI_MLX_KDA_BV")
+    cands = [int(env)] if env else [64, 32, 16]
+    ok = [bv for bv in cands if V % bv == 0 and bv <= 64 and
+          (be == "metal" or 4 * prefill_smem_floats(K, bv) <= _CUDA_SMEM_LIMIT)]
+    if not ok:
+        return None
+    if env:
+        return ok[0]
+    for bv in ok:  # widest slice that still gives ~one threadgroup per multiprocessor
+        if B * H * (V // bv) >= 120:
+            return bv
+    return ok[-1]
+
+
+def kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None):
+    return _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state)
+
+
+def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof=False):
+    """prof=True (CUDA, for tuning): also returns per-phase clock counts [threadgroups, 16]."""
+    be = backend()
+    if be is None:
+        return None
+    import mlx.core as mx
+
+    B, T, H, K = q_raw.shape
+    V = v.shape[-1]
+    if K not in (32, 64, 128, 256) or V % 16:
+        return None
+    bv = _slice_width(be, B, H, K, V)
+    if bv is None:
+        return None
+    dt = q_raw.dtype
+    k_raw, v, f, b_raw = (x.astype(dt) for x in (k_raw, v, f, b_raw))
+    dt_bias = dt_bias.reshape(-1).astype(mx.float32)
+    A_log = A_log.reshape(-1).astype(mx.float32)
+    has_init = initial_state is not None
+    init = initial_state.astype(mx.float32) if has_init else mx.zeros((1,), mx.float32)
+    if T == 0:
+        S = init if has_init else mx.zeros((B, H, K, V), mx.float32)
+        return mx.zeros((B, 0, H, V), dt), S
+    smem = prefill_smem_floats(K, bv)
+    pi, ps = _precisions(dt, be, os.environ.get("KIMI_MLX_KDA_PREC"))
+    nt = int(os.environ.get("KIMI_MLX_KDA_NT", _PREFILL_THREADS))
+    if dt == mx.float32 and be == "cuda":
+        nt = 256  # the fp32 (3xtf32) build needs more than 128 registers per thread
+    # prefetch a chunk ahead where registers allow it (256 threads)
+    pf = os.environ.get("KIMI_MLX_KDA_PF", "1" if nt <= 256 else "0") == "1"
+    kern = _kernel(be, "prefill", 0 if be == "metal" else 4 * smem, prof, nt if be == "cuda" else 0)
+    ntg = B * H * (V // bv)
+    shapes = [(B, T, H, V), (B, H, K, V)]
+    dtypes = [dt, mx.float32]
+    if be == "metal":
+        shapes.append((ntg * smem,))
+        dtypes.append(mx.float32)
+    if prof:
+        shapes.append((ntg, 16))
+        dtypes.append(mx.float32)
+    outs = kern(
+        inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, init],
+        template=[("T", dt), ("K", K), ("V", V), ("BV", bv), ("NT", nt),
+                  ("HAS_INIT", has_init), ("PI", pi), ("PS", ps), ("PF", pf),
+                  ("SMEM_FLOATS", smem)],
+        grid=(nt * (V // bv), H, B),
+        threadgroup=(nt, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+        init_value=_poison(),
+    )
+    if prof:
+        return outs[0], outs[1], outs[-1]
+    return outs[0], outs[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_consts(dt, eps: float):
+    """Per-call constants made once: the eps array and the 1-element dummies."""
+    import mlx.core as mx
+
+    c = (mx.array([eps], mx.float32), mx.zeros((1,), dt))
+    mx.eval(*c)
+    return c
+
+
+def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
+                          o_norm_weight=None, gate=None, eps=1e-5):
+    """One token. q_raw, k_raw, f [B,1,H,K] or [B,H,K]; v [B,(1,)H,V]; b_raw [B,(1,)H];
+    state [B,H,K,V] fp32 or None. With o_norm_weight [V] and gate [B,(1,)H,V] (raw logits),
+    o is RMSNorm(o) * o_norm_weight * sigmoid(gate), fused. Returns o shaped like v."""
+    be = backend()
+    if be is None:
+        return None
+    import mlx.core as mx
+
+    out_shape = v.shape
+    K = q_raw.shape[-1]
+    V = v.shape[-1]
+    H = q_raw.shape[-2]
+    B = q_raw.size // (H * K)
+    if K % 32 or V % 32:
+        return None
+    gated = o_norm_weight is not None and gate is not None
+    dt = q_raw.dtype
+    q_raw = q_raw.reshape(B, H, K)
+    k_raw, f = (x.astype(dt).reshape(B, H, K) for x in (k_raw, f))
+    v = v.astype(dt).reshape(B, H, V)
+    b_raw = b_raw.astype(dt).reshape(B, H)
+    dt_bias = dt_bias.reshape(-1).astype(mx.float32)
+    A_log = A_log.reshape(-1).astype(mx.float32)
+    S = mx.zeros((B, H, K, V), mx.float32) if state is None else state.astype(mx.float32)
+    if gated:
+        bvd, rg = V, 4
+        norm_w = o_norm_weight.reshape(-1).astype(dt)
+        gate = gate.astype(dt).reshape(B, H, V)
+    else:
+        bvd, rg = 32, 4
+        norm_w = gate = _decode_consts(dt, float(eps))[1]
+    while K % rg:
+        rg //= 2
+    ntd = bvd * rg
+    kern = _kernel(be, "decode")
+    o, S = kern(
+        inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, S, norm_w, gate,
+                _decode_consts(dt, float(eps))[0]],
+        template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated)],
+        grid=(ntd * (V // bvd), H, B),
+        threadgroup=(ntd, 1, 1),
+        output_shapes=[(B, H, V), (B, H, K, V)],
+        output_dtypes=[dt, mx.float32],
+        init_value=_poison(),
+    )
+    return o.reshape(out_shape), S

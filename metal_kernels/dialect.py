@@ -1,0 +1,347 @@
+"""Thin dialect layer: what differs between Metal and CUDA, and nothing else.
+
+The KDA kernels (kda_template.py) are written once against the names defined here:
+
+  DFN                 helper-function qualifier
+  DEVP / CDEVP        pointer qualifier for device memory (tiles, inputs)
+  TH                  reference qualifier for per-thread objects
+  BARRIER()           threadgroup / block barrier (orders tile memory too)
+  WARP_SYNC()         simdgroup / warp barrier
+  EXPF LOGF LOG1PF RSQRTF   fp32 maths
+  SHFL_XOR(x, m)      lane exchange inside a simdgroup / warp of 32
+  WARP_SUM(x)         sum over the 32 lanes
+  PRAGMA_UNROLL       full unroll of a constant-trip loop
+  SHARED_ARR(T, n, N) a small per-threadgroup array
+  FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_c,store_c,scale,mma}
+                      16x8 output tiles on the matrix units: simdgroup_matrix 8x8 pairs on
+                      Metal, mma.sync m16n8k16 (bf16) or m16n8k8 (tf32, 3xtf32) on CUDA
+  KSTEP(P)            contraction step of one frag_mma for precision P
+
+and two body snippets: the prologue (thread ids into _tid/_warp/_lane/_gx/_gy/_gz, which must
+appear in the kernel *body* because MLX only adds Metal builtin arguments it finds there) and
+the tile-memory declaration (CUDA: dynamic shared memory; Metal: a device scratch output,
+because a Metal threadgroup has only 32 KB and one chunk's tiles need ~200 KB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Precision of one matrix product (the CUDA twin; Metal always multiplies fp32 fragments).
+PREC_BF16 = 0      # bf16 operands, fp32 accumulate (m16n8k16)
+PREC_TF32X3 = 1    # fp32 split into tf32 hi + lo, three m16n8k8 products: ~fp32 accuracy
+PREC_TF32 = 2      # one tf32 product (10-bit mantissa)
+
+_COMMON_PREC = f"""
+#define PREC_BF16 {PREC_BF16}
+#define PREC_TF32X3 {PREC_TF32X3}
+#define PREC_TF32 {PREC_TF32}
+"""
+
+METAL_HEADER = _COMMON_PREC + r"""
+#ifndef KDA_METAL_STUB
+#include <metal_stdlib>
+#include <metal_simdgroup>
+#include <metal_simdgroup_matrix>
+#endif
+using namespace metal;
+
+#define DFN inline
+#define DEVP device
+#define CDEVP const device
+#define TH thread
+#define BARRIER() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
+#define WARP_SYNC() simdgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
+#define EXPF(x) metal::exp(x)
+#define LOGF(x) metal::log(x)
+#define LOG1PF(x) metal::log(1.0f + (x))
+#define RSQRTF(x) metal::rsqrt(x)
+#define SHFL_XOR(x, m) simd_shuffle_xor((x), (ushort)(m))
+#define WARP_SUM(x) simd_sum(x)
+#define PRAGMA_UNROLL _Pragma("clang loop unroll(full)")
+#define SHARED_ARR(T, name, N) threadgroup T name[N]
+#define KSTEP(P) 8
+
+// Fragments: a 16x8 fp32 tile is two 8x8 simdgroup matrices (rows 0-7 and 8-15).
+template <int P> struct FragA { simdgroup_float8x8 m[2]; };
+template <int P> struct FragB { simdgroup_float8x8 m; };
+struct FragC { simdgroup_float8x8 m[2]; };
+
+DFN void frag_zero(thread FragC& c) {
+  c.m[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  c.m[1] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+// A(m, k) = TA ? p[k*ld + m] : p[m*ld + k]; the tile starts at (m0, k0)
+template <bool TA, int P, typename PT>
+DFN void frag_load_a(thread FragA<P>& a, PT p, int ld, int m0, int k0) {
+  if (TA) {
+    simdgroup_load(a.m[0], p + (long)k0 * ld + m0, (ulong)ld, ulong2(0, 0), true);
+    simdgroup_load(a.m[1], p + (long)k0 * ld + m0 + 8, (ulong)ld, ulong2(0, 0), true);
+  } else {
+    simdgroup_load(a.m[0], p + (long)m0 * ld + k0, (ulong)ld);
+    simdgroup_load(a.m[1], p + (long)(m0 + 8) * ld + k0, (ulong)ld);
+  }
+}
+// B(k, n) = TB ? p[n*ld + k] : p[k*ld + n]; the tile starts at (k0, n0)
+template <bool TB, int P, typename PT>
+DFN void frag_load_b(thread FragB<P>& b, PT p, int ld, int k0, int n0) {
+  if (TB) {
+    simdgroup_load(b.m, p + (long)n0 * ld + k0, (ulong)ld, ulong2(0, 0), true);
+  } else {
+    simdgroup_load(b.m, p + (long)k0 * ld + n0, (ulong)ld);
+  }
+}
+template <typename PT>
+DFN void frag_load_c(thread FragC& c, PT p, int ld, int m0, int n0) {
+  simdgroup_load(c.m[0], p + (long)m0 * ld + n0, (ulong)ld);
+  simdgroup_load(c.m[1], p + (long)(m0 + 8) * ld + n0, (ulong)ld);
+}
+template <typename PT>
+DFN void frag_store_c(thread FragC& c, PT p, int ld, int m0, int n0) {
+  simdgroup_store(c.m[0], p + (long)m0 * ld + n0, (ulong)ld);
+  simdgroup_store(c.m[1], p + (long)(m0 + 8) * ld + n0, (ulong)ld);
+}
+DFN void frag_scale(thread FragC& c, float s) {
+  c.m[0].thread_elements() *= s;
+  c.m[1].thread_elements() *= s;
+}
+template <int P>
+DFN void frag_mma(thread FragC& c, thread FragA<P>& a, thread FragB<P>& b) {
+  simdgroup_multiply_accumulate(c.m[0], a.m[0], b.m, c.m[0]);
+  simdgroup_multiply_accumulate(c.m[1], a.m[1], b.m, c.m[1]);
+}
+
+// 8 consecutive elements of an input, loaded together, read as floats
+template <typename T> struct Raw8 { T v[8]; };
+template <typename T, typename PT>
+DFN void ld8(thread Raw8<T>& r, PT p) {
+  for (int i = 0; i < 8; ++i) r.v[i] = p[i];
+}
+template <typename T>
+DFN void zero8(thread Raw8<T>& r) {
+  for (int i = 0; i < 8; ++i) r.v[i] = T(0.0f);
+}
+template <typename T>
+DFN float get8(thread const Raw8<T>& r, int i) { return static_cast<float>(r.v[i]); }
+#define KDA_CLOCK() 0L
+"""
+
+CUDA_HEADER = _COMMON_PREC + r"""
+#include <cuda_bf16.h>
+
+#define DFN __device__ __forceinline__
+#define DEVP
+#define CDEVP const
+#define TH
+#define BARRIER() __syncthreads()
+#define WARP_SYNC() __syncwarp()
+#define EXPF(x) __expf(x)
+#define LOGF(x) __logf(x)
+#define LOG1PF(x) log1pf(x)
+#define RSQRTF(x) rsqrtf(x)
+#define SHFL_XOR(x, m) __shfl_xor_sync(0xffffffffu, (x), (m))
+#define PRAGMA_UNROLL _Pragma("unroll")
+#define SHARED_ARR(T, name, N) __shared__ T name[N]
+#define KSTEP(P) ((P) == PREC_BF16 ? 16 : 8)
+
+DFN float kda_warp_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 16);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x;
+}
+#define WARP_SUM(x) kda_warp_sum(x)
+
+// Fragments of mma.sync (PTX ISA "matrix fragments"): g = lane/4, t = lane%4.
+// bf16 m16n8k16: A regs {(g,2t..) (g+8,2t..) (g,2t+8..) (g+8,2t+8..)}, B {(2t..,g) (2t+8..,g)}
+// tf32 m16n8k8:  A {(g,t) (g+8,t) (g,t+4) (g+8,t+4)}, B {(t,g) (t+4,g)}; 3xtf32 keeps hi and lo.
+// C (both): {(g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1)}
+template <int P> struct FragA { unsigned int x[8]; };
+template <int P> struct FragB { unsigned int x[4]; };
+struct FragC { float x[4]; };
+
+DFN unsigned int kda_pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned int*>(&v);
+}
+DFN unsigned int kda_tf32(float x) {
+  unsigned int r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+// element (r, c) of a row-major (T=false) or column-major (T=true) fp32 tile
+template <bool TR>
+DFN float kda_ld(const float* p, int ld, int r, int c) {
+  return TR ? p[c * ld + r] : p[r * ld + c];
+}
+// elements (r, c) and (r, c+1); c even
+template <bool TR>
+DFN float2 kda_ld2(const float* p, int ld, int r, int c) {
+  if (TR) return make_float2(p[c * ld + r], p[(c + 1) * ld + r]);
+  return *reinterpret_cast<const float2*>(p + r * ld + c);
+}
+// elements (r, c) and (r+1, c); r even
+template <bool TR>
+DFN float2 kda_ld2r(const float* p, int ld, int r, int c) {
+  if (TR) return *reinterpret_cast<const float2*>(p + c * ld + r);
+  return make_float2(p[r * ld + c], p[(r + 1) * ld + c]);
+}
+DFN void kda_split(float v, unsigned int& hi, unsigned int& lo) {
+  hi = kda_tf32(v);
+  lo = kda_tf32(v - __uint_as_float(hi));
+}
+
+DFN void frag_zero(FragC& c) { c.x[0] = c.x[1] = c.x[2] = c.x[3] = 0.0f; }
+
+template <bool TA, int P>
+DFN void frag_load_a(FragA<P>& a, const float* p, int ld, int m0, int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (P == PREC_BF16) {
+    float2 v0 = kda_ld2<TA>(p, ld, m0 + g, k0 + 2 * t);
+    float2 v1 = kda_ld2<TA>(p, ld, m0 + g + 8, k0 + 2 * t);
+    float2 v2 = kda_ld2<TA>(p, ld, m0 + g, k0 + 2 * t + 8);
+    float2 v3 = kda_ld2<TA>(p, ld, m0 + g + 8, k0 + 2 * t + 8);
+    a.x[0] = kda_pack_bf16(v0.x, v0.y);
+    a.x[1] = kda_pack_bf16(v1.x, v1.y);
+    a.x[2] = kda_pack_bf16(v2.x, v2.y);
+    a.x[3] = kda_pack_bf16(v3.x, v3.y);
+  } else {
+    float v[4];
+    v[0] = kda_ld<TA>(p, ld, m0 + g, k0 + t);
+    v[1] = kda_ld<TA>(p, ld, m0 + g + 8, k0 + t);
+    v[2] = kda_ld<TA>(p, ld, m0 + g, k0 + t + 4);
+    v[3] = kda_ld<TA>(p, ld, m0 + g + 8, k0 + t + 4);
+    if (P == PREC_TF32X3) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) kda_split(v[i], a.x[i], a.x[4 + i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a.x[i] = kda_tf32(v[i]);
+    }
+  }
+}
+// B(k, n) = TB ? p[n*ld + k] : p[k*ld + n]
+template <bool TB, int P>
+DFN void frag_load_b(FragB<P>& b, const float* p, int ld, int k0, int n0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (P == PREC_BF16) {
+    // B(k, n) with k = row: as a "row-major" tile it is p[k*ld+n] (TB=false), transposed p[n*ld+k]
+    float2 v0 = kda_ld2r<TB>(p, ld, k0 + 2 * t, n0 + g);
+    float2 v1 = kda_ld2r<TB>(p, ld, k0 + 2 * t + 8, n0 + g);
+    b.x[0] = kda_pack_bf16(v0.x, v0.y);
+    b.x[1] = kda_pack_bf16(v1.x, v1.y);
+  } else {
+    float v0 = kda_ld<TB>(p, ld, k0 + t, n0 + g);
+    float v1 = kda_ld<TB>(p, ld, k0 + t + 4, n0 + g);
+    if (P == PREC_TF32X3) {
+      kda_split(v0, b.x[0], b.x[2]);
+      kda_split(v1, b.x[1], b.x[3]);
+    } else {
+      b.x[0] = kda_tf32(v0);
+      b.x[1] = kda_tf32(v1);
+    }
+  }
+}
+DFN void frag_load_c(FragC& c, const float* p, int ld, int m0, int n0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float2 v0 = *reinterpret_cast<const float2*>(p + (m0 + g) * ld + n0 + 2 * t);
+  float2 v1 = *reinterpret_cast<const float2*>(p + (m0 + g + 8) * ld + n0 + 2 * t);
+  c.x[0] = v0.x; c.x[1] = v0.y; c.x[2] = v1.x; c.x[3] = v1.y;
+}
+DFN void frag_store_c(FragC& c, float* p, int ld, int m0, int n0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  *reinterpret_cast<float2*>(p + (m0 + g) * ld + n0 + 2 * t) = make_float2(c.x[0], c.x[1]);
+  *reinterpret_cast<float2*>(p + (m0 + g + 8) * ld + n0 + 2 * t) = make_float2(c.x[2], c.x[3]);
+}
+DFN void frag_scale(FragC& c, float s) {
+  c.x[0] *= s; c.x[1] *= s; c.x[2] *= s; c.x[3] *= s;
+}
+DFN void kda_mma_bf16(FragC& c, const unsigned int* a, const unsigned int* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c.x[0]), "+f"(c.x[1]), "+f"(c.x[2]), "+f"(c.x[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+DFN void kda_mma_tf32(FragC& c, const unsigned int* a, const unsigned int* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c.x[0]), "+f"(c.x[1]), "+f"(c.x[2]), "+f"(c.x[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// 8 consecutive elements of an input in one or two 16-byte loads, read as floats
+template <typename T> struct Raw8 { uint4 w[sizeof(T) / 2]; };
+template <typename T>
+DFN void ld8(Raw8<T>& r, const T* p) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.w[i] = q[i];
+}
+template <typename T>
+DFN void zero8(Raw8<T>& r) {
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.w[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+template <typename T>
+DFN float get8(const Raw8<T>& r, int i) { return static_cast<float>(reinterpret_cast<const T*>(r.w)[i]); }
+#define KDA_CLOCK() ((long)clock64())
+
+template <int P>
+DFN void frag_mma(FragC& c, FragA<P>& a, FragB<P>& b) {
+  if (P == PREC_BF16) {
+    kda_mma_bf16(c, a.x, b.x);
+  } else if (P == PREC_TF32X3) {
+    // small terms first; the lo*lo term is below fp32 rounding
+    kda_mma_tf32(c, a.x + 4, b.x);
+    kda_mma_tf32(c, a.x, b.x + 2);
+    kda_mma_tf32(c, a.x, b.x);
+  } else {
+    kda_mma_tf32(c, a.x, b.x);
+  }
+}
+"""
+
+METAL_PROLOGUE = r"""
+  const int _tid = (int)thread_index_in_threadgroup;
+  const int _warp = (int)simdgroup_index_in_threadgroup;
+  const int _lane = (int)thread_index_in_simdgroup;
+  const int _gx = (int)threadgroup_position_in_grid.x;
+  const int _gy = (int)threadgroup_position_in_grid.y;
+  const int _gz = (int)threadgroup_position_in_grid.z;
+"""
+
+CUDA_PROLOGUE = r"""
+  const int _tid = (int)threadIdx.x;
+  const int _warp = (int)(threadIdx.x >> 5);
+  const int _lane = (int)(threadIdx.x & 31);
+  const int _gx = (int)blockIdx.x;
+  const int _gy = (int)blockIdx.y;
+  const int _gz = (int)blockIdx.z;
+"""
+
+# Tile memory of SMEM_FLOATS floats per threadgroup, as `smem`.
+METAL_SMEM = r"""
+  device float* smem = scratch + ((long)(_gz * (int)threadgroups_per_grid.y + _gy) * (int)threadgroups_per_grid.x + _gx) * (long)SMEM_FLOATS;
+"""
+
+CUDA_SMEM = r"""
+  extern __shared__ float4 kda_smem4[];
+  float* smem = reinterpret_cast<float*>(kda_smem4);
+"""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    header: str
+    prologue: str
+    smem: str
+    scratch_output: bool  # tiles live in a device scratch output (Metal) instead of shared memory
+
+
+METAL = Dialect("metal", METAL_HEADER, METAL_PROLOGUE, METAL_SMEM, True)
+CUDA = Dialect("cuda", CUDA_HEADER, CUDA_PROLOGUE, CUDA_SMEM, False)
+
+DIALECTS = {"metal": METAL, "cuda": CUDA}

@@ -1,0 +1,149 @@
+"""Run the Metal kernels on the CPU (g++ + metal_stub.h), and a float64 numpy reference.
+
+Used by the CPU tests: it proves the shared algorithm (and the Metal text of it) without a
+Mac. Needs a C++20 compiler (g++ >= 11 or clang++ with libstdc++ <barrier>).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .dialect import METAL
+from .sources import io_names, metal_unit
+
+HERE = Path(__file__).resolve().parent
+_BF16 = "bfloat16"
+
+
+def cxx() -> str | None:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def compile_unit(src: str, out: Path, syntax_only: bool = False, opt: str = "-O1") -> None:
+    cc = cxx()
+    if cc is None:
+        raise RuntimeError("no C++ compiler")
+    src_path = out.with_suffix(".cpp")
+    src_path.write_text(src)
+    cmd = [cc, "-std=c++20", "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{HERE}"]
+    cmd += ["-fsyntax-only", str(src_path)] if syntax_only else [opt, "-pthread", str(src_path), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr[-6000:]}")
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("KDA_EMU_CACHE", Path(tempfile.gettempdir()) / "kda_metal_emu"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == _BF16:  # round to nearest even, as bfloat16_t in the stub
+        u = a.view(np.uint32).astype(np.uint64)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return u.astype(np.uint16).tobytes()
+    if dtype == "float16":
+        return a.astype(np.float16).tobytes()
+    return a.tobytes()
+
+
+def _from_bytes(b: bytes, dtype: str, shape) -> np.ndarray:
+    if dtype == _BF16:
+        u = np.frombuffer(b, dtype=np.uint16).astype(np.uint32) << 16
+        return u.view(np.float32).reshape(shape)
+    if dtype == "float16":
+        return np.frombuffer(b, dtype=np.float16).astype(np.float32).reshape(shape)
+    return np.frombuffer(b, dtype=np.float32).reshape(shape).copy()
+
+
+def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Values as the kernel sees them after the cast to `dtype`."""
+    return _from_bytes(_to_bytes(a, dtype), dtype, np.shape(a))
+
+
+def _write(path: Path, a: np.ndarray, dtype: str) -> None:
+    shape = np.asarray(np.shape(a), dtype=np.int32)
+    with open(path, "wb") as fp:
+        fp.write(np.int32(len(shape)).tobytes())
+        fp.write(shape.tobytes())
+        fp.write(_to_bytes(a, dtype))
+
+
+def _read(path: Path, dtype: str) -> np.ndarray:
+    raw = path.read_bytes()
+    nd = int(np.frombuffer(raw[:4], np.int32)[0])
+    shape = tuple(np.frombuffer(raw[4:4 + 4 * nd], np.int32))
+    return _from_bytes(raw[4 + 4 * nd:], dtype, shape)
+
+
+def run_metal(kind, template, inputs, in_dtypes, outputs, out_dtypes, grid, nt):
+    """Emulate one dispatch. inputs: name -> array; outputs: name -> shape (filled with NaN
+    first, so unwritten elements show). grid is in threadgroups. Returns name -> array."""
+    src = metal_unit(kind, template, in_dtypes, out_dtypes, with_main=True)
+    key = hashlib.sha256((src + (HERE / "metal_stub.h").read_text()).encode()).hexdigest()[:16]
+    exe = _cache_dir() / f"{kind}_{key}"
+    if not exe.exists():
+        compile_unit(src, exe)
+    in_names, out_names = io_names(kind, METAL)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        for n in in_names:
+            _write(d / f"{n}.bin", inputs[n], in_dtypes[n])
+        for n in out_names:
+            _write(d / f"{n}.bin", np.full(outputs[n], np.nan, np.float32), out_dtypes[n])
+        r = subprocess.run([str(exe), str(d), *map(str, grid), str(nt)], capture_output=True,
+                           text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulated kernel failed ({r.returncode}): {r.stderr[-3000:]}")
+        return {n: _read(d / f"{n}.bin", out_dtypes[n]) for n in out_names}
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference of what the kernels compute, from the raw projections.
+
+def gates_np(q_raw, k_raw, f, dt_bias, A_log, b_raw):
+    """(q scaled, k, g, beta) in float64: L2 norm, q * K^-1/2, g = -exp(A_log) softplus(f + dt_bias)."""
+    q = np.asarray(q_raw, np.float64)
+    k = np.asarray(k_raw, np.float64)
+    K = q.shape[-1]
+    H = q.shape[-2]
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * K ** -0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    x = np.asarray(f, np.float64) + np.asarray(dt_bias, np.float64).reshape(H, K)
+    sp = np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+    g = -np.exp(np.asarray(A_log, np.float64).reshape(H, 1)) * sp
+    beta = 1.0 / (1.0 + np.exp(-np.asarray(b_raw, np.float64)))
+    return q, k, g, beta
+
+
+def kda_np(q, k, v, g, beta, S0=None):
+    """Token recurrence. q (scaled), k [B,T,H,K]; v [B,T,H,V]; g [B,T,H,K]; beta [B,T,H]."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = np.zeros((B, H, K, V)) if S0 is None else np.array(S0, np.float64)
+    o = np.zeros((B, T, H, V))
+    v = np.asarray(v, np.float64)
+    for t in range(T):
+        S = S * np.exp(g[:, t])[..., None]
+        kt = k[:, t]
+        u = beta[:, t][..., None] * (v[:, t] - np.einsum("bhk,bhkv->bhv", kt, S))
+        S = S + kt[..., None] * u[..., None, :]
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o, S
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
