@@ -24,8 +24,3 @@ def linear_weight(layer: nn.Module) -> mx.array:
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
                              bits=layer.bits, mode=getattr(layer, "mode", "affine"))
     return layer.weight
-
-
-def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
-    # x / sqrt(sum x^2 + eps), as FLA and transformers do (not max(norm, eps))
-    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)

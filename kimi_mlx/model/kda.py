@@ -6,8 +6,7 @@ import mlx.nn as nn
 
 from ..cache import KDACache
 from ..config import ModelConfig
-from ..ops.kda import kda
-from .common import l2norm
+from ..ops.kda import kda_gated
 
 
 class ShortConvWeight(nn.Module):
@@ -30,15 +29,6 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None):
     for j in range(1, kc):
         out = out + xs[:, j:j + T] * w[:, j]
     return nn.silu(out), xs[:, -(kc - 1):]
-
-
-def decay_gate(f: mx.array, dt_bias: mx.array, A_log: mx.array, num_heads: int) -> mx.array:
-    """g = -exp(A_log[h]) * softplus(f + dt_bias), per channel, fp32, log space. f: [B, T, H*K]."""
-    B, T, P = f.shape
-    x = f.astype(mx.float32) + dt_bias.astype(mx.float32)
-    sp = mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
-    g = -mx.exp(A_log.astype(mx.float32)).reshape(num_heads, 1) * sp.reshape(B, T, num_heads, P // num_heads)
-    return g
 
 
 class KimiDeltaAttention(nn.Module):
@@ -72,16 +62,14 @@ class KimiDeltaAttention(nn.Module):
         qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         w = mx.concatenate([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], axis=0)
         qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
-        q = l2norm(qkv[..., :P].reshape(B, T, H, K).astype(mx.float32))
-        k = l2norm(qkv[..., P:2 * P].reshape(B, T, H, K).astype(mx.float32))
-        v = qkv[..., 2 * P:].reshape(B, T, H, K)
-        g = decay_gate(self.f_b_proj(self.f_a_proj(x)), self.dt_bias, self.A_log, H)
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
-        o, state = kda(q, k, v, g, beta, initial_state=cache.state if cache is not None else None)
+        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, K)
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
+        o, state = kda_gated(
+            qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
+            qkv[..., 2 * P:].reshape(B, T, H, K), f, self.b_proj(x), self.dt_bias, self.A_log,
+            self.o_norm.weight, gate, self.eps, cache.state if cache is not None else None)
         if cache is not None:
             cache.conv, cache.state = conv_state, state
             cache.offset += T
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
-        o = mx.fast.rms_norm(o.astype(mx.float32), self.o_norm.weight.astype(mx.float32), self.eps)
-        o = (o * mx.sigmoid(gate.astype(mx.float32))).astype(x.dtype)
+        o = o.astype(x.dtype)
         return self.o_proj(o.reshape(B, T, P))

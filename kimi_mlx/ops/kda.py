@@ -1,42 +1,104 @@
-"""KDA dispatch used by the model layer.
+"""KDA dispatch: the one place that picks the implementation.
 
     kda(q, k, v, g, beta, scale=None, initial_state=None) -> (o [B,T,H,V], state [B,H,K,V] fp32)
+        the operator on normalised q/k, log-space g and beta (MLX ops).
+    kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state)
+        -> (o [B,T,H,V] after the gated RMSNorm, state)
+        everything a KDA layer does between its short convolutions and o_proj.
 
-Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise a custom
-kernel if `_kernel_impl()` provides one; otherwise `kda_step` for one token and the chunked
-form for prompts. See kda_reference for shapes and the recurrence.
+Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise the custom
+kernel (package `metal_kernels`: Metal on Apple GPUs, its CUDA twin on NVIDIA) when it takes
+the shape; otherwise `kda_step` for one token and the chunked MLX-ops form for prompts.
 """
 from __future__ import annotations
 
 import os
 
+import mlx.core as mx
+
 from .kda_chunked import kda_chunked
 from .kda_reference import kda_recurrent, kda_step
 
-__all__ = ["kda", "kda_chunked", "kda_recurrent", "kda_step"]
+__all__ = ["kda", "kda_gated", "kda_chunked", "kda_recurrent", "kda_step", "decay_gate",
+           "l2norm", "kernel_backend"]
 
 # Prompts up to this many tokens run the recurrence: cheaper than padding a whole chunk.
 _RECURRENT_MAX_T = 6
 
 
-def _kernel_impl():
-    """Hook for the custom Metal/CUDA kernels (package `metal_kernels`).
+def _forced_reference() -> bool:
+    return os.environ.get("KIMI_MLX_KDA", "").lower() == "reference"
 
-    Return None, or a callable with kda's signature returning (o, state) for the current
-    device. Returning None falls back to the MLX-ops paths below.
-    """
-    return None
+
+def kernel_backend() -> str | None:
+    """'metal', 'cuda', or None when the MLX-ops path runs (CPU, or KIMI_MLX_KDA=reference)."""
+    if _forced_reference():
+        return None
+    try:
+        import metal_kernels
+    except ImportError:  # the kernels ship in the same wheel; a trimmed install still works
+        return None
+    return metal_kernels.backend()
+
+
+def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    # x / sqrt(sum x^2 + eps), as FLA and transformers do (not max(norm, eps))
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def decay_gate(f: mx.array, dt_bias: mx.array, A_log: mx.array) -> mx.array:
+    """g = -exp(A_log[h]) * softplus(f + dt_bias), per channel, fp32, log space.
+    f [B, T, H, K]; dt_bias H*K values; A_log H values."""
+    H, K = f.shape[-2:]
+    x = f.astype(mx.float32) + dt_bias.astype(mx.float32).reshape(H, K)
+    sp = mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
+    return -mx.exp(A_log.astype(mx.float32)).reshape(H, 1) * sp
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None):
-    if os.environ.get("KIMI_MLX_KDA", "").lower() == "reference":
+    if _forced_reference():
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
-    impl = _kernel_impl()
-    if impl is not None:
-        return impl(q, k, v, g, beta, scale, initial_state)
     T = q.shape[1]
     if T == 1:
         return kda_step(q, k, v, g, beta, scale, initial_state)
     if T <= _RECURRENT_MAX_T:
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
     return kda_chunked(q, k, v, g, beta, scale, initial_state)
+
+
+def gated_rms_norm(o, norm_weight, gate, eps):
+    """RMSNorm(o) * weight * sigmoid(gate), in fp32."""
+    o = mx.fast.rms_norm(o.astype(mx.float32), norm_weight.astype(mx.float32), eps)
+    return o * mx.sigmoid(gate.astype(mx.float32))
+
+
+def _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state):
+    """(o, state) from the custom kernel, or None when it does not take this call."""
+    if kernel_backend() is None:
+        return None
+    import metal_kernels
+
+    if q_raw.shape[1] == 1:
+        r = metal_kernels.kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw,
+                                                initial_state, norm_weight, gate, eps)
+        return r  # the gated norm is fused
+    r = metal_kernels.kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state)
+    if r is None:
+        return None
+    o, state = r
+    return gated_rms_norm(o, norm_weight, gate, eps), state
+
+
+def kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps,
+              initial_state=None):
+    """q_raw, k_raw, f, gate [B,T,H,K]; v [B,T,H,V]; b_raw [B,T,H] — raw projections (after
+    the short convs, before L2 norm / softplus / sigmoid). Returns (o fp32, state fp32)."""
+    r = _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state)
+    if r is not None:
+        return r
+    q = l2norm(q_raw.astype(mx.float32))
+    k = l2norm(k_raw.astype(mx.float32))
+    g = decay_gate(f, dt_bias, A_log)
+    beta = mx.sigmoid(b_raw.astype(mx.float32))
+    o, state = kda(q, k, v, g, beta, initial_state=initial_state)
+    return gated_rms_norm(o, norm_weight, gate, eps), state

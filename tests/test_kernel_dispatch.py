@@ -1,0 +1,99 @@
+"""Kernel dispatch (selected by `pytest -k kernel`): which path runs where, and the whole model
+running through the Metal kernels' own launch code with the Metal text executed on the CPU
+(emulated threadgroups), against the transformers oracle's logits."""
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_kernels
+from helpers import MODELS, golden, max_abs
+from kimi_mlx import load_model
+from kimi_mlx.ops import kda as kda_ops
+from metal_kernels.dialect import METAL
+from metal_kernels.emulate import cxx, run_metal
+from metal_kernels.sources import io_names
+
+_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+class _EmulatedKernel:
+    """Stands in for mx.fast.metal_kernel: same call, runs the Metal source on the CPU."""
+
+    def __init__(self, kind, log):
+        self.kind, self.log = kind, log
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                 init_value=None):
+        ins, outs = io_names(self.kind, METAL)
+        tmpl = [(n, _NAMES[v] if isinstance(v, mx.Dtype) else v) for n, v in template]
+        self.log.append((self.kind, dict(tmpl)))
+        res = run_metal(
+            self.kind, tmpl,
+            {n: np.array(a.astype(mx.float32)) for n, a in zip(ins, inputs)},
+            {n: _NAMES[a.dtype] for n, a in zip(ins, inputs)},
+            dict(zip(outs, output_shapes)),
+            {n: _NAMES[d] for n, d in zip(outs, output_dtypes)},
+            (grid[0] // threadgroup[0], grid[1], grid[2]), threadgroup[0])
+        return [mx.array(res[n]).astype(d) for n, d in zip(outs, output_dtypes)]
+
+
+@pytest.fixture
+def emulated_metal(monkeypatch):
+    """metal_kernels believes it is on an Apple GPU; its kernels run through the emulator."""
+    if cxx() is None:
+        pytest.skip("no C++ compiler")
+    log = []
+    monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _EmulatedKernel(kind, log))
+    return log
+
+
+def test_kernel_backend_on_cpu(monkeypatch):
+    monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
+    assert mx.default_device() == mx.cpu or not mx.metal.is_available()
+    assert metal_kernels.backend() is None and kda_ops.kernel_backend() is None
+    x = mx.zeros((1, 8, 2, 32))
+    assert metal_kernels.kda_prefill_fused(x, x, x, x, mx.zeros(64), mx.zeros(2), mx.zeros((1, 8, 2))) is None
+
+
+def test_kernel_backend_env_forces_reference(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
+    assert kda_ops.kernel_backend() == "metal"
+    monkeypatch.setenv("KIMI_MLX_KDA", "reference")
+    assert metal_kernels.backend() is None and kda_ops.kernel_backend() is None
+
+
+def test_kernel_unsupported_shape_falls_back(emulated_metal):
+    # K = 16 is not a kernel shape: the MLX-ops path runs, the emulator is never called
+    rng = np.random.default_rng(0)
+    B, T, H, K = 2, 9, 2, 16
+    raw = [mx.array(rng.standard_normal(s).astype(np.float32))
+           for s in [(B, T, H, K)] * 3 + [(B, T, H, K), (B, T, H), (B, T, H, K)]]
+    q, k, v, f, b, gate = raw
+    o, S = kda_ops.kda_gated(q, k, v, f, b, mx.zeros(H * K), mx.zeros(H), mx.ones(K), gate, 1e-5)
+    assert emulated_metal == [] and o.shape == (B, T, H, K) and S.shape == (B, H, K, K)
+
+
+def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monkeypatch):
+    """tiny_quant (K = V = 64): prefill 65 tokens through the chunk-scan kernel (two chunks, the
+    second a 1-token tail), then decode through the fused step kernel (gated RMSNorm fused)."""
+    model = load_model(MODELS / "tiny_quant")
+    g = golden("tiny_quant")
+    ids = mx.array(g["ids"][:1, :67])
+    cache = model.make_cache()
+    logits = model(ids[:, :65], cache=cache)
+    assert max_abs(logits[0], g["logits_65"]) < 1e-4
+    kinds = [k for k, _ in emulated_metal]
+    assert kinds == ["prefill"] * 3  # one dispatch per KDA layer
+    assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in emulated_metal)
+    steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
+    assert [k for k, _ in emulated_metal[3:]] == ["decode"] * 6
+    assert all(t["GATED"] for _, t in emulated_metal[3:])
+
+    # the same continuation on the MLX-ops path (no kernel): identical up to fp32 rounding
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    ref = model(ids[:, :67])[0]
+    for i, t in enumerate((65, 66)):
+        assert max_abs(steps[i], ref[t]) < 1e-4
