@@ -468,15 +468,20 @@ def _weights_nbytes(model) -> int:
 
 def _plan_report(model, n_tokens: int, args, what: str, extra: int = 0) -> None:
     """Token count and memory estimate before a long prefill; PlanError if it can't fit."""
-    from .planner import check_fits, format_bytes
+    from .planner import check_fits, format_bytes, format_duration, known_prefill_speed
+    from .session import speed_key
 
+    tps = known_prefill_speed(speed_key(model))
     p = check_fits(model.config, n_tokens + extra, mla_bits=args.mla_cache_bits or 16,
-                   chunk_tokens=args.prefill_step_size, weights_bytes=_weights_nbytes(model))
+                   chunk_tokens=args.prefill_step_size, weights_bytes=_weights_nbytes(model),
+                   tokens_per_second=tps)
     avail = f" of {format_bytes(p.machine_bytes)} usable" if p.machine_bytes else ""
     more = f" (+{extra:,} for the question)" if extra else ""
+    when = (f"prefill about {format_duration(p.prefill_seconds)} at {tps:,.0f} tok/s (an earlier run here)"
+            if p.prefill_seconds is not None else "no earlier run here: prefill time is shown after the first chunk")
     print(f"{what}: {n_tokens:,} tokens{more}; memory needed about {format_bytes(p.total_bytes)}{avail} "
           f"(weights {format_bytes(p.weights_bytes)}, cache {format_bytes(p.cache_bytes)}, "
-          f"prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)}); prefill time is shown as it runs",
+          f"prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)}); {when}",
           file=sys.stderr, flush=True)
 
 

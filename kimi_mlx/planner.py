@@ -730,6 +730,62 @@ def machine_memory_bytes(usable: bool = True) -> Optional[int]:
     return budget
 
 
+# ---------------------------------------------------------------------------
+# measured prefill speed, remembered per model and device for the next estimate
+# ---------------------------------------------------------------------------
+SPEED_MIN_TOKENS = 1024  # shorter prefills are dominated by warm-up
+
+
+def _speed_file():
+    from pathlib import Path
+
+    d = os.environ.get("KIMI_MLX_CACHE")
+    if not d:
+        from platformdirs import user_cache_dir
+
+        d = user_cache_dir("kimi-mlx", appauthor=False)
+    return Path(d) / "prefill_speed.json"
+
+
+def _read_speeds() -> dict:
+    import json
+
+    try:
+        data = json.loads(_speed_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: estimates are optional
+        return {}
+
+
+def record_prefill_speed(key: str, tokens: int, seconds: float) -> None:
+    """Remember the speed of a finished prefill (best effort, written atomically)."""
+    import json
+    import tempfile
+
+    if tokens < SPEED_MIN_TOKENS or seconds <= 0:
+        return
+    data = _read_speeds()
+    data[key] = {"tokens_per_second": tokens / seconds, "tokens": int(tokens)}
+    path = _speed_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speed-")
+        with os.fdopen(fd, "w") as fp:
+            json.dump(data, fp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def known_prefill_speed(key: str) -> Optional[float]:
+    """Tokens/s of the last long prefill of this model on this device, if any."""
+    v = _read_speeds().get(key)
+    try:
+        return float(v["tokens_per_second"]) if v else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def estimate_prefill_seconds(tokens: int, tokens_per_second: float) -> float:
     """Prefill time at a measured rate (tokens/s).
 

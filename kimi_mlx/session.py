@@ -25,6 +25,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from . import planner
 from .cache import KimiCache, MLACache, dequantize_rows, quantize_rows
 
 FORMAT_VERSION = 1
@@ -81,7 +82,21 @@ def prefill(model, ids, cache: KimiCache | None = None, step: int = 2048, progre
             dt = max(time.perf_counter() - t0, 1e-9)
             tps = done / dt
             progress(done, total, tps, (total - done) / tps if tps > 0 else float("inf"))
+    if total >= planner.SPEED_MIN_TOKENS:
+        planner.record_prefill_speed(speed_key(model), total, time.perf_counter() - t0)
     return (cache, logits) if return_logits else cache
+
+
+def speed_key(model) -> str:
+    """Model identity plus device: the key of remembered prefill speeds."""
+    ident = getattr(model, "_kimi_identity", None)
+    if ident is None:
+        ident = model_identity(model)
+        try:
+            model._kimi_identity = ident
+        except AttributeError:
+            pass
+    return f"{ident}:{mx.default_device()}"
 
 
 # ---------------------------------------------------------------------------

@@ -254,3 +254,32 @@ def test_machine_memory_and_prefill_time(monkeypatch):
     p = plan(PUBLISHED, 100_000, bits=4, machine_bytes=10**11, tokens_per_second=2000)
     assert p.prefill_seconds == 50.0 and "prefill time: 50 s" in p.describe()
     assert planner.format_duration(5400) == "1.5 h"
+
+
+def test_prefill_speed_is_remembered(tmp_path, monkeypatch):
+    from kimi_mlx import planner
+
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path))
+    assert planner.known_prefill_speed("m:cpu") is None
+    planner.record_prefill_speed("m:cpu", 100, 1.0)  # too short to say anything
+    assert planner.known_prefill_speed("m:cpu") is None
+    planner.record_prefill_speed("m:cpu", 4096, 2.0)
+    assert planner.known_prefill_speed("m:cpu") == 2048.0
+    assert planner.known_prefill_speed("other:cpu") is None
+    (tmp_path / "prefill_speed.json").write_text("{not json")  # damaged: ignored, then rewritten
+    assert planner.known_prefill_speed("m:cpu") is None
+    planner.record_prefill_speed("m:cpu", 2048, 4.0)
+    assert planner.known_prefill_speed("m:cpu") == 512.0
+
+
+def test_session_prefill_records_speed_for_the_next_estimate(tmp_path, monkeypatch):
+    from helpers import MODELS
+    from kimi_mlx import load_model, planner, session
+
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path))
+    model = load_model(MODELS / "tiny_grouped")
+    session.prefill(model, list(range(1, 1100)), step=512)
+    tps = planner.known_prefill_speed(session.speed_key(model))
+    assert tps is not None and tps > 0
+    p = planner.plan(model.config, 10_000, machine_bytes=1 << 34, tokens_per_second=tps)
+    assert abs(p.prefill_seconds - 10_000 / tps) < 1e-6
