@@ -134,6 +134,7 @@ def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof
     nt = int(os.environ.get("KIMI_MLX_KDA_NT", _PREFILL_THREADS))
     if dt == mx.float32 and be == "cuda":
         nt = 256  # the fp32 (3xtf32) build needs more than 128 registers per thread
+    nt = min(nt, 64 * K // 8)  # the chunk load gives each thread at least one row of 8 channels
     # prefetch a chunk ahead where registers allow it (256 threads)
     pf = os.environ.get("KIMI_MLX_KDA_PF", "1" if nt <= 256 else "0") == "1"
     kern = _kernel(be, "prefill", 0 if be == "metal" else 4 * smem, prof, nt if be == "cuda" else 0)

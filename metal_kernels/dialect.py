@@ -10,7 +10,8 @@ The KDA kernels (kda_template.py) are written once against the names defined her
   EXPF LOGF LOG1PF RSQRTF   fp32 maths
   SHFL_XOR(x, m)      lane exchange inside a simdgroup / warp of 32
   WARP_SUM(x)         sum over the 32 lanes
-  PRAGMA_UNROLL       full unroll of a constant-trip loop
+  PRAGMA_UNROLL       full unroll of a constant-trip loop (PRAGMA_UNROLL2: by two)
+  PREFETCH_L2(p)      hint: fetch the line at p into L2 ahead of use (CUDA; nothing on Metal)
   SHARED_ARR(T, n, N) a small per-threadgroup array
   FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_c,store_c,scale,mma}
                       16x8 output tiles on the matrix units: simdgroup_matrix 8x8 pairs on
@@ -58,6 +59,7 @@ using namespace metal;
 #define SHFL_XOR(x, m) simd_shuffle_xor((x), (ushort)(m))
 #define WARP_SUM(x) simd_sum(x)
 #define PRAGMA_UNROLL _Pragma("clang loop unroll(full)")
+#define PRAGMA_UNROLL2 _Pragma("clang loop unroll_count(2)")
 #define SHARED_ARR(T, name, N) threadgroup T name[N]
 #define KSTEP(P) 8
 
@@ -123,6 +125,7 @@ DFN void zero8(thread Raw8<T>& r) {
 template <typename T>
 DFN float get8(thread const Raw8<T>& r, int i) { return static_cast<float>(r.v[i]); }
 #define KDA_CLOCK() 0L
+#define PREFETCH_L2(p) do { } while (0)
 """
 
 CUDA_HEADER = _COMMON_PREC + r"""
@@ -140,6 +143,7 @@ CUDA_HEADER = _COMMON_PREC + r"""
 #define RSQRTF(x) rsqrtf(x)
 #define SHFL_XOR(x, m) __shfl_xor_sync(0xffffffffu, (x), (m))
 #define PRAGMA_UNROLL _Pragma("unroll")
+#define PRAGMA_UNROLL2 _Pragma("unroll 2")
 #define SHARED_ARR(T, name, N) __shared__ T name[N]
 #define KSTEP(P) ((P) == PREC_BF16 ? 16 : 8)
 
@@ -287,6 +291,9 @@ DFN void zero8(Raw8<T>& r) {
 template <typename T>
 DFN float get8(const Raw8<T>& r, int i) { return static_cast<float>(reinterpret_cast<const T*>(r.w)[i]); }
 #define KDA_CLOCK() ((long)clock64())
+// a hint: bring the 128-byte line at p into L2 (no registers, nothing waits for it)
+DFN void kda_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
+#define PREFETCH_L2(p) kda_prefetch_l2((const void*)(p))
 
 template <int P>
 DFN void frag_mma(FragC& c, FragA<P>& a, FragB<P>& b) {

@@ -101,44 +101,121 @@ DFN void kda_tr_reduce(TH float* acc, int lane) {
   kda_tr_stage<1>(acc, lane);
 }
 
-// Diagonal 16x16 block at rows/cols base..base+15 of Aqk (t >= s) and Akk (t > s), columns
-// s1 and s2 = 15 - s1 (equal work), by one warp: lanes run over channels. Along a column the
-// decay exp(G_t - G_s) is the running product of exp(g_t) (sAe, each factor <= 1) from row s
-// down; the chains run a fixed 16 (s1) and 8 (s2 >= 8) rows, and rows past the block (read
-// from the neighbouring tiles) are discarded when storing. Rows are reduced across lanes.
+// Diagonal 16x16 blocks of Aqk (t >= s) and Akk (t > s) in 4x4 sub-tiles, a warp per task,
+// lanes over channels; each lane keeps its channel's few rows in registers, and the 32 sums
+// (16 of Aqk, 16 of Akk) are reduced across lanes in one transpose-reduction.
+// kda_diag_off: sub-tile (row sub-block ti > column sub-block sj) of the diagonal block at
+// `base`. Reference r = the last row of sub-block sj: k_s exp(G_r - G_s) (a running product of
+// exp(g), sAe, up from r) and x_t exp(G_t - G_r) (exp(G_{t0-1} - G_r), then a running product
+// down from t0): every exponent <= 0.
 template <int KD, int LDK_, int LDA_, typename PT>
-DFN void kda_diag_pair(PT sQ, PT sK, PT sAe, PT sA, PT sP, int base, int s1, int lane) {
-  const int s2 = 15 - s1;
-  float a1[32], a2[32];
+DFN void kda_diag_off(PT sQ, PT sK, PT sG, PT sAe, PT sA, PT sP, PT sBeta, int base, int ti,
+                      int sj, int lane) {
+  float acc[32];
   PRAGMA_UNROLL
-  for (int i = 0; i < 32; ++i) { a1[i] = 0.0f; a2[i] = 0.0f; }
+  for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+  const int r = base + 4 * sj + 3;
+  const int t0 = base + 4 * ti;
+  PRAGMA_UNROLL2   // (not 4: instruction footprint)
   for (int d = lane; d < KD; d += 32) {
-    float e = sK[(base + s1) * LDK_ + d];
+    float kb[4];
+    kb[3] = sK[r * LDK_ + d];
+    float e = sAe[r * LDK_ + d];
+    kb[2] = sK[(r - 1) * LDK_ + d] * e;
+    e *= sAe[(r - 1) * LDK_ + d];
+    kb[1] = sK[(r - 2) * LDK_ + d] * e;
+    e *= sAe[(r - 2) * LDK_ + d];
+    kb[0] = sK[(r - 3) * LDK_ + d] * e;
+    float a = ti == sj + 1 ? 1.0f : EXPF(sG[(t0 - 1) * LDK_ + d] - sG[r * LDK_ + d]);
     PRAGMA_UNROLL
-    for (int u = 0; u < 16; ++u) {
-      const int t = base + s1 + u;
-      if (u > 0) e *= sAe[t * LDK_ + d];
-      a1[u] += sQ[t * LDK_ + d] * e;
-      a1[16 + u] += sK[t * LDK_ + d] * e;
-    }
-    e = sK[(base + s2) * LDK_ + d];
-    PRAGMA_UNROLL
-    for (int u = 0; u < 8; ++u) {
-      const int t = base + s2 + u;
-      if (u > 0) e *= sAe[t * LDK_ + d];
-      a2[u] += sQ[t * LDK_ + d] * e;
-      a2[16 + u] += sK[t * LDK_ + d] * e;
+    for (int u = 0; u < 4; ++u) {
+      a *= sAe[(t0 + u) * LDK_ + d];
+      const float qa = sQ[(t0 + u) * LDK_ + d] * a;
+      const float ka = sK[(t0 + u) * LDK_ + d] * a;
+      PRAGMA_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        acc[u * 4 + v] += qa * kb[v];
+        acc[16 + u * 4 + v] += ka * kb[v];
+      }
     }
   }
-  kda_tr_reduce(a1, lane);
-  kda_tr_reduce(a2, lane);
-  // lane l: u = l % 16, Aqk (l < 16) or Akk (l >= 16); row s + u, or zero at row s + u - 16
-  const int u = lane & 15;
-  const bool is_k = lane >= 16;
+  kda_tr_reduce(acc, lane);
+  // lane l holds sum l: Aqk (l < 16) or Akk, row t0 + (l >> 2) % 4, column base + 4 sj + l % 4;
+  // Akk is stored as L = beta_t Akk
+  const int t = t0 + ((lane >> 2) & 3);
+  if (lane >= 16) {
+    sA[t * LDA_ + base + 4 * sj + (lane & 3)] = acc[0] * sBeta[t];
+  } else {
+    sP[t * LDA_ + base + 4 * sj + (lane & 3)] = acc[0];
+  }
+}
+
+// kda_diag_self2: two 4x4 sub-tiles on the diagonal (rows = columns = t0a.., t0b..), exp(G_t - G_s)
+// (t >= s, 3 rows at most) as products of exp(g). Sums i = 0..9: Aqk at (t, s) with t >= s,
+// i = 10..15: Akk at t > s (the tables below, 2 bits an entry); each lane also writes the zero
+// at the transposed place of the other matrix, which covers both upper triangles.
+#define KDA_SELF_T 0xfe9ffa94u
+#define KDA_SELF_S 0x910e4910u
+template <int KD, int LDK_, int LDA_, typename PT>
+DFN void kda_diag_self2(PT sQ, PT sK, PT sAe, PT sA, PT sP, PT sBeta, int t0a, int t0b, int lane) {
+  float acc[32];
+  PRAGMA_UNROLL
+  for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+  PRAGMA_UNROLL2
+  for (int d = lane; d < KD; d += 32) {
+    PRAGMA_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      const int t0 = hh == 0 ? t0a : t0b;
+      const float q0 = sQ[t0 * LDK_ + d], q1 = sQ[(t0 + 1) * LDK_ + d];
+      const float q2 = sQ[(t0 + 2) * LDK_ + d], q3 = sQ[(t0 + 3) * LDK_ + d];
+      const float k0 = sK[t0 * LDK_ + d], k1 = sK[(t0 + 1) * LDK_ + d];
+      const float k2 = sK[(t0 + 2) * LDK_ + d], k3 = sK[(t0 + 3) * LDK_ + d];
+      const float e1 = sAe[(t0 + 1) * LDK_ + d], e2 = sAe[(t0 + 2) * LDK_ + d];
+      const float e3 = sAe[(t0 + 3) * LDK_ + d];
+      const float k0e1 = k0 * e1, k1e2 = k1 * e2, k2e3 = k2 * e3;   // k_s exp(G_{s+1} - G_s)
+      const float k0e2 = k0e1 * e2, k1e3 = k1e2 * e3, k0e3 = k0e2 * e3;
+      const int o = 16 * hh;
+      acc[o + 0] += q0 * k0;
+      acc[o + 1] += q1 * k0e1;
+      acc[o + 2] += q1 * k1;
+      acc[o + 3] += q2 * k0e2;
+      acc[o + 4] += q2 * k1e2;
+      acc[o + 5] += q2 * k2;
+      acc[o + 6] += q3 * k0e3;
+      acc[o + 7] += q3 * k1e3;
+      acc[o + 8] += q3 * k2e3;
+      acc[o + 9] += q3 * k3;
+      acc[o + 10] += k1 * k0e1;
+      acc[o + 11] += k2 * k0e2;
+      acc[o + 12] += k2 * k1e2;
+      acc[o + 13] += k3 * k0e3;
+      acc[o + 14] += k3 * k1e3;
+      acc[o + 15] += k3 * k2e3;
+    }
+  }
+  kda_tr_reduce(acc, lane);
+  const int i = lane & 15;
+  const int t0 = lane < 16 ? t0a : t0b;
+  const int t = (int)((KDA_SELF_T >> (2 * i)) & 3u), s = (int)((KDA_SELF_S >> (2 * i)) & 3u);
+  const bool is_k = i >= 10;
   DEVP float* dst = is_k ? sA : sP;
-  const int t1 = s1 + u, t2 = s2 + u;
-  dst[(base + (t1 & 15)) * LDA_ + base + s1] = (t1 < 16 && !(is_k && u == 0)) ? a1[0] : 0.0f;
-  dst[(base + (t2 & 15)) * LDA_ + base + s2] = (t2 < 16 && !(is_k && u == 0)) ? a2[0] : 0.0f;
+  DEVP float* zer = is_k ? sP : sA;
+  dst[(t0 + t) * LDA_ + t0 + s] = is_k ? acc[0] * sBeta[t0 + t] : acc[0];   // L = beta_t Akk
+  zer[(t0 + s) * LDA_ + t0 + t] = 0.0f;
+}
+
+// x'[i] = x[(i + rot) % 8]: with rot = (lane / 4) % 8, the 8-channel groups of the chunk load
+// go to tile memory without bank conflicts (rows are 8 floats past a multiple of 32 apart)
+DFN void kda_rot8(TH float* x, int rot) {
+  float y[8];
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) y[i] = (rot & 1) ? x[(i + 1) & 7] : x[i];
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) x[i] = (rot & 2) ? y[(i + 2) & 7] : y[i];
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) y[i] = (rot & 4) ? x[(i + 4) & 7] : x[i];
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) x[i] = y[i];
 }
 
 DFN float kda_sigmoid(float x) { return 1.0f / (1.0f + EXPF(-x)); }
@@ -209,9 +286,10 @@ PREFILL_BODY = r"""
   const int c8 = (_tid % G8) * 8;          // chunk load: this thread's 8 channels (every row)
   const int ed = _tid % K;                 // elementwise passes: this thread's channel
   const int er = _tid / K;                 // ... and its first row (rows er, er+RS, ...)
+  const int rot = (_lane >> 2) & 7;        // chunk load: element order (see kda_rot8)
   float dtb[8];
   PRAGMA_UNROLL
-  for (int i = 0; i < 8; ++i) dtb[i] = dt_bias[h * K + c8 + i];
+  for (int i = 0; i < 8; ++i) dtb[i] = dt_bias[h * K + c8 + ((i + rot) & 7)];
 #ifdef KDA_PROF
   long _pt = KDA_CLOCK();
   float _pacc[16];
@@ -226,6 +304,7 @@ PREFILL_BODY = r"""
     const int r = idx / BV, c = idx % BV;
     sS[r * LDV + c] = HAS_INIT ? init_state[((long)(bb * Hn + h) * K + r) * V + v0 + c] : 0.0f;
   }
+  for (int idx = _tid; idx < BT * LDA; idx += NT) sP[idx] = 0.0f;
 
   const int nchunks = (L + BT - 1) / BT;
   int prev_t0 = 0, prev_lc = 0, next_t0 = 0, next_lc = 0;
@@ -274,15 +353,23 @@ PREFILL_BODY = r"""
         const int r = idx / BV, c = idx % BV;
         o[((long)(bb * L + prev_t0 + r) * Hn + h) * V + v0 + c] = static_cast<T>(sA[r * LDA + c]);
       }
+      PHASE(12);
       PRAGMA_UNROLL
       for (int j = 0; j < NG; ++j) {
         const int r = (_tid + j * NT) / G8;
+        float xq[8], xk[8], xf[8];
         float sq = 0.0f, sk = 0.0f;
         PRAGMA_UNROLL
         for (int i = 0; i < 8; ++i) {
-          sq += get8(rq[j], i) * get8(rq[j], i);
-          sk += get8(rk[j], i) * get8(rk[j], i);
+          xq[i] = get8(rq[j], i);
+          xk[i] = get8(rk[j], i);
+          xf[i] = get8(rf[j], i);
+          sq += xq[i] * xq[i];
+          sk += xk[i] * xk[i];
         }
+        kda_rot8(xq, rot);
+        kda_rot8(xk, rot);
+        kda_rot8(xf, rot);
         PRAGMA_UNROLL
         for (int m = 1; m < G8; m <<= 1) {
           sq += SHFL_XOR(sq, m);
@@ -292,17 +379,39 @@ PREFILL_BODY = r"""
         const float nk = RSQRTF(sk + 1e-6f);
         PRAGMA_UNROLL
         for (int i = 0; i < 8; ++i) {
-          sQ[r * LDK + c8 + i] = get8(rq[j], i) * nq;
-          sK[r * LDK + c8 + i] = get8(rk[j], i) * nk;
-          const float gv = r < Lc ? -a_h * kda_softplus(get8(rf[j], i) + dtb[i]) : 0.0f;
-          sG[r * LDK + c8 + i] = gv;
-          sE[r * LDK + c8 + i] = EXPF(gv);   // exp(g) for the diagonal blocks (sE/sF are free)
+          const int c = r * LDK + c8 + ((i + rot) & 7);
+          sQ[c] = xq[i] * nq;
+          sK[c] = xk[i] * nk;
+          const float gv = r < Lc ? -a_h * kda_softplus(xf[i] + dtb[i]) : 0.0f;
+          sG[c] = gv;
+          sE[c] = EXPF(gv);   // exp(g) for the diagonal blocks (sE/sF are free)
         }
       }
+      PHASE(13);
       if (_tid < BT) sBeta[_tid] = _tid < Lc ? kda_sigmoid(braw) : 0.0f;
     }
     BARRIER();
     PHASE(0);
+
+    // the next chunk's raw inputs to L2 now, so that its loads in P1 do not wait for memory
+    if (ch + 1 < nchunks) {
+      constexpr int EL = 128 / (int)sizeof(T);            // elements per 128-byte line
+      constexpr int NLK = (K + EL - 1) / EL, NLV = (BV + EL - 1) / EL;
+      const int n0 = t0 + BT;
+      const int nl = (L - n0) < BT ? (L - n0) : BT;
+      for (int idx = _tid; idx < nl * (3 * NLK + NLV + 1); idx += NT) {
+        const int r = idx % nl, w = idx / nl;
+        const long row = (long)(bb * L + n0 + r) * Hn + h;
+        if (w < 3 * NLK) {
+          const int a = w / NLK, ln = w % NLK;
+          PREFETCH_L2((a == 0 ? q_raw : (a == 1 ? k_raw : f)) + row * K + ln * EL);
+        } else if (w < 3 * NLK + NLV) {
+          PREFETCH_L2(v + row * V + v0 + (w - 3 * NLK) * EL);
+        } else {
+          PREFETCH_L2(b_raw + row);
+        }
+      }
+    }
 
     // P2: beta*v slice; in-chunk cumulative gate G (a thread per channel, loads first)
     PRAGMA_UNROLL
@@ -311,8 +420,12 @@ PREFILL_BODY = r"""
       if (gv < NV8) {
         const int r = gv / (BV / 8), c = (gv % (BV / 8)) * 8;
         const float be = sBeta[r];
+        float xv[8];
         PRAGMA_UNROLL
-        for (int i = 0; i < 8; ++i) sV[r * LDV + c + i] = get8(rv[j], i) * be;
+        for (int i = 0; i < 8; ++i) xv[i] = get8(rv[j], i);
+        kda_rot8(xv, rot);
+        PRAGMA_UNROLL
+        for (int i = 0; i < 8; ++i) sV[r * LDV + c + ((i + rot) & 7)] = xv[i] * be;
       }
     }
     if (_tid < K) {
@@ -339,14 +452,24 @@ PREFILL_BODY = r"""
     // per-thread references of its channel: R_0 = 0, R_i = G at row 16i-1 (R_4 = G_last)
     const float R1 = sR[ed], R2 = sR[K + ed], R3 = sR[2 * K + ed], R4 = sR[3 * K + ed];
 
-    // P3: diagonal 16x16 blocks of Akk and Aqk (a warp per block and column pair)
+    // P3: diagonal 16x16 blocks of Akk and Aqk in 4x4 sub-tiles: 24 tasks below the sub-tile
+    // diagonal, 8 tasks of two sub-tiles on it (their upper triangles are zeroed there; the
+    // sub-tiles above stay zero in sP from the start, and nothing reads them in sA)
     for (int task = _warp; task < 32; task += NW) {
-      kda_diag_pair<K, LDK, LDA>(sQ, sK, sE, sA, sP, (task >> 3) * 16, task & 7, _lane);
+      if (task < 24) {
+        const int p = task % 6;
+        kda_diag_off<K, LDK, LDA>(sQ, sK, sG, sE, sA, sP, sBeta, (task / 6) * 16,
+                                  (int)((0xfb9u >> (2 * p)) & 3u), (int)((0x940u >> (2 * p)) & 3u), _lane);
+      } else {
+        const int b = task - 24;   // diagonal sub-tiles 2b, 2b+1 (rows 8b.., 8b+4..)
+        kda_diag_self2<K, LDK, LDA>(sQ, sK, sE, sA, sP, sBeta, 8 * b, 8 * b + 4, _lane);
+      }
     }
     BARRIER();
     PHASE(2);
 
-    // P4: scaled operands. Row t of sub-block i: q*exp(G_t-R_i) (in place), k*exp(G_t-R_i) -> sG,
+    // P4: scaled operands. Row t of sub-block i: q*exp(G_t-R_i) (in place), beta*k*exp(G_t-R_i) -> sG
+    // (so that the products below give L = diag(beta) Akk directly),
     // k*exp(R_{i+1}-G_t) -> sK: every exponent <= 0. Blocks two or three apart need the
     // k rows moved to a later reference, by exp(R_i - R_{j+1}) <= 1: copies in sE (over exp(g)).
     {
@@ -363,7 +486,7 @@ PREFILL_BODY = r"""
           const float kk = sK[t * LDK + ed];
           const float kb = kk * EXPF(Rn - gt);
           sQ[t * LDK + ed] *= e0;
-          sG[t * LDK + ed] = kk * e0;
+          sG[t * LDK + ed] = kk * e0 * sBeta[t];
           sK[t * LDK + ed] = kb;
           if (blk == 0) {
             sE[t * LDK + ed] = kb * f21;              // rows 0-15: block 0 at R_2
@@ -378,100 +501,125 @@ PREFILL_BODY = r"""
 
     // P5: all blocks below the diagonal in one phase: (row block i, column block j) from the
     // k rows of block j at reference R_i (sK for j = i-1, the sE copies otherwise)
-    {
-      DEVP float* Bt[6] = {sK, sK + 16 * LDK, sK + 32 * LDK, sE, sE + 32 * LDK, sE + 16 * LDK};
-      const int bi[6] = {1, 2, 3, 2, 3, 3};
-      const int bj[6] = {0, 1, 2, 0, 1, 0};
-      PRAGMA_UNROLL
-      for (int pr = 0; pr < 6; ++pr) {
-        gemm_job<PI, 1, false, true, 0, 0, false, false>(_warp, NW, 4 * pr, sG + bi[pr] * 16 * LDK, LDK,
-            Bt[pr], LDK, 16, 16, K, sA, LDA, 1.0f, sA + bi[pr] * 16 * LDA + bj[pr] * 16, LDA, 1.0f);
-        gemm_job<PI, 1, false, true, 0, 0, false, false>(_warp, NW, 4 * pr + 2, sQ + bi[pr] * 16 * LDK, LDK,
-            Bt[pr], LDK, 16, 16, K, sP, LDA, 1.0f, sP + bi[pr] * 16 * LDA + bj[pr] * 16, LDA, 1.0f);
-      }
+    // (one code path for all 12 products: the loop body is long, and fewer inlined copies keep
+    // the kernel's instruction footprint down)
+    for (int task = _warp; task < 12; task += NW) {
+      const int pr = task >> 1;
+      const int bi = (int)((0xfb9u >> (2 * pr)) & 3u), bj = (int)((0x124u >> (2 * pr)) & 3u);
+      DEVP float* Bt = pr < 3 ? sK + pr * 16 * LDK : sE + (pr == 3 ? 0 : (pr == 4 ? 32 : 16)) * LDK;
+      DEVP float* Am = (task & 1) ? sQ : sG;
+      DEVP float* Cm = (task & 1) ? sP : sA;
+      gemm_job<PI, 2, false, true, 0, 0, false, false>(0, 1, 0, Am + bi * 16 * LDK, LDK, Bt, LDK,
+          16, 16, K, Cm, LDA, 1.0f, Cm + bi * 16 * LDA + bj * 16, LDA, 1.0f);
     }
     BARRIER();
     PHASE(4);
 
-    // P6: k rows to the last reference (exp(G_last - G) k), Gamma*q, beta*Gamma*k (exp(R_i) <= 1),
-    // and L = diag(beta) Akk below the diagonal
-    {
-      const float l0 = EXPF(R4 - R1), l1 = EXPF(R4 - R2), l2 = EXPF(R4 - R3);
-      PRAGMA_UNROLL
-      for (int blk = 0; blk < 4; ++blk) {
-        const float eR = blk == 0 ? 1.0f : EXPF(blk == 1 ? R1 : (blk == 2 ? R2 : R3));
-        const float lf = blk == 0 ? l0 : (blk == 1 ? l1 : l2);
-        PRAGMA_UNROLL
-        for (int jj = 0; jj < 16 / RS; ++jj) {
-          const int t = blk * 16 + er + jj * RS;
-          if (blk < 3) sK[t * LDK + ed] *= lf;
-          sQ[t * LDK + ed] *= eR;
-          sG[t * LDK + ed] *= eR * sBeta[t];
-        }
-      }
-      PRAGMA_UNROLL
-      for (int j = 0; j < BT * BT / NT; ++j) {
-        const int idx = _tid + j * NT;
-        const int t = idx / BT, s = idx % BT;
-        if (s < t) sA[t * LDA + s] *= sBeta[t];
-      }
-    }
-    BARRIER();
-    PHASE(5);
 
-    // P11..P15: M = (I + L)^-1. With D = the inverses of the diagonal 16x16 blocks and
-    // E = D L (strictly block-lower, E^4 = 0): M = (I - E + E^2 - E^3) D, i.e. D on the
-    // diagonal blocks and -E (I + R2) D below them, R2 = -E + E^2; every warp takes part.
-    // P11: D by warps 0-1 (a lane per column), while the other warps do the products that need
-    // only the old state: Y = beta*V - (beta*Gamma*k) S (in place in sV), O1 = (Gamma*q) S (in
-    // place over sQ).
-    if (_warp < 2) {
-      const int base = (_warp * 2 + (_lane >> 4)) * 16;
-      const int c = _lane & 15;
+    // P11..P14: M = (I + L)^-1. With D = the inverses of the diagonal 16x16 blocks and
+    // E = D L (strictly block-lower, E^4 = 0): M = (I - E + E^2 - E^3) D, in two rounds of
+    // 16x16 block products after D and E (P13, P14).
+    // P11: D and E by block forward substitution, (I + L_ii) X = I or L_ij, a lane per column
+    // (warps 0-4: 10 half-warp jobs), while the other warps do the products that need only the
+    // old state: Y = beta*V - (beta*Gamma*k) S (in place in sV), O1 = (Gamma*q) S (in place over
+    // sQ). D waits in sU (free until P19) for the barrier, as other lanes still read L_ii; E goes
+    // to the blocks of sE below the diagonal (nothing reads the others).
+    constexpr int NSUB = NW >= 16 ? 5 : 0;   // warps that only substitute (small blocks: all warps do both)
+    for (int slot = _warp; slot < 5; slot += NW) {
+      const int job = 2 * slot + (_lane >> 4), c = _lane & 15;
+      // jobs 0-3: D_i; 4-9: E_ij, (i, j) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2)
+      const int pj = job < 4 ? 0 : job - 4;
+      const int bi = job < 4 ? job : (int)((0xfb9u >> (2 * pj)) & 3u);
+      const int bj = job < 4 ? job : (int)((0x940u >> (2 * pj)) & 3u);
       float n[16];
       PRAGMA_UNROLL
       for (int r = 0; r < 16; ++r) {
-        float acc = 0.0f;
+        float acc = job < 4 ? (r == c ? 1.0f : 0.0f) : sA[(bi * 16 + r) * LDA + bj * 16 + c];
         PRAGMA_UNROLL
-        for (int m = 0; m < r; ++m) acc += sA[(base + r) * LDA + base + m] * n[m];
-        n[r] = r < c ? 0.0f : (r == c ? 1.0f : -acc);
+        for (int m = 0; m < r; ++m) acc -= sA[(bi * 16 + r) * LDA + bi * 16 + m] * n[m];
+        n[r] = acc;
       }
-      WARP_SYNC();
-      PRAGMA_UNROLL
-      for (int r = 0; r < 16; ++r) sA[(base + r) * LDA + base + c] = n[r];
-    } else {
-      gemm_job<PS, 2, false, false, 0, 0, true, false>(_warp - 2, NW - 2, 0, sG, LDK, sS, LDV,
-          BT, BV, K, sV, LDV, -1.0f, sV, LDV, -1.0f);
-      // one task per row block covers all BV columns, so writing O1 over those rows of sQ is safe
-      gemm_job<PS, BV / 8, false, false, 0, 0, false, false>(_warp - 2, NW - 2, (BT / 16) * (BV / 16),
-          sQ, LDK, sS, LDV, BT, BV, K, sQ, LDK, 1.0f, sQ, LDK, 1.0f);
+      if (job < 4) {
+        PRAGMA_UNROLL
+        for (int r = 0; r < 16; ++r) sU[(bi * 16 + r) * LDV + c] = n[r];
+      } else {
+        PRAGMA_UNROLL
+        for (int r = 0; r < 16; ++r) sE[(bi * 16 + r) * LDA + bj * 16 + c] = n[r];
+      }
+    }
+    if (_warp >= NSUB) {
+      // a warp per (row block i, product): first the rows to the chunk start, by exp(R_i) <= 1
+      // (R_0 = 0): Gamma*q, beta*Gamma*k; then Y = beta*V - (beta*Gamma*k) S or O1 = (Gamma*q) S
+      for (int task = _warp - NSUB; task < 2 * (BT / 16); task += NW - NSUB) {
+        const int i = task >> 1;
+        DEVP float* X = (task & 1) ? sQ : sG;
+        if (i > 0) {
+          for (int d = _lane; d < K; d += 32) {
+            const float e = EXPF(sR[(i - 1) * K + d]);
+            PRAGMA_UNROLL
+            for (int r = 0; r < 16; ++r) X[(i * 16 + r) * LDK + d] *= e;
+          }
+          WARP_SYNC();
+        }
+        if (task & 1) {   // all BV columns in one task, so O1 can go over those rows of sQ
+          gemm_job<PS, BV / 8, false, false, 0, 0, false, false>(0, 1, 0, sQ + i * 16 * LDK, LDK, sS, LDV,
+              16, BV, K, sQ + i * 16 * LDK, LDK, 1.0f, sQ + i * 16 * LDK, LDK, 1.0f);
+        } else {
+          gemm_job<PS, BV / 8, false, false, 0, 0, true, false>(0, 1, 0, sG + i * 16 * LDK, LDK, sS, LDV,
+              16, BV, K, sV + i * 16 * LDV, LDV, -1.0f, sV + i * 16 * LDV, LDV, -1.0f);
+        }
+      }
     }
     BARRIER();
     PHASE(6);
-    // P12: E = D L   (D: diagonal blocks of sA, L: the blocks below them)
-    gemm_job<PI, 1, false, false, 3, 2, false, false>(_warp, NW, 0, sA, LDA, sA, LDA,
-        BT, BT, BT, sE, LDA, 1.0f, sE, LDA, 1.0f);
-    BARRIER();
-    // P13: R2 = E E - E
-    gemm_job<PI, 1, false, false, 2, 2, true, false>(_warp, NW, 0, sE, LDA, sE, LDA,
-        BT, BT, BT, sE, LDA, -1.0f, sF, LDA, 1.0f);
-    BARRIER();
-    // P14: W = (I + R2) D over sF: below the diagonal R2 D (a task per 16x16 tile, in place),
-    // the diagonal blocks D copied from sA
-    gemm_job<PI, 2, false, false, 0, 3, false, true>(_warp, NW, 0, sF, LDA, sA, LDA,
-        BT, BT, BT, sF, LDA, 1.0f, sF, LDA, 1.0f);
-    PRAGMA_UNROLL
-    for (int j = 0; j < 4 * 256 / NT + (4 * 256 % NT ? 1 : 0); ++j) {
-      const int idx = _tid + j * NT;
-      if (idx < 4 * 256) {
-        const int bi = idx >> 8, r = (idx >> 4) & 15, c = idx & 15;
-        sF[(bi * 16 + r) * LDA + bi * 16 + c] = sA[(bi * 16 + r) * LDA + bi * 16 + c];
-      }
+    // with PF, the next chunk's loads go out here (this chunk's raw values were used in P1-P2)
+    // and arrive while the inverse, U and the state update run
+    if (PF && ch + 1 < nchunks) {
+      next_t0 = t0 + BT;
+      next_lc = (L - next_t0) < BT ? (L - next_t0) : BT;
+      KDA_ISSUE_LOADS(next_t0, next_lc);
+    }
+    // P13: the products of the inverse that need only D and E, X_ij = E_ij D_j (below the
+    // diagonal, into sF) and Z = E_32 E_21 (into sF's free block (0,1)); a warp per product
+    for (int task = _warp; task < 7; task += NW) {
+      const int xi = task < 6 ? (int)((0xfb9u >> (2 * task)) & 3u) : 0;
+      const int xj = task < 6 ? (int)((0x940u >> (2 * task)) & 3u) : 1;
+      DEVP float* Am = task < 6 ? sE + xi * 16 * LDA + xj * 16 : sE + 48 * LDA + 32;
+      DEVP float* Bm = task < 6 ? sU + xj * 16 * LDV : sE + 32 * LDA + 16;
+      gemm_job<PI, 2, false, false, 0, 0, false, false>(0, 1, 0, Am, LDA, Bm, task < 6 ? LDV : LDA,
+          16, 16, 16, sF, LDA, 1.0f, sF + xi * 16 * LDA + xj * 16, LDA, 1.0f);
     }
     BARRIER();
-    // P15: M below the diagonal blocks = -E W = (-E + E^2 - E^3) D (the diagonal blocks are D)
-    gemm_job<PI, 1, false, false, 2, 1, false, true>(_warp, NW, 0, sE, LDA, sF, LDA,
-        BT, BT, BT, sA, LDA, 1.0f, sA, LDA, -1.0f);
+    // P14: M = (I - E + E^2 - E^3) D by blocks: M_ii = D_i, M_10 = -X_10, M_21 = -X_21,
+    // M_32 = -X_32, M_20 = -X_20 + E_21 X_10, M_31 = -X_31 + E_32 X_21,
+    // M_30 = -X_30 + E_31 X_10 + E_32 X_20 - Z X_10 (three products in a row on one warp)
+    {
+      DEVP float* X10 = sF + 16 * LDA;
+      DEVP float* M30 = sA + 48 * LDA;
+      if (_warp < 3) {
+        for (int step = 0; step < (_warp == 2 ? 3 : 1); ++step) {
+          // warp 0: M_20; warp 1: M_31; warp 2: M_30 in three steps
+          const int w = _warp + step;   // 0, 1, then 2, 3, 4
+          DEVP float* Am = w == 0 ? sE + 32 * LDA + 16 : (w == 1 || w == 3 ? sE + 48 * LDA + 32
+                           : (w == 2 ? sE + 48 * LDA + 16 : sF + 16));
+          DEVP float* Bm = w == 1 ? sF + 32 * LDA + 16 : (w == 3 ? sF + 32 * LDA : X10);
+          DEVP float* Ci = w == 0 ? sF + 32 * LDA : (w == 1 ? sF + 48 * LDA + 16 : (w == 2 ? sF + 48 * LDA : M30));
+          DEVP float* Co = w == 0 ? sA + 32 * LDA : (w == 1 ? sA + 48 * LDA + 16 : M30);
+          gemm_job<PI, 2, false, false, 0, 0, true, false>(0, 1, 0, Am, LDA, Bm, LDA, 16, 16, 16,
+              Ci, LDA, w == 3 ? 1.0f : -1.0f, Co, LDA, w == 4 ? -1.0f : 1.0f);
+          WARP_SYNC();
+        }
+      }
+      for (int idx = _tid; idx < 7 * 256; idx += NT) {
+        const int z = idx >> 8, r = (idx >> 4) & 15, c = idx & 15;
+        if (z < 4) {
+          sA[(z * 16 + r) * LDA + z * 16 + c] = sU[(z * 16 + r) * LDV + c];
+        } else {
+          const int zz = z - 3;   // blocks (1,0), (2,1), (3,2)
+          sA[(zz * 16 + r) * LDA + (zz - 1) * 16 + c] = -sF[(zz * 16 + r) * LDA + (zz - 1) * 16 + c];
+        }
+      }
+    }
     BARRIER();
     PHASE(7);
 
@@ -482,19 +630,23 @@ PREFILL_BODY = r"""
       const int r = idx / BV, c = idx % BV;
       sS[r * LDV + c] *= sGam[r];
     }
+    // k rows of block b to the last reference: exp(G_last - G) k = exp(R_4 - R_{b+1}) (k exp(R_{b+1} - G))
+    {
+      const float Rl = sR[3 * K + ed];
+      PRAGMA_UNROLL
+      for (int blk = 0; blk < 3; ++blk) {
+        const float lf = EXPF(Rl - sR[blk * K + ed]);
+        PRAGMA_UNROLL
+        for (int jj = 0; jj < 16 / RS; ++jj) sK[(blk * 16 + er + jj * RS) * LDK + ed] *= lf;
+      }
+    }
     BARRIER();
     PHASE(9);
 
-    // P20: O = O1 + Aqk U (staged in sA); S += (exp(G_last-G) k)^T U; with PF the next chunk's
-    // loads go out first and arrive during this phase
-    if (PF && ch + 1 < nchunks) {
-      next_t0 = t0 + BT;
-      next_lc = (L - next_t0) < BT ? (L - next_t0) : BT;
-      KDA_ISSUE_LOADS(next_t0, next_lc);
-    }
+    // P20: O = O1 + Aqk U (staged in sA); S += (exp(G_last-G) k)^T U
     gemm_job<PS, 2, false, false, 1, 0, true, false>(_warp, NW, 0, sP, LDA, sU, LDV,
         BT, BV, BT, sQ, LDK, 1.0f, sA, LDA, 1.0f);
-    gemm_job<PS, 2, true, false, 0, 0, true, false>(_warp, NW, (BT / 16) * (BV / 16), sK, LDK, sU, LDV,
+    gemm_job<PS, BV / 8, true, false, 0, 0, true, false>(_warp, NW, (BT / 16) * (BV / 16), sK, LDK, sU, LDV,
         K, BV, BT, sS, LDV, 1.0f, sS, LDV, 1.0f);
     BARRIER();
     PHASE(10);

@@ -131,6 +131,8 @@ def gates_mx(raw, A_log, dtb):
 def correctness(dev, naive_recurrent_kda):
     H, K, V = 4, 128, 128
     lengths = [1, 63, 64, 65, 1000, 4096, 16384] if not ARGS.dry_run else [1, 63, 65, 130]
+    if ARGS.lengths:
+        lengths = [int(x) for x in ARGS.lengths.split(",")]
     batches = [1, 3]
     extra = [(1000, 1, True, "slow"), (16384, 1, True, "slow")] if not ARGS.dry_run else [(130, 1, True, "slow")]
     cases = [(L, B, init, "fla") for L in lengths for B in batches for init in (False, True)] + extra
@@ -294,6 +296,10 @@ def bench(dev, fla):
                 ("BV=16 NT=512 PF=0", "16", None, "512", "0"),
                 ("BV=16 NT=256 PF=1", "16", None, "256", "1"),
                 ("BV=32 NT=512 state tf32x3", "32", "0,1", "512", "0")]
+    if ARGS.variants:  # e.g. "32:512:0,32:512:1": BV:NT:PF
+        variants = [("auto", None, None, None, None)] + [
+            (f"BV={b} NT={n} PF={f}", b, None, n, f)
+            for b, n, f in (v.split(":") for v in ARGS.variants.split(","))]
     for name, bv, prec, nt, pf in variants:
         for key, val in (("KIMI_MLX_KDA_BV", bv), ("KIMI_MLX_KDA_PREC", prec), ("KIMI_MLX_KDA_NT", nt),
                          ("KIMI_MLX_KDA_PF", pf)):
@@ -319,27 +325,31 @@ def bench(dev, fla):
     os.environ.pop("KIMI_MLX_KDA_PF", None)
 
     # where the time goes: per-phase clock counts of thread 0, averaged over threadgroups
-    if not ARGS.dry_run:
-        names = ["P1 load+norm+gate", "P2 v, cumsum", "P3 diag blocks", "P4 scaled operands",
-                 "P5-10 offdiag mma", "P5-10 stage rescale", "P11 D | Y, O1, loads", "P12-15 M",
-                 "-", "P19 U=MY", "P20 O, S update", "tail store"]
-        for bv, nt in (("32", "256"), ("32", "512"), ("16", "512")):
+    if not ARGS.dry_run and not ARGS.no_profile:
+        names = ["P1 load+norm+gate", "P2 prefetch, v, cumsum", "P3 diag blocks", "P4 scaled operands",
+                 "P5 offdiag mma", "-", "P11 D, E | rescale, Y, O1", "P13-14 M",
+                 "-", "P19 U=MY, rescale", "P20 O, S update", "tail store",
+                 "P1a o store", "P1b loads, norm, gate, tile stores"]   # P1 = P1a + P1b + rest
+        for spec in (ARGS.profiles or "32:512:0,32:512:1,32:256:1").split(","):
+            bv, nt, pf = (spec.split(":") + ["1"])[:3]
             os.environ["KIMI_MLX_KDA_BV"] = bv
             os.environ["KIMI_MLX_KDA_NT"] = nt
+            os.environ["KIMI_MLX_KDA_PF"] = pf
             try:
                 o, S, pr = mk._prefill(raw_mx["q_raw"], raw_mx["k_raw"], raw_mx["v"], raw_mx["f"],
                                        dtb_mx, A_mx, raw_mx["b_raw"], None, prof=True)
                 mx.eval(o, S, pr)
                 p = np.array(pr).mean(0)
                 nch = math.ceil(T / 64)
-                res[f"profile BV={bv} NT={nt}"] = {n: float(p[i] / nch) for i, n in enumerate(names)}
-                log(f"profile BV={bv} NT={nt} (cycles per chunk, thread 0):",
-                    {n: int(p[i] / nch) for i, n in enumerate(names)}, "total", int(p[:12].sum() / nch))
+                res[f"profile BV={bv} NT={nt} PF={pf}"] = {n: float(p[i] / nch) for i, n in enumerate(names)}
+                log(f"profile BV={bv} NT={nt} PF={pf} (cycles per chunk, thread 0):",
+                    {n: int(p[i] / nch) for i, n in enumerate(names)}, "total", int(p[:14].sum() / nch))
             except Exception as e:  # noqa: BLE001
-                res[f"profile BV={bv} NT={nt}"] = dict(error=repr(e)[:1500])
+                res[f"profile BV={bv} NT={nt} PF={pf}"] = dict(error=repr(e)[:1500])
                 log(traceback.format_exc())
         os.environ.pop("KIMI_MLX_KDA_BV", None)
         os.environ.pop("KIMI_MLX_KDA_NT", None)
+        os.environ.pop("KIMI_MLX_KDA_PF", None)
         save()
 
     # FLA chunk_kda: fused gate / norm / sigmoid in kernel (like ours), and pre-gated inputs
@@ -383,7 +393,7 @@ def bench(dev, fla):
         gamma = mx.exp(g.mean(-1)).astype(mx.bfloat16)
         qb, kb, bb = q.astype(mx.bfloat16), k.astype(mx.bfloat16), beta.astype(mx.bfloat16)
         mx.eval(gamma, qb, kb, bb)
-        Ts = [1024, T] if not ARGS.dry_run else [64]
+        Ts = ([1024, T] if not ARGS.full_builtin_off else [1024]) if not ARGS.dry_run else [64]
         for Tg in Ts:
             fn = lambda: mx.fast.gated_delta_update(qb[:, :Tg], kb[:, :Tg], raw_mx["v"][:, :Tg],  # noqa: E731
                                                      gamma[:, :Tg], bb[:, :Tg])
@@ -395,7 +405,7 @@ def bench(dev, fla):
             ms = t_mlx(fn, reps=reps, warm=0)
             res[f"mlx gated_delta_update T={Tg}"] = dict(ms=ms, tok_per_s=B * Tg / ms * 1e3)
             log(f"mx.fast.gated_delta_update T={Tg}: {ms:.3f} ms")
-            if ms > 2000:  # too slow to repeat at full length: extrapolate per token instead
+            if ms > 2000 and Tg < T:  # too slow to repeat at full length: extrapolate per token instead
                 res[f"mlx gated_delta_update T={T} (extrapolated)"] = dict(ms=ms * T / Tg, tok_per_s=B * Tg / ms * 1e3)
                 break
     except Exception as e:  # noqa: BLE001
@@ -535,6 +545,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: correctness,decode,bench")
+    ap.add_argument("--lengths", default="", help="correctness lengths (default: the issue's list)")
+    ap.add_argument("--variants", default="", help="timed kernel variants BV:NT:PF,... (tuning)")
+    ap.add_argument("--profiles", default="", help="profiled variants BV:NT,... (tuning)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-phase clock profile")
+    ap.add_argument("--full-builtin-off", action="store_true",
+                    help="time mx.fast.gated_delta_update at T=1024 only (tuning runs)")
     ARGS = ap.parse_args()
     skip = set(filter(None, ARGS.skip.split(",")))
     dev = "cpu" if ARGS.dry_run else "cuda"
