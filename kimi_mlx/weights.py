@@ -256,11 +256,13 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], source: di
 
 
 def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | None = None,
-               context_tokens: int | None = None):
+               context_tokens: int | None = None, cpu_fast_path: bool | None = None):
     """Load a Kimi-Linear model directory (published HF layout, or our / mlx-lm converted layout).
 
     context_tokens: if given, first check that the weights (their size on disk) plus the cache for
     that many tokens fit this machine; raises planner.PlanError (a ValueError) before reading any weights.
+    cpu_fast_path: None (default) enables kimi_mlx.ops.cpu_fast on the CPU backend when it is faster
+    (see cpu_fast_path_wanted; KIMI_MLX_CPU_FAST=off disables it); False never, True always.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -283,6 +285,12 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
         mx.eval(model.parameters())
     model.eval()
     model.model_dir = model_dir
+    from .ops import cpu_fast
+
+    if cpu_fast_path is None:
+        cpu_fast.auto_enable_cpu_fast_path(model)
+    elif cpu_fast_path:
+        cpu_fast.enable_cpu_fast_path(model, force=True)
     return model
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from kimi_mlx.model.switch import SwitchGLU
-from kimi_mlx.ops.cpu_fast import (CPULinear, CPUQuantizedLinear, CPUSwitchGLU, dequantize_fp32,
-                                   disable_cpu_fast_path, enable_cpu_fast_path, switch_glu_blocks,
-                                   switch_glu_reference)
+from kimi_mlx.ops import cpu_fast
+from kimi_mlx.ops.cpu_fast import (LINEAR_MIN_ROWS, SWITCH_MIN_PAIRS, CPULinear, CPUQuantizedLinear, CPUSwitchGLU,
+                                   cpu_fast_path_wanted, dequantize_fp32, disable_cpu_fast_path,
+                                   enable_cpu_fast_path, switch_glu_blocks, switch_glu_reference)
 
 ROWS = [1, 7, 16, 33, 100]
 
@@ -149,6 +150,73 @@ def test_enable_and_disable_swap_classes():
     assert type(model.layers[0]) is nn.QuantizedLinear and type(model.layers[2]) is SwitchGLU
 
 
+# odd shapes: widths that are no multiple of anything, rows at the thresholds, experts left idle,
+# a mix of quantized and dense experts (the down projection's width 72 doesn't divide by 32)
+@pytest.mark.parametrize("rows", [LINEAR_MIN_ROWS - 1, LINEAR_MIN_ROWS, 13])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (2, 32), (3, 64)])
+def test_quantized_linear_odd(rows, bits, group_size):
+    q = _quantized_linear(192, 53, True, group_size=group_size, bits=bits)
+    x = mx.random.normal((1, rows, 192), key=mx.random.key(rows))
+    plain = q(x)
+    q.__class__ = CPUQuantizedLinear
+    fast = q(x)
+    assert fast.shape == (1, rows, 53)
+    close(fast, plain, 1e-4)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1), (5, 3), (21, 3), (SWITCH_MIN_PAIRS // 4, 4), (37, 5)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_switch_glu_odd(rows, k, quantized):
+    glu = _glu(quantized, E=7, D=96, F=72)
+    if quantized:
+        assert "scales" in glu.gate_proj and "scales" not in glu.down_proj  # mixed
+    x = mx.random.normal((1, rows, 96), key=mx.random.key(rows))
+    idx = _route((1, rows), 7, k)
+    ref = switch_glu_reference(glu, x, idx)
+    glu.__class__ = CPUSwitchGLU
+    out = glu(x, idx)
+    assert out.shape == (1, rows, k, 96)
+    close(out, ref, 1e-4)
+
+
+# ---------------------------------------------------------------------------
+# automatic switch in load_model
+# ---------------------------------------------------------------------------
+def test_wanted_env_and_blas(monkeypatch):
+    from kimi_mlx import _blas
+
+    monkeypatch.setenv(cpu_fast.ENV_VAR, "off")
+    assert cpu_fast_path_wanted()[0] is False
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return
+    monkeypatch.setenv(cpu_fast.ENV_VAR, "on")
+    assert cpu_fast_path_wanted()[0] is True
+    monkeypatch.delenv(cpu_fast.ENV_VAR)
+    monkeypatch.setattr(_blas, "blas_info", lambda: {"loaded": True})
+    assert cpu_fast_path_wanted() == (True, "CPU with an optimized BLAS")
+    monkeypatch.setattr(_blas, "blas_info", lambda: {"loaded": False})
+    assert cpu_fast_path_wanted(_glu(True))[0] is False  # reference BLAS: not faster
+    assert cpu_fast_path_wanted(_glu(False, mx.bfloat16))[0] is True  # the plain path can't run these
+
+
+def test_load_model_enables_it(monkeypatch):
+    from helpers import MODELS
+
+    from kimi_mlx import load_model
+
+    monkeypatch.setenv(cpu_fast.ENV_VAR, "on")
+    model = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert model.cpu_fast_path.enabled and model.cpu_fast_path.swapped.get("CPUSwitchGLU")
+        assert any(isinstance(m, CPUSwitchGLU) for _, m in model.named_modules())
+    monkeypatch.setenv(cpu_fast.ENV_VAR, "off")
+    model = load_model(MODELS / "tiny_grouped")
+    assert not model.cpu_fast_path.enabled
+    assert not any(isinstance(m, (CPUSwitchGLU, CPULinear)) for _, m in model.named_modules())
+    assert not any(isinstance(m, CPUSwitchGLU) for _, m in load_model(MODELS / "tiny_grouped", cpu_fast_path=False)
+                   .named_modules())
+
+
 # ---------------------------------------------------------------------------
 # whole model
 # ---------------------------------------------------------------------------
@@ -159,7 +227,7 @@ def tiny_quantized():
 
     from kimi_mlx import load_model
 
-    model = load_model(MODELS / "tiny_grouped")
+    model = load_model(MODELS / "tiny_grouped", cpu_fast_path=False)  # the plain path first
     # tiny widths: group size 32 where the input width divides, the rest stays fp32
     nn.quantize(model, group_size=32, bits=4,
                 class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0
@@ -200,12 +268,47 @@ def test_bf16_model_runs_on_cpu():
     from mlx.utils import tree_map
 
     # reference: the same bf16-rounded weights, run in fp32 (rounding alone moves these logits a lot)
-    ref = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16)
+    ref = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16, cpu_fast_path=False)
     ref.update(tree_map(lambda a: a.astype(mx.float32), ref.parameters()))
-    model = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16)
+    model = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16)  # the fast path comes on by itself
     enable_cpu_fast_path(model)
     ids = mx.array(np.random.default_rng(1).integers(0, 640, (1, 24)))
     close(model(ids), ref(ids), 5e-2)
     cache = model.make_cache()  # prefill, then decode steps (few rows: the bf16 matmuls)
     outs = [model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 24)]
     close(mx.concatenate(outs, axis=1), ref(ids), 5e-2)
+
+
+def test_cached_latents_keep_model_dtype():
+    # the fast path computes in fp32, but the layer whose output is cached returns the model's dtype:
+    # a bf16 model keeps a bf16 MLA cache (half the bytes)
+    from helpers import MODELS
+
+    from kimi_mlx import load_model
+
+    model = load_model(MODELS / "tiny_grouped", dtype=mx.bfloat16, cpu_fast_path=True)
+    cache = model.make_cache()
+    ids = mx.array(np.random.default_rng(2).integers(0, 640, (1, 20)))
+    model(ids, cache=cache)
+    model(ids[:, :1], cache=cache)
+    pages = [c.pages[0] for c in cache if hasattr(c, "pages")]
+    assert pages and all(p.dtype == mx.bfloat16 for p in pages)
+
+
+@pytest.mark.parametrize("mode,bits", [("affine", 4), ("mxfp4", 4)])
+def test_keep_dtype_layer(mode, bits):
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kv_a_proj_with_mqa = nn.Linear(64, 24, bias=False)
+
+    m = Attn()
+    m.kv_a_proj_with_mqa.weight = m.kv_a_proj_with_mqa.weight.astype(mx.bfloat16)
+    nn.quantize(m, group_size=32, bits=bits, mode=mode)
+    x = mx.random.normal((2, 9, 64))
+    plain = m.kv_a_proj_with_mqa(x)
+    enable_cpu_fast_path(m, force=True)
+    assert m.kv_a_proj_with_mqa.keep_dtype
+    out = m.kv_a_proj_with_mqa(x)
+    assert out.dtype == (mx.bfloat16 if mode == "affine" else mx.float32)  # no float scales: x's dtype
+    close(out, plain, 2e-2)

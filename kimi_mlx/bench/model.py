@@ -16,6 +16,14 @@ Prefill runs in chunks of --step tokens (2048, mlx-lm's default too), evaluating
 after each chunk. Decode times --decode-tokens greedy steps at that depth (median), with the
 implementations' steps interleaved so that load from other processes hits them alike. Peak
 memory = the model's weights + the largest extra active memory during its prefill.
+
+Before timing, both models are built in fp32 and their logits compared (`checks` in the JSON: the
+same weights give ~1e-6 relative). Where a full prefill is too slow (--max-prefill impl=N) or would
+not fit in memory, decode is measured on a synthetic cache of that depth (a short real prefill, then
+random latent rows: decode cost doesn't depend on their values) and the prefill is estimated
+(`estimate()`: a real --probe-tokens chunk timed at the full depth, a fit through measured lengths, or
+for plain mlx-lm its measured per-token excess over mlx-lm+fast); estimates are marked `~`.
+`--tiny` shrinks the widths for smoke tests.
 """
 from __future__ import annotations
 
@@ -40,9 +48,19 @@ IMPLS = ("ours", "ours-plain", "mlx-lm", "mlx-lm+fast")
 DTYPES = ("fp32", "bf16", "q4")
 
 
-def slice_config(layers: int = 4, experts: int = 16, vocab: int = 8192) -> dict:
+def slice_config(layers: int = 4, experts: int = 16, vocab: int = 8192, tiny: bool = False) -> dict:
     """Published-style config.json of the slice: MLA every 4th layer (as in the real model), the
-    rest KDA, layer 0 dense."""
+    rest KDA, layer 0 dense. tiny: small widths (hidden 128, 2 heads of 64) for smoke tests."""
+    c = _slice_config(layers, experts, vocab)
+    if tiny:
+        c.update(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2,
+                 kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=48,
+                 moe_intermediate_size=64, num_experts_per_token=min(2, experts))
+        c["linear_attn_config"].update(head_dim=64, num_heads=2)
+    return c
+
+
+def _slice_config(layers: int, experts: int, vocab: int) -> dict:
     mla = [i for i in range(1, layers + 1) if i % 4 == 0] or [layers]
     return {
         "architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear", "dtype": "bfloat16",
@@ -142,10 +160,18 @@ def _cast(weights: dict, dtype) -> dict:
     return {k: (v if k.endswith(_FP32_NAMES) else v.astype(dtype)) for k, v in weights.items()}
 
 
+# MLA's up-projection: ours keeps it as one kv_b_proj [H*(nope+v), rank] (quantized along rank),
+# mlx-lm splits it into embed_q [H, rank, nope] (quantized along nope) and unembed_out. Quantizing
+# them would give the two models different weights, so both keep it in bf16 (4M weights a layer).
+_DENSE_MLA = ("kv_b_proj", "embed_q", "unembed_out")
+
+
 def _quant_predicate(path: str, m: nn.Module):
     """Same rule for both implementations: 4-bit / group 64 where the input width divides, the
-    router 8-bit (mlx-lm's own choice), embeddings left dense."""
+    router 8-bit (mlx-lm's own choice), embeddings and MLA's kv_b left dense (see _DENSE_MLA)."""
     if not hasattr(m, "to_quantized") or isinstance(m, nn.Embedding):
+        return False
+    if path.endswith(_DENSE_MLA):
         return False
     if m.weight.shape[-1] % 64:
         return False
@@ -179,11 +205,84 @@ def build(impl: str, c: dict, weights: dict, dtype: str) -> nn.Module:
         _quantize(model)
     mx.eval(model.parameters())
     model.eval()
+    counts = {}
     if impl in ("ours", "mlx-lm+fast"):
         from ..ops.cpu_fast import enable_cpu_fast_path
 
-        enable_cpu_fast_path(model)  # no-op off the CPU
+        counts = enable_cpu_fast_path(model)  # no-op off the CPU
+    object.__setattr__(model, "bench_fast_path", counts)  # recorded in the results
     return model
+
+
+def agreement(models: dict, vocab: int, tokens: int = 24, seed: int = 5) -> dict:
+    """Logits of every implementation on the same tokens (no cache) against the first one: shows
+    that the models hold the same weights (fp32: ~1e-5; bf16/q4: rounding of different op orders)."""
+    import numpy as np
+
+    ids = mx.random.randint(0, vocab, (1, tokens), key=mx.random.key(seed))
+    outs = {}
+    for impl, m in models.items():
+        outs[impl] = np.asarray(m(ids).astype(mx.float32))[0]
+    ref_impl = next(iter(outs))
+    ref = outs[ref_impl]
+    scale = float(np.abs(ref).max()) or 1.0
+    res = {}
+    for impl, o in outs.items():
+        res[impl] = {"vs": ref_impl, "max_abs_diff": float(np.abs(o - ref).max()),
+                     "rel_diff": float(np.abs(o - ref).max()) / scale,
+                     "argmax_agree": float((o.argmax(-1) == ref.argmax(-1)).mean()),
+                     "finite": bool(np.isfinite(o).all())}
+    return res
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes held by a cache (ours or mlx-lm's)."""
+    arrs = []
+    for c in cache:
+        if hasattr(c, "pages"):
+            arrs += [p for p in c.pages if isinstance(p, mx.array)]
+        elif hasattr(c, "arrays"):
+            arrs += list(c.arrays().values())
+        elif hasattr(c, "keys") and c.keys is not None:
+            arrs += [c.keys, c.values]
+        elif hasattr(c, "cache"):
+            arrs += [a for a in c.cache if isinstance(a, mx.array)]
+    return int(sum(a.nbytes for a in arrs))
+
+
+def fill_synthetic(impl: str, model, cache, depth: int, seed: int = 0) -> None:
+    """Bring a cache (after a short real prefill) to `depth` tokens by appending random latent rows
+    to the MLA layers (KDA layers keep a fixed-size state whatever the depth). Decode then costs
+    what it costs after a real prefill of `depth` tokens, without spending minutes on it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    done = cache.offset if impl.startswith("ours") else next(c.offset for c in cache if hasattr(c, "keys"))
+    n = depth - done
+    if n <= 0:
+        return
+    step = 4096
+    for c in cache:
+        if impl.startswith("ours"):
+            if hasattr(c, "pages"):
+                dt = c.pages[0].dtype
+                D = c.pages[0].shape[-1]
+                for s in range(0, n, step):
+                    m = min(step, n - s)
+                    c.append(mx.array(rng.standard_normal((1, m, D), dtype=np.float32)).astype(dt))
+                    mx.eval(c.pages[-1])
+            else:
+                c.offset += n
+        elif hasattr(c, "keys"):  # mlx-lm KVCache: keys = normed latent, values = k_pe
+            kd, vd, dt = c.keys.shape[-1], c.values.shape[-1], c.keys.dtype
+            for s in range(0, n, step):
+                m = min(step, n - s)
+                k = mx.array(rng.standard_normal((1, 1, m, kd), dtype=np.float32)).astype(dt)
+                v = mx.array(rng.standard_normal((1, 1, m, vd), dtype=np.float32)).astype(dt)
+                c.update_and_fetch(k, v)
+                mx.eval(c.keys, c.values)
+        elif hasattr(c, "advance"):
+            c.advance(n)
 
 
 def _make_cache(impl: str, model):
@@ -338,9 +437,10 @@ def weights_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def _mlx_lm_attention_bytes(n: int, step: int, heads: int = 32) -> int:
-    # mlx-lm's prefill materialises an fp32 [heads, chunk, context] score mask and the scores
-    return 3 * heads * min(step, n) * n * 4
+def _mlx_lm_attention_bytes(n: int, step: int, heads: int = 32, itemsize: int = 4) -> int:
+    # mlx-lm's prefill materialises [heads, chunk, context] rope scores, their masked copy and the
+    # attention scores (in the activations' dtype: bf16 for plain mlx-lm, fp32 behind our fast path)
+    return 3 * heads * min(step, n) * n * itemsize
 
 
 def machine_info() -> dict:
@@ -394,37 +494,86 @@ def fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def _fmt_prefill(r: dict) -> str:
+    for key, pre in (("prefill_tok_s", ""), ("prefill_tok_s_est", "~")):
+        x = r.get(key)
+        if x:
+            return f"{pre}{x:.2f}" if x < 10 else f"{pre}{x:.1f}"
+    return "-"
+
+
+def _fmt_mem(r: dict) -> str:
+    if r.get("peak_mem_bytes"):
+        return f"{r['peak_mem_bytes'] / 2**30:.2f} GiB"
+    if r.get("peak_mem_bytes_est"):
+        return f"~{r['peak_mem_bytes_est'] / 2**30:.2f} GiB"
+    return "-"
+
+
+def _note(r: dict) -> str:
+    err = r.get("error") or ""
+    if "GatherMM" in err and "float32" in err:
+        return "fails: CPU gather_mm is fp32-only"
+    if err:
+        return err[:60]
+    notes = []
+    if r.get("prefill_skipped"):
+        if "GiB" in r["prefill_skipped"]:
+            notes.append("prefill doesn't fit in RAM (default step)")
+        else:
+            notes.append("prefill est." if r.get("prefill_tok_s_est") else "prefill skipped")
+    if r.get("decode_depth") == "synthetic":
+        notes.append("decode on synthetic cache")
+    if not r.get("finite", True):
+        notes.append("non-finite logits")
+    return "; ".join(notes)
+
+
+def ratio_rows(results: list[dict]) -> list[dict]:
+    """ours / each mlx-lm variant, same dtype and length (estimates where one side was estimated)."""
+    by = {(r["dtype"], r["impl"], r["length"]): r for r in results}
+    rows = []
+    for (dt, impl, n), r in by.items():
+        if impl != "ours":
+            continue
+        for base in ("mlx-lm", "mlx-lm+fast"):
+            o = by.get((dt, base, n))
+            if not o or o.get("error"):
+                continue
+            rp, op = r.get("prefill_tok_s") or r.get("prefill_tok_s_est"), o.get("prefill_tok_s") or o.get("prefill_tok_s_est")
+            rm, om = r.get("peak_mem_bytes") or r.get("peak_mem_bytes_est"), o.get("peak_mem_bytes") or o.get("peak_mem_bytes_est")
+            rows.append({"dtype": dt, "baseline": base, "length": n,
+                         "prefill_x": rp / op if rp and op else None,
+                         "prefill_estimated": not (r.get("prefill_tok_s") and o.get("prefill_tok_s")),
+                         "decode_x": r["decode_tok_s"] / o["decode_tok_s"] if r.get("decode_tok_s") and o.get("decode_tok_s") else None,
+                         "mem_ratio": rm / om if rm and om else None,
+                         "mem_estimated": not (r.get("peak_mem_bytes") and o.get("peak_mem_bytes"))})
+    return rows
+
+
 def print_table(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Slice model (Kimi-Linear-48B-A3B widths)")
+    con = Console(width=150)
+    t = Table(title="Slice model (Kimi-Linear-48B-A3B widths)   ~ = estimated")
     for col in ("dtype", "impl", "context", "prefill tok/s", "decode tok/s", "peak mem", "note"):
-        t.add_column(col, justify="right" if col not in ("dtype", "impl", "note") else "left")
+        t.add_column(col, justify="right" if col not in ("dtype", "impl", "note") else "left", no_wrap=True)
     for r in results:
-        t.add_row(r["dtype"], r["impl"], fmt_len(r["length"]),
-                  f"{r['prefill_tok_s']:.1f}" if r.get("prefill_tok_s") else "-",
-                  f"{r['decode_tok_s']:.2f}" if r.get("decode_tok_s") else "-",
-                  f"{r['peak_mem_bytes'] / 2**30:.2f} GiB" if r.get("peak_mem_bytes") else "-",
-                  (r.get("error") or ("" if r.get("finite", True) else "non-finite logits"))[:48])
-    Console().print(t)
-    # ratios: ours / each mlx-lm variant
-    by = {(r["dtype"], r["impl"], r["length"]): r for r in results}
-    rows = []
-    for (dt, impl, n), r in by.items():
-        for base in ("mlx-lm", "mlx-lm+fast"):
-            o = by.get((dt, base, n))
-            if impl == "ours" and o and o.get("prefill_tok_s") and r.get("prefill_tok_s"):
-                rows.append((dt, base, fmt_len(n), r["prefill_tok_s"] / o["prefill_tok_s"],
-                             (r.get("decode_tok_s") or 0) / (o.get("decode_tok_s") or math.inf),
-                             r["peak_mem_bytes"] / o["peak_mem_bytes"]))
+        t.add_row(r["dtype"], r["impl"], fmt_len(r["length"]), _fmt_prefill(r),
+                  f"{r['decode_tok_s']:.2f}" if r.get("decode_tok_s") else "-", _fmt_mem(r), _note(r))
+    con.print(t)
+    rows = ratio_rows(results)
     if rows:
-        t2 = Table(title="ours / baseline")
+        t2 = Table(title="ours / baseline   (~ = from an estimate)")
         for col in ("dtype", "baseline", "context", "prefill ×", "decode ×", "peak mem ratio"):
             t2.add_column(col, justify="right")
-        for dt, base, n, p, d, m in rows:
-            t2.add_row(dt, base, n, f"{p:.1f}", f"{d:.2f}", f"{m:.2f}")
-        Console().print(t2)
+        for x in rows:
+            t2.add_row(x["dtype"], x["baseline"], fmt_len(x["length"]),
+                       ("~" if x["prefill_estimated"] else "") + (f"{x['prefill_x']:.1f}" if x["prefill_x"] else "-"),
+                       f"{x['decode_x']:.2f}" if x["decode_x"] else "-",
+                       ("~" if x["mem_estimated"] else "") + (f"{x['mem_ratio']:.2f}" if x["mem_ratio"] else "-"))
+        con.print(t2)
 
 
 def print_profile(p: dict) -> None:
@@ -444,7 +593,9 @@ def print_profile(p: dict) -> None:
     Console().print(t)
 
 
-def plot(results: list[dict], plot_dir: Path) -> list[str]:
+def plot(results: list[dict], plot_dir: Path, title: str | None = None) -> list[str]:
+    """One PNG per dtype: prefill tok/s, decode tok/s and peak memory vs context length, one line per
+    implementation; estimated points hollow on dashed lines."""
     try:
         import matplotlib
 
@@ -455,31 +606,127 @@ def plot(results: list[dict], plot_dir: Path) -> list[str]:
         return []
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    colors = dict(zip(IMPLS, ("C0", "C2", "C3", "C1")))
     for dt in sorted({r["dtype"] for r in results}):
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for impl in IMPLS:
-            rs = sorted((r for r in results if r["dtype"] == dt and r["impl"] == impl and r.get("prefill_tok_s")),
+            rs = sorted((r for r in results if r["dtype"] == dt and r["impl"] == impl and not r.get("error")),
                         key=lambda r: r["length"])
             if not rs:
                 continue
-            xs = [r["length"] for r in rs]
-            axes[0].plot(xs, [r["prefill_tok_s"] for r in rs], "o-", label=impl)
-            axes[1].plot(xs, [r["decode_tok_s"] for r in rs], "o-", label=impl)
-            axes[2].plot(xs, [r["peak_mem_bytes"] / 2**30 for r in rs], "o-", label=impl)
-        for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s", "peak memory (GiB)")):
+            col = colors[impl]
+            for ax, meas, est in ((axes[0], "prefill_tok_s", "prefill_tok_s_est"), (axes[1], "decode_tok_s", None),
+                                  (axes[2], "peak_mem_bytes", "peak_mem_bytes_est")):
+                div = 2**30 if meas == "peak_mem_bytes" else 1
+                pts = [(r["length"], r[meas] / div) for r in rs if r.get(meas)]
+                est_pts = [(r["length"], r[est] / div) for r in rs if est and not r.get(meas) and r.get(est)]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=col, label=impl)
+                if est_pts:
+                    joined = sorted(pts[-1:] + est_pts)
+                    ax.plot(*zip(*joined), "--", color=col)
+                    ax.plot(*zip(*est_pts), "o", mfc="none", color=col, label=None if pts else f"{impl} (est.)")
+        for ax, ttl in zip(axes, ("prefill tokens/s", "decode tokens/s at that depth", "peak memory (GiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context length (tokens)")
-            ax.set_title(title)
+            ax.set_title(ttl)
             ax.grid(True, alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=8)
         axes[0].set_yscale("log")
-        fig.suptitle(f"Kimi-Linear slice model, {dt}, {mx.default_device()}")
+        fig.suptitle(title or f"Kimi-Linear slice model, {dt}, {mx.default_device()} (hollow/dashed: estimated)")
         fig.tight_layout()
         path = plot_dir / f"bench_model_{dt}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
     return written
+
+
+def _parse_limits(s: str | None) -> dict[str, int]:
+    """'mlx-lm=1K,mlx-lm+fast=8K' -> {impl: max length}."""
+    out = {}
+    for part in (s or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = parse_lengths(v)[0]
+    return out
+
+
+# same model code, other matmul kernels
+_SIBLING = {"mlx-lm": "mlx-lm+fast", "ours-plain": "ours"}
+
+
+def estimate(results: list[dict]) -> None:
+    """Fill prefill_tok_s_est (and peak_mem_bytes_est for mlx-lm) where a prefill was skipped.
+
+    Prefill time of one implementation is fitted as t(n) = a*n + b*n^2 (projections + KDA linear in
+    n, MLA attention quadratic) through its measured lengths; with a single measured length, an
+    implementation that differs from a measured sibling only by its matmul kernels (mlx-lm vs
+    mlx-lm+fast: the same model code) is sibling(n) + n * (its per-token excess at the measured length)."""
+    import numpy as np
+
+    by = {(r["dtype"], r["impl"], r["length"]): r for r in results}
+    for r in results + results:  # twice: a sibling's own estimate may come later in the list
+        if r.get("prefill_tok_s") or not r.get("prefill_skipped"):
+            continue
+        dt, impl, n = r["dtype"], r["impl"], r["length"]
+        meas = sorted((x["length"], x["prefill_s"]) for x in results
+                      if x["dtype"] == dt and x["impl"] == impl and x.get("prefill_tok_s"))
+        t_est = method = None
+        probe = r.get("probe") or {}
+        if probe.get("s") and meas:
+            # chunk time grows linearly with depth (attention), so the mean chunk costs the average of a
+            # chunk at depth 0 (the shortest measured prefill's rate) and the probed chunk at depth n - N
+            m0, tm0 = meas[0]
+            N = probe["tokens"]
+            t_est = n / N * (N * tm0 / m0 + probe["s"]) / 2
+            method = (f"measured {N}-token chunk at depth {fmt_len(probe['depth'])} (synthetic cache) averaged "
+                      f"with a depth-0 chunk at the {fmt_len(m0)} prefill rate; attention linear in depth")
+        elif len(meas) >= 2:
+            A = np.array([[m, m * m] for m, _ in meas], float)
+            y = np.array([t for _, t in meas], float)
+            (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+            b = max(b, 0.0)
+            a = a if a > 0 else float(np.mean([t / m for m, t in meas]))
+            t_est = a * n + b * n * n
+            method = f"fit t(n)=a*n+b*n^2 through {impl}'s measured lengths {[fmt_len(m) for m, _ in meas]}"
+        sib = _SIBLING.get(impl)
+        short = r.get("short_prefill") or {}
+        if not meas and short.get("sibling_s"):  # only the short prefill: its per-token excess
+            meas = [(short["tokens"], short["s"])]
+            by[(dt, sib, short["tokens"])] = {"prefill_s": short["sibling_s"]}
+        if sib and meas and t_est is None:
+            s_n = by.get((dt, sib, n))
+            s_rate = (s_n.get("prefill_tok_s_est") or s_n.get("prefill_tok_s_est_if_it_fit")) if s_n else None
+            s_t = s_n.get("prefill_s") or (s_rate and n / s_rate) if s_n else None
+            m0, t0 = meas[-1]
+            s_m = by.get((dt, sib, m0))
+            if s_t and s_m and s_m.get("prefill_s"):
+                t_est = s_t + n * (t0 - s_m["prefill_s"]) / m0
+                method = (f"{sib} at {fmt_len(n)}{' (est)' if not s_n.get('prefill_s') else ''} + {impl}'s "
+                          f"per-token matmul excess over {sib} measured at {fmt_len(m0)}")
+        if t_est and "GiB" in r["prefill_skipped"]:
+            # it can't run here: kept only as the compute-time input of a sibling's estimate
+            r["prefill_tok_s_est_if_it_fit"] = n / t_est
+            r["prefill_est_method"] = method
+        elif t_est:
+            r["prefill_tok_s_est"] = n / t_est
+            r["prefill_est_method"] = method
+        if probe.get("peak_extra_bytes") and r.get("weights_bytes") and probe["tokens"] >= r.get("step", 0):
+            # the deepest chunk is where the prefill peaks (cache at its largest): measured in the probe
+            r["peak_mem_bytes_est"] = r["weights_bytes"] + probe["peak_extra_bytes"] + probe.get("cache_bytes", 0)
+            r["peak_mem_est_method"] = "weights + the probe chunk's measured extra memory + the cache"
+        elif impl.startswith("mlx-lm") and r.get("weights_bytes"):
+            # the sibling's measured peak with its attention buffers swapped for ours (bf16 vs fp32
+            # scores), else weights + attention buffers alone (an underestimate: no activations)
+            s_n = by.get((dt, sib, n)) if sib else None
+            if s_n and s_n.get("peak_mem_bytes") and s_n.get("attention_bytes_est"):
+                r["peak_mem_bytes_est"] = (s_n["peak_mem_bytes"] - s_n["weights_bytes"] - s_n["attention_bytes_est"]
+                                           + r["weights_bytes"] + r.get("attention_bytes_est", 0))
+                r["peak_mem_est_method"] = f"{sib}'s measured peak, its fp32 attention buffers replaced by bf16 ones"
+            else:
+                r["peak_mem_bytes_est"] = r["weights_bytes"] + r.get("attention_bytes_est", 0)
+                r["peak_mem_est_method"] = "weights + mlx-lm's attention buffers (analytic; without activations)"
 
 
 def main(argv=None) -> int:
@@ -490,15 +737,27 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke tests), not the real ones")
     ap.add_argument("--step", type=int, default=2048, help="prefill chunk (tokens)")
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-mlx-lm-length", type=int, default=None,
-                    help="skip mlx-lm above this context (it is slow on the CPU)")
+    ap.add_argument("--max-prefill", default=None,
+                    help="skip the full prefill above a length per impl, e.g. 'mlx-lm=1K,mlx-lm+fast=8K': decode "
+                         "is then measured on a synthetic cache of that depth and prefill is estimated")
+    ap.add_argument("--max-mlx-lm-length", type=int, default=None, help="same as --max-prefill mlx-lm=N")
+    ap.add_argument("--no-synthetic", action="store_true", help="skipped prefill: no synthetic-depth decode")
+    ap.add_argument("--probe-tokens", type=int, default=1024,
+                    help="skipped prefill (fast-path impls): time one chunk of this many tokens at the full depth "
+                         "on the synthetic cache; prefill is then estimated from it (0: off)")
+    ap.add_argument("--short-tokens", type=int, default=64,
+                    help="skipped prefill: tokens of the short real prefill (timed, and through the sibling impl)")
+    ap.add_argument("--no-check", action="store_true", help="skip the same-weights logits check")
     ap.add_argument("--profile", action="store_true",
                     help="also time each module class / op for one prefill chunk and one decode step")
     ap.add_argument("--profile-tokens", type=int, default=512)
     ap.add_argument("--json", default="out/bench_model.json")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing --json (rows with the same dtype/impl/length are replaced)")
     ap.add_argument("--plot-dir", default=None, help="write PNG plots here (default: next to the JSON)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
@@ -512,7 +771,10 @@ def main(argv=None) -> int:
     for i in impls:
         if i not in IMPLS:
             ap.error(f"unknown impl {i!r}")
-    c = slice_config(a.layers, a.experts, a.vocab)
+    limits = _parse_limits(a.max_prefill)
+    if a.max_mlx_lm_length:
+        limits.setdefault("mlx-lm", a.max_mlx_lm_length)
+    c = slice_config(a.layers, a.experts, a.vocab, a.tiny)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}, "
           f"BLAS: {info['blas'].get('source')} {info['blas'].get('path') or ''}", flush=True)
@@ -520,17 +782,38 @@ def main(argv=None) -> int:
     base = random_weights(c, a.seed)
     print(f"random weights: {sum(v.size for v in base.values()) / 1e6:.0f}M parameters "
           f"({time.perf_counter() - t:.1f}s)", flush=True)
-    results, profiles = [], []
     path = Path(a.json)
+    old = json.loads(path.read_text()) if a.append and path.exists() else {}
+    results, profiles, checks = [], [], dict(old.get("checks", {}))
+    runs = list(old.get("runs", [])) + [{"args": vars(a), "machine": info}]
     from .roofline import model_costs
 
     def save():
-        out = {"machine": info, "config": c, "args": vars(a), "results": results}
-        if profiles:
-            out["profiles"] = profiles
+        keys = {(r["dtype"], r["impl"], r["length"]) for r in results}
+        allr = [r for r in old.get("results", []) if (r["dtype"], r["impl"], r["length"]) not in keys] + results
+        allr.sort(key=lambda r: (DTYPES.index(r["dtype"]), r["length"], IMPLS.index(r["impl"])))
+        estimate(allr)
+        out = {"machine": info, "config": c, "args": vars(a), "runs": runs, "checks": checks, "results": allr}
+        if profiles or old.get("profiles"):
+            out["profiles"] = old.get("profiles", []) + profiles
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
+        return allr
 
+    if not a.no_check and "ours" in impls and any(i.startswith("mlx-lm") for i in impls):
+        # the same random tensors in both, in fp32 (no rounding): the logits must match closely
+        try:
+            ms = {i: build(i, c, base, "fp32") for i in ("ours", "mlx-lm")}
+            checks["fp32"] = agreement(ms, a.vocab)
+            del ms
+        except Exception as e:
+            checks["fp32"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        gc.collect()
+        mx.clear_cache()
+        ch = checks["fp32"].get("mlx-lm", checks["fp32"])
+        print(f"same-weights check (fp32, 24 tokens): mlx-lm logits vs ours: "
+              + (f"max |diff| {ch['max_abs_diff']:.2e} (rel {ch['rel_diff']:.1e}), argmax agree {ch['argmax_agree']:.0%}"
+                 if "error" not in ch else ch["error"]), flush=True)
     for dt in dtypes:
         models, failed = {}, {}
         for impl in impls:  # all implementations side by side, so decode steps can interleave
@@ -541,8 +824,16 @@ def main(argv=None) -> int:
                 failed[impl] = f"{type(e).__name__}: {e}"[:200]
                 models.pop(impl, None)
                 print(f"  {dt:5s} {impl:10s}: {failed[impl]}", flush=True)
+        for impl, m in models.items():
+            print(f"  {dt:5s} {impl:10s}: CPU fast path {m.bench_fast_path or 'off'}", flush=True)
+        if not a.no_check and len(models) > 1:
+            checks[dt] = agreement(models, a.vocab)
+            for impl, ch in checks[dt].items():
+                print(f"  {dt:5s} {impl:10s}: logits vs {ch['vs']}: max |diff| {ch['max_abs_diff']:.2e} "
+                      f"(rel {ch['rel_diff']:.1e}), argmax agree {ch['argmax_agree']:.0%}", flush=True)
         gc.collect()
         mx.clear_cache()
+        synth = {}
         for n in lengths:
             row, live = {}, {}
             for impl in impls:
@@ -551,31 +842,81 @@ def main(argv=None) -> int:
                 if impl in failed:
                     r["error"] = failed[impl]
                     continue
-                r["weights_bytes"] = wb = weights_bytes(models[impl])
+                r["weights_bytes"] = weights_bytes(models[impl])
+                r["step"] = a.step
+                r["fast_path"] = models[impl].bench_fast_path
                 avail = _available_bytes()
-                need = _mlx_lm_attention_bytes(n, a.step) if impl.startswith("mlx-lm") else 0
-                if impl == "mlx-lm" and a.max_mlx_lm_length and n > a.max_mlx_lm_length:
-                    r["error"] = f"skipped (> --max-mlx-lm-length {a.max_mlx_lm_length})"
-                elif avail is not None and need > 0.8 * avail:
-                    r["error"] = f"skipped: its prefill needs ~{need / 2**30:.0f} GiB, {avail / 2**30:.0f} GiB free"
-                else:
-                    try:
+                need = _mlx_lm_attention_bytes(n, a.step, c["num_attention_heads"],
+                                               4 if impl == "mlx-lm+fast" or dt == "fp32" else 2) \
+                    if impl.startswith("mlx-lm") else 0
+                if need:
+                    r["attention_bytes_est"] = need
+                skip = None
+                if avail is not None and need > 0.8 * avail:  # the stronger reason first
+                    skip = f"prefill skipped: it needs ~{need / 2**30:.0f} GiB, {avail / 2**30:.0f} GiB free"
+                elif impl in limits and n > limits[impl]:
+                    skip = f"prefill skipped (> {fmt_len(limits[impl])} for {impl}: too slow here)"
+                try:
+                    if skip:
+                        r["prefill_skipped"] = skip
+                        if a.no_synthetic:
+                            continue
+                        if impl not in synth:  # one short real prefill per impl, then synthetic rows
+                            st, cache, tok = prefill_one(impl, models[impl], a.short_tokens, a.step, a.vocab, a.seed)
+                            short = {"tokens": a.short_tokens, "s": st["prefill_s"]}
+                            sib = _SIBLING.get(impl)
+                            if sib in models:  # the same short prefill through the sibling, for estimate()
+                                short["sibling"] = sib
+                                short["sibling_s"] = prefill_one(sib, models[sib], a.short_tokens, a.step, a.vocab,
+                                                                 a.seed)[0]["prefill_s"]
+                            synth[impl] = [cache, tok, short]
+                        cache, tok, short = synth[impl]
+                        r["short_prefill"] = short
+                        N = a.probe_tokens
+                        if N and impl not in _SIBLING and n > N:  # fast kernels only: plain ones take hours
+                            pneed = _mlx_lm_attention_bytes(n, N, c["num_attention_heads"], 4) \
+                                if impl.startswith("mlx-lm") else 0
+                            if avail is None or pneed < 0.7 * avail:
+                                # one real prefill chunk of N tokens at depth n - N on the synthetic cache
+                                fill_synthetic(impl, models[impl], cache, n - N, a.seed)
+                                ids = mx.random.randint(0, a.vocab, (1, N), key=mx.random.key(a.seed + 7))
+                                mx.eval(ids)
+                                gc.collect()
+                                mx.clear_cache()
+                                base_mem = mx.get_active_memory()
+                                mx.reset_peak_memory()
+                                t0 = time.perf_counter()
+                                _forward_hidden(impl, models[impl], ids, cache)
+                                _eval_cache(impl, cache)
+                                r["probe"] = {"tokens": N, "depth": n - N, "s": time.perf_counter() - t0,
+                                              "peak_extra_bytes": int(mx.get_peak_memory() - base_mem),
+                                              "cache_bytes": _cache_bytes(cache)}
+                                mx.clear_cache()
+                            else:
+                                r["probe"] = {"error": f"a {N}-token chunk needs ~{pneed / 2**30:.0f} GiB"}
+                        fill_synthetic(impl, models[impl], cache, n, a.seed)
+                        r["decode_depth"] = "synthetic"
+                    else:
                         stats, cache, tok = prefill_one(impl, models[impl], n, a.step, a.vocab, a.seed)
                         r.update(stats)
-                        live[impl] = [cache, tok, []]
-                    except Exception as e:
-                        r["error"] = f"{type(e).__name__}: {e}"[:200]
+                        r["decode_depth"] = "prefilled"
+                    live[impl] = [cache, tok, []]
+                except Exception as e:
+                    r["error"] = f"{type(e).__name__}: {e}"[:200]
             # decode, interleaved: each round runs one step of every implementation, so load from
             # other processes hits all of them alike; the first round is a warm-up
             for i in range(a.decode_tokens + 1):
-                for impl, st in live.items():
+                for impl, st in list(live.items()):
                     try:
                         st[1], dt_s = decode_step(impl, models[impl], st[0], st[1])
                         if i:
                             st[2].append(dt_s)
                     except Exception as e:
                         row[impl]["error"] = f"decode: {type(e).__name__}: {e}"[:200]
+                        live.pop(impl)
             for impl, st in live.items():
+                if impl in synth:
+                    synth[impl][1] = st[1]
                 med = _median(st[2])
                 row[impl].update({"decode_tok_s": 1 / med if med else None,
                                   "decode_ms_median": med * 1e3 if med else None,
@@ -586,10 +927,14 @@ def main(argv=None) -> int:
             for impl in impls:
                 r = row[impl]
                 results.append(r)
-                print(f"  {dt:5s} {impl:10s} {fmt_len(n):>5s}: "
-                      + (f"prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s'] or 0:6.2f} tok/s  "
-                         f"peak {r['peak_mem_bytes'] / 2**30:.2f} GiB" if r.get("prefill_tok_s") else r["error"]),
-                      flush=True)
+                msg = r.get("error") or ""
+                if r.get("prefill_tok_s"):
+                    msg = f"prefill {r['prefill_tok_s']:8.1f} tok/s  peak {r['peak_mem_bytes'] / 2**30:.2f} GiB"
+                elif r.get("prefill_skipped"):
+                    msg = r["prefill_skipped"]
+                if r.get("decode_tok_s"):
+                    msg += f"  decode {r['decode_tok_s']:6.2f} tok/s ({r['decode_depth']} depth)"
+                print(f"  {dt:5s} {impl:10s} {fmt_len(n):>5s}: {msg}", flush=True)
             save()
         if a.profile:
             for impl, model in models.items():
@@ -602,14 +947,14 @@ def main(argv=None) -> int:
                 profiles.append({"dtype": dt, "impl": impl, "depth": lengths[0], **prof})
                 print_profile(profiles[-1])
             save()
-        del models
+        del models, synth
         gc.collect()
         mx.clear_cache()
-    print_table(results)
-    save()
+    allr = save()
+    print_table(allr)
     print(f"wrote {path}")
     if not a.no_plot:
-        for p in plot(results, Path(a.plot_dir) if a.plot_dir else path.parent):
+        for p in plot(allr, Path(a.plot_dir) if a.plot_dir else path.parent):
             print(f"wrote {p}")
     return 0
 

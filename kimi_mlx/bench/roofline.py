@@ -5,7 +5,8 @@
 
 Decode is bounded by bandwidth: every token reads the active weights (dense layers, the router,
 k of E experts, the shared expert, lm_head) plus the cache (KDA state read and written, MLA
-latent rows up to the depth). Prefill is bounded by matmul throughput: about 2 FLOPs per active
+latent rows up to the depth). On MLX's CPU backend it is in practice bounded by the one-row
+quantized / bf16 matmul kernels (single-threaded, ~1-4 GFLOP/s): the "kernel bound" column. Prefill is bounded by matmul throughput: about 2 FLOPs per active
 weight per token plus the attention work. The fractions printed are measured / bound.
 """
 from __future__ import annotations
@@ -20,9 +21,11 @@ import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-# bytes per weight: 4-bit with an fp32 scale and bias per 64 values; the router at 8 bits
-_BYTES = {"fp32": 4.0, "bf16": 2.0, "q4": 0.5 + 8 / 64}
-_BYTES_ROUTER = {"fp32": 4.0, "bf16": 2.0, "q4": 1.0 + 8 / 64}
+# bytes per weight: 4-bit with a bf16 scale and bias per 64 values; the router at 8 bits; MLA's
+# kv_b stays bf16 in q4 (bench/model.py keeps it dense so both implementations hold the same weights)
+_BYTES = {"fp32": 4.0, "bf16": 2.0, "q4": 0.5 + 4 / 64}
+_BYTES_ROUTER = {"fp32": 4.0, "bf16": 2.0, "q4": 1.0 + 4 / 64}
+_BYTES_KVB = {"fp32": 4.0, "bf16": 2.0, "q4": 2.0}
 
 
 def model_costs(c: dict, dtype: str, n: int) -> dict:
@@ -37,14 +40,16 @@ def model_costs(c: dict, dtype: str, n: int) -> dict:
     shared = c.get("num_shared_experts", 1) or 0
     mla = {i - 1 for i in lac["full_attn_layers"]}
     L = c["num_hidden_layers"]
-    params = 0.0  # matmul weights read per token, excluding the router and lm_head
+    params = 0.0  # matmul weights read per token, excluding the router, MLA's kv_b and lm_head
     router = 0.0
+    kvb = 0.0
     attn_flops = 0.0  # beyond the projections, per token averaged over a prefill of n tokens
     cache_bytes = 0.0  # read per decode token at depth n
     act = 2 if dtype == "bf16" else 4
     for i in range(L):
         if i in mla:
-            params += d * Hm * (nope + rope) + d * (rank + rope) + Hm * (nope + vd) * rank + Hm * vd * d
+            params += d * Hm * (nope + rope) + d * (rank + rope) + Hm * vd * d
+            kvb += Hm * (nope + vd) * rank
             attn_flops += Hm * n * (2 * rank + rope)  # scores + values over n/2 keys on average
             cache_bytes += n * (rank + rope) * act
         else:
@@ -56,10 +61,11 @@ def model_costs(c: dict, dtype: str, n: int) -> dict:
         else:
             params += (k + shared) * 3 * d * F
             router += d * E
-    w_bytes = params * _BYTES[dtype] + router * _BYTES_ROUTER[dtype] + d * V * _BYTES[dtype] + d * 4
-    return {"active_params": int(params + router),
+    w_bytes = (params * _BYTES[dtype] + router * _BYTES_ROUTER[dtype] + kvb * _BYTES_KVB[dtype]
+               + d * V * _BYTES[dtype] + d * 4)
+    return {"active_params": int(params + router + kvb),
             "decode_bytes_per_token": int(w_bytes + cache_bytes),
-            "prefill_flops_per_token": int(2 * (params + router) + attn_flops)}
+            "prefill_flops_per_token": int(2 * (params + router + kvb + d * V / n) + attn_flops)}
 
 
 def _best(f, reps: int = 5) -> float:
@@ -130,33 +136,57 @@ def measure_limits(mib: int = 512, n: int = 2048) -> dict:
     mx.eval(A, B)
     out["matmul_fp32_GFLOPs"] = 2 * n ** 3 / _best(lambda: A @ B, 3) / 1e9
     try:
-        nb = 1024
+        nb = min(1024, n)
         Ab, Bb = A[:nb, :nb].astype(mx.bfloat16), B[:nb, :nb].astype(mx.bfloat16)
         out["matmul_bf16_GFLOPs"] = 2 * nb ** 3 / _best(lambda: Ab @ Bb, 2) / 1e9
     except Exception as e:  # not every backend has bf16 matmul
         out["matmul_bf16_GFLOPs"] = None
         out["matmul_bf16_error"] = str(e)[:200]
-    rows = 256
+    rows = min(256, n)
     wq, s, b = mx.quantize(A, group_size=64, bits=4)
     X = A[:rows]
     mx.eval(wq, s, b, X)
     out["qmm_q4_GFLOPs"] = 2 * rows * n * n / _best(lambda: mx.quantized_matmul(X, wq, s, b, transpose=True), 2) / 1e9
+    # one row (decode), as the CPU fast path calls them: fp32 input, bf16 scales / bf16 weight
+    sb, bb = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    x1 = A[:1]
+    Ab = A.astype(mx.bfloat16)
+    mx.eval(sb, bb, x1, Ab)
+    out["qmv_q4_GFLOPs"] = 2 * n * n / _best(lambda: mx.quantized_matmul(x1, wq, sb, bb, transpose=True), 3) / 1e9
+    out["qmv_q4_GBps"] = (wq.nbytes + sb.nbytes + bb.nbytes) / _best(
+        lambda: mx.quantized_matmul(x1, wq, sb, bb, transpose=True), 3) / 1e9
+    try:
+        out["matvec_bf16_GFLOPs"] = 2 * n * n / _best(lambda: x1.astype(mx.bfloat16) @ Ab.T, 3) / 1e9
+    except Exception:
+        pass
     return out
 
 
-def analyse(limits: dict, results: list[dict]) -> list[dict]:
+def analyse(limits: dict, results: list[dict], config: dict | None = None) -> list[dict]:
+    """Measured / bound for every result with a measured prefill or decode. With the model's config
+    the per-token costs are recomputed here (the JSON may come from an older run)."""
     rows = []
     bw, fl = limits["bandwidth_GBps"] * 1e9, limits["matmul_fp32_GFLOPs"] * 1e9
     for r in results:
-        if not r.get("prefill_tok_s"):
+        if not (r.get("prefill_tok_s") or r.get("decode_tok_s")):
             continue
+        if config is not None:
+            r = {**r, **model_costs(config, r["dtype"], r["length"])}
         dec_bound = bw / r["decode_bytes_per_token"]
         pre_bound = fl / r["prefill_flops_per_token"]
+        dec, pre = r.get("decode_tok_s"), r.get("prefill_tok_s")
+        # the kernel bound: decode's matmuls at the one-row rate of the kernel that runs them
+        # (MLX's CPU quantized matvec for q4, bf16 matvec for bf16; fp32 goes to BLAS: bandwidth)
+        kern = {"q4": limits.get("qmv_q4_GFLOPs"), "bf16": limits.get("matvec_bf16_GFLOPs")}.get(r["dtype"])
+        kern_bound = kern * 1e9 / (2 * r["active_params"]) if kern else None
         rows.append({"dtype": r["dtype"], "impl": r["impl"], "length": r["length"],
-                     "decode_tok_s": r["decode_tok_s"], "decode_bound_tok_s": dec_bound,
-                     "decode_fraction": r["decode_tok_s"] / dec_bound,
-                     "prefill_tok_s": r["prefill_tok_s"], "prefill_bound_tok_s": pre_bound,
-                     "prefill_fraction": r["prefill_tok_s"] / pre_bound,
+                     "decode_tok_s": dec, "decode_bound_tok_s": dec_bound,
+                     "decode_fraction": dec / dec_bound if dec else None,
+                     "decode_depth": r.get("decode_depth"),
+                     "decode_kernel_bound_tok_s": kern_bound,
+                     "decode_kernel_fraction": dec / kern_bound if dec and kern_bound else None,
+                     "prefill_tok_s": pre, "prefill_bound_tok_s": pre_bound,
+                     "prefill_fraction": pre / pre_bound if pre else None,
                      "decode_bytes_per_token": r["decode_bytes_per_token"],
                      "prefill_flops_per_token": r["prefill_flops_per_token"]})
     return rows
@@ -178,21 +208,26 @@ def print_tables(limits: dict, rows: list[dict]) -> None:
     if not rows:
         return
     t = Table(title="Roofline: measured / bound")
-    for col in ("dtype", "impl", "context", "decode tok/s", "bound", "fraction", "prefill tok/s", "bound",
-                "fraction"):
+    for col in ("dtype", "impl", "context", "decode tok/s", "bandwidth bound", "fraction", "kernel bound",
+                "fraction", "prefill tok/s", "FLOP bound", "fraction"):
         t.add_column(col, justify="left" if col in ("dtype", "impl") else "right")
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
     for r in rows:
-        t.add_row(r["dtype"], r["impl"], fmt_len(r["length"]), f"{r['decode_tok_s']:.2f}",
-                  f"{r['decode_bound_tok_s']:.1f}", f"{r['decode_fraction']:.0%}", f"{r['prefill_tok_s']:.1f}",
-                  f"{r['prefill_bound_tok_s']:.1f}", f"{r['prefill_fraction']:.0%}")
-    Console().print(t)
+        t.add_row(r["dtype"], r["impl"], fmt_len(r["length"]), f(r["decode_tok_s"], ".2f"),
+                  f(r["decode_bound_tok_s"], ".1f"), f(r["decode_fraction"], ".1%"),
+                  f(r.get("decode_kernel_bound_tok_s"), ".2f"), f(r.get("decode_kernel_fraction"), ".0%"),
+                  f(r["prefill_tok_s"], ".1f"),
+                  f(r["prefill_bound_tok_s"], ".1f"), f(r["prefill_fraction"], ".0%"))
+    Console(width=150).print(t)
 
 
-def quick_results(length: int = 1024, dtype: str = "q4") -> list[dict]:
+def quick_results(length: int = 1024, dtype: str = "q4", tiny: bool = False) -> list[dict]:
     """A small built-in run of our slice model (when no model-bench JSON is given)."""
     from . import model as mb
 
-    c = mb.slice_config()
+    c = mb.slice_config(tiny=tiny)
     base = mb.random_weights(c)
     model = mb.build("ours", c, base, dtype)
     del base
@@ -207,18 +242,23 @@ def main(argv=None) -> int:
     ap.add_argument("--model-json", help="results of `python -m kimi_mlx.bench model` (default: a quick run)")
     ap.add_argument("--quick-length", type=int, default=1024)
     ap.add_argument("--quick-dtype", default="q4")
+    ap.add_argument("--tiny", action="store_true", help="quick run: tiny model widths (smoke tests)")
+    ap.add_argument("--mib", type=int, default=512, help="bandwidth test array size (MiB)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="matmul test size (n x n)")
     ap.add_argument("--json", default="out/bench_roofline.json")
     a = ap.parse_args(argv)
     from .model import machine_info
 
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, BLAS: {info['blas'].get('source')}", flush=True)
-    limits = measure_limits()
+    limits = measure_limits(a.mib, a.matmul_n)
+    config = None
     if a.model_json:
-        results = json.loads(Path(a.model_json).read_text())["results"]
+        mj = json.loads(Path(a.model_json).read_text())
+        results, config = mj["results"], mj.get("config")
     else:
-        results = quick_results(a.quick_length, a.quick_dtype)
-    rows = analyse(limits, results)
+        results = quick_results(a.quick_length, a.quick_dtype, a.tiny)
+    rows = analyse(limits, results, config)
     print_tables(limits, rows)
     path = Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,18 @@ expert's, at a time, as a transient array that MLX frees right after the matmul.
 (decode) the quantized kernels read 4-8× fewer bytes and stay.
 
 `enable_cpu_fast_path(model)` swaps the classes of the modules in place (no weights move):
-  nn.QuantizedLinear -> CPUQuantizedLinear   (dequantize + BLAS at >= LINEAR_MIN_ROWS rows)
+  nn.QuantizedLinear -> CPUQuantizedLinear   (dequantize + BLAS at >= LINEAR_MIN_ROWS rows; outputs fp32)
   nn.Linear (bf16/fp16 weight) -> CPULinear  (fp32 BLAS at >= LINEAR_MIN_ROWS rows; outputs fp32)
+  (except the layers in KEEP_DTYPE, whose output is cached: they keep the model's dtype)
   SwitchGLU -> CPUSwitchGLU                  (tokens sorted by expert, one matmul per active expert;
                                               ours, and mlx-lm's when mlx_lm is already imported)
-It does nothing unless the default device is the CPU. The plain versions stay next to them
+It does nothing unless the default device is the CPU (load_model calls auto_enable_cpu_fast_path:
+on with an optimized BLAS; KIMI_MLX_CPU_FAST=off|on|auto). The plain versions stay next to them
 (`super().__call__`, `switch_glu_reference`) and the tests compare the two.
 """
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -77,17 +81,19 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that expands its weight to fp32 for BLAS when there are many rows."""
 
     min_rows = LINEAR_MIN_ROWS
+    keep_dtype = False  # set per instance: see KEEP_DTYPE
 
     def __call__(self, x: mx.array) -> mx.array:
         if _rows(x) < self.min_rows:
             # fp32 input: with bf16 input and bf16 scales the CPU kernel is ~8x slower (fp16: ~40x)
-            return super().__call__(x.astype(mx.float32))
-        w = dequantize_fp32(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                            getattr(self, "mode", "affine"))
-        y = x.astype(mx.float32) @ w.T
-        if "bias" in self:
-            y = y + self["bias"].astype(mx.float32)
-        return y
+            y = super().__call__(x.astype(mx.float32))
+        else:
+            w = dequantize_fp32(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                                getattr(self, "mode", "affine"))
+            y = x.astype(mx.float32) @ w.T
+            if "bias" in self:
+                y = y + self["bias"].astype(mx.float32)
+        return y.astype(_model_dtype(self, x)) if self.keep_dtype else y
 
 
 class CPULinear(nn.Linear):
@@ -95,6 +101,7 @@ class CPULinear(nn.Linear):
     rows, the low-precision matmul (no weight copy) for few."""
 
     min_rows = LINEAR_MIN_ROWS
+    keep_dtype = False  # set per instance: see KEEP_DTYPE
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self["weight"]
@@ -104,7 +111,7 @@ class CPULinear(nn.Linear):
             y = x.astype(mx.float32) @ w.astype(mx.float32).T
         if "bias" in self:
             y = y + self["bias"].astype(mx.float32)
-        return y
+        return y.astype(_model_dtype(self, x)) if self.keep_dtype else y
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +215,18 @@ def _switch_glu_classes() -> list[type]:
 # ---------------------------------------------------------------------------
 # model-level switch
 # ---------------------------------------------------------------------------
+# Layers whose output is cached: they return the model's dtype (bf16 for a bf16 model or a bf16-scaled
+# conversion), so the MLA latent cache stays bf16 (half the bytes of fp32) as without the fast path.
+KEEP_DTYPE = ("kv_a_proj_with_mqa",)
+
+
+def _model_dtype(m, x: mx.array) -> mx.Dtype:
+    """The layer's own float dtype (affine scales' or the weight's: bf16 for a bf16 model or a
+    conversion of one); x's dtype where there is none (uint8 scales of mxfp4/nvfp4)."""
+    wd = m["scales"].dtype if "scales" in m else m["weight"].dtype
+    return wd if mx.issubdtype(wd, mx.floating) else x.dtype
+
+
 def enable_cpu_fast_path(model: nn.Module, force: bool = False, min_rows: int | None = None) -> dict:
     """Swap the module classes for their CPU-fast subclasses, in place. No-op (returns {}) unless the
     default device is the CPU (or force). Returns how many modules of each kind were swapped."""
@@ -216,7 +235,7 @@ def enable_cpu_fast_path(model: nn.Module, force: bool = False, min_rows: int | 
     swap = {nn.QuantizedLinear: CPUQuantizedLinear}
     swap.update({c: _CPU_SUBCLASS[c] for c in _switch_glu_classes()})
     counts: dict[str, int] = {}
-    for _, m in model.named_modules():
+    for path, m in model.named_modules():
         new = swap.get(type(m))
         if type(m) is nn.Linear and m["weight"].dtype in (mx.bfloat16, mx.float16):
             new = CPULinear
@@ -224,7 +243,55 @@ def enable_cpu_fast_path(model: nn.Module, force: bool = False, min_rows: int | 
             m.__class__ = new  # a subclass with no extra state: only __call__ changes
             if min_rows is not None:
                 m.min_rows = min_rows
+            if path.endswith(KEEP_DTYPE) and new in (CPULinear, CPUQuantizedLinear):
+                m.keep_dtype = True
             counts[new.__name__] = counts.get(new.__name__, 0) + 1
+    return counts
+
+
+ENV_VAR = "KIMI_MLX_CPU_FAST"
+
+
+def _has_low_precision_experts(model: nn.Module) -> bool:
+    """Unquantized bf16/fp16 experts: the plain SwitchGLU can't run them on the CPU (gather_mm is fp32 only)."""
+    for _, m in model.named_modules():
+        if any(issubclass(type(m), c) for c in _switch_glu_classes()):
+            g = m.gate_proj
+            if "scales" not in g and g["weight"].dtype != mx.float32:
+                return True
+    return False
+
+
+def cpu_fast_path_wanted(model: nn.Module | None = None) -> tuple[bool, str]:
+    """Whether load_model should enable the fast path, and why. KIMI_MLX_CPU_FAST: `off`/`0` never,
+    `on`/`1` always on the CPU, `auto` (default) on the CPU when an optimized BLAS was loaded (the
+    dequantize-then-matmul path is ~20x faster with it; with MLX's reference BLAS it is not faster)
+    or when the model has bf16/fp16 experts (which the plain path can't run on the CPU)."""
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return False, f"disabled by {ENV_VAR}"
+    if not _is_cpu():
+        return False, "default device is not the CPU"
+    if mode in ("1", "on", "true", "yes"):
+        return True, f"forced by {ENV_VAR}"
+    from .. import _blas
+
+    if _blas.blas_info().get("loaded"):
+        return True, "CPU with an optimized BLAS"
+    if model is not None and _has_low_precision_experts(model):
+        return True, "CPU, bf16/fp16 experts"
+    return False, "CPU with MLX's reference BLAS: the plain path is as fast"
+
+
+def auto_enable_cpu_fast_path(model: nn.Module) -> dict:
+    """What load_model calls: enable_cpu_fast_path when cpu_fast_path_wanted says so. Returns the
+    swap counts ({} when left off); the decision is kept on the model as `cpu_fast_path`."""
+    want, why = cpu_fast_path_wanted(model)
+    counts = enable_cpu_fast_path(model) if want else {}
+    from types import SimpleNamespace
+
+    # a plain attribute (not a dict: nn.Module would file a dict among the parameters)
+    object.__setattr__(model, "cpu_fast_path", SimpleNamespace(enabled=bool(counts), reason=why, swapped=counts))
     return counts
 
 
@@ -234,6 +301,7 @@ def disable_cpu_fast_path(model: nn.Module) -> None:
         if type(m) in (CPUQuantizedLinear, CPULinear) or isinstance(m, _CPUSwitchGLUMixin):
             m.__class__ = m._plain if isinstance(m, _CPUSwitchGLUMixin) else type(m).__mro__[1]
             m.__dict__.pop("min_rows", None)
+            m.__dict__.pop("keep_dtype", None)
 
 
 # ---------------------------------------------------------------------------
