@@ -21,6 +21,8 @@ import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
+from . import best_seconds
+
 # bytes per weight: 4-bit with a bf16 scale and bias per 64 values; the router at 8 bits; MLA's
 # kv_b stays bf16 in q4 (bench/model.py keeps it dense so both implementations hold the same weights)
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "q4": 0.5 + 4 / 64}
@@ -69,13 +71,7 @@ def model_costs(c: dict, dtype: str, n: int) -> dict:
 
 
 def _best(f, reps: int = 5) -> float:
-    mx.eval(f())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(f())
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+    return best_seconds(f, reps)
 
 
 def _raw_sgemv_GBps(m: np.ndarray, x: np.ndarray) -> float | None:

@@ -309,16 +309,10 @@ def disable_cpu_fast_path(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------
 def _calibrate(shapes=((4096, 2304), (2304, 4096), (1024, 2304)), rows=(1, 2, 4, 8, 16, 32, 64, 128),
                group_size: int = 64, bits: int = 4, reps: int = 3):
-    import time
+    from ..bench import best_seconds  # a dev tool: timing lives with the benchmarks
 
     def best(f):
-        mx.eval(f())
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            mx.eval(f())
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+        return best_seconds(f, reps)
 
     print(f"{'out x in':>12} {'rows':>5} {'qmm ms':>9} {'deq+BLAS ms':>12} {'fp32 ms':>9} {'bf16 ms':>9} {'bf16->fp32 ms':>14}")
     for O, I in shapes:
