@@ -69,3 +69,18 @@ def test_cache_copy_is_a_snapshot(fixture):
     b = model(ids[:, 50:70], cache=snap)  # continues from the snapshot, unaffected by the first branch
     assert max_abs(a, b) < 1e-6
     assert cache.offset == snap.offset == 70
+
+
+@pytest.mark.parametrize("threshold", [1, 64])
+def test_expanded_mla_prefill_matches_reference(fixture, threshold, monkeypatch):
+    """Long prefill chunks take MLA's non-absorbed form; force it on short ones too (chunks of
+    64 and 65 tokens over a growing cache, and the whole 200 at once) against the oracle."""
+    from kimi_mlx.model import mla
+
+    monkeypatch.setattr(mla, "EXPAND_MIN_T", threshold)
+    model, g = fixture
+    ids = mx.array(g["ids"][:1, :200])
+    assert max_abs(model(ids)[0], g["logits_200"]) < TOL
+    cache = model.make_cache()
+    parts = [model(ids[:, a:b], cache=cache)[0] for a, b in ((0, 64), (64, 129), (129, 200))]
+    assert max_abs(mx.concatenate(parts, axis=0), g["logits_200"]) < TOL

@@ -365,8 +365,9 @@ def run_length(impl: str, model, n: int, step: int, decode_tokens: int, vocab: i
 # profile: where the time goes (evaluates after every wrapped call, so it breaks fusion a bit)
 # ---------------------------------------------------------------------------
 _PROFILED_FUNCS = {
-    "ours": [("kimi_mlx.model.kda", "kda"), ("kimi_mlx.model.kda", "causal_short_conv"),
-             ("kimi_mlx.model.mla", "latent_attention"), ("kimi_mlx.model.mla", "linear_weight"),
+    "ours": [("kimi_mlx.model.kda", "kda_gated"), ("kimi_mlx.model.kda", "causal_short_conv"),
+             ("kimi_mlx.model.mla", "latent_attention"), ("kimi_mlx.model.mla", "expanded_attention"),
+             ("kimi_mlx.model.mla", "linear_weight"),
              ("kimi_mlx.model.moe", "route")],
     "mlx-lm": [("mlx_lm.models.kimi_linear", "gated_delta_update"),
                ("mlx_lm.models.kimi_linear", "scaled_dot_product_attention"),

@@ -1,4 +1,9 @@
-"""NoPE Multi-head Latent Attention with a latent-only cache and the absorbed form."""
+"""NoPE Multi-head Latent Attention with a latent-only cache.
+
+Decode and short chunks use the absorbed form (scores over kv_lora_rank + rope per head). Long
+prefill chunks expand per-head keys/values from the cached latents block by block instead:
+expanding a key costs about as much as ~170 queries' absorbed scores against it, and the
+expanded scores are ~3x cheaper (qk_head_dim + v_head_dim vs 2 * kv_lora_rank + rope)."""
 from __future__ import annotations
 
 import mlx.core as mx
@@ -6,8 +11,11 @@ import mlx.nn as nn
 
 from ..cache import MLACache
 from ..config import ModelConfig
-from ..ops.attention import latent_attention
+from ..ops.attention import expanded_attention, latent_attention
 from .common import linear_weight
+
+# chunks of at least this many queries take the expanded form
+EXPAND_MIN_T = 256
 
 
 class KimiMLA(nn.Module):
@@ -34,17 +42,34 @@ class KimiMLA(nn.Module):
         latent = self.kv_a_layernorm(ckv[..., : self.rank])
         rows = mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)  # [B, T, rank + rope]
 
+        if cache is not None:
+            cache.append(rows)
+            blocks, q_offset = cache.blocks(), cache.offset - T
+        else:
+            blocks, q_offset = [rows], 0
+        if T >= EXPAND_MIN_T:
+            o = expanded_attention(q, blocks, self._expand, self.scale, q_offset)
+        else:
+            o = self._absorbed(q, blocks, q_offset)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+
+    def _expand(self, rows: mx.array):
+        """Cached rows [B, n, rank + rope] -> per-head k [B, H, n, qk_head_dim], v [B, H, n, v]."""
+        B, n, _ = rows.shape
+        H = self.num_heads
+        kv = self.kv_b_proj(rows[..., : self.rank]).reshape(B, n, H, self.nope + self.v_dim)
+        kv = kv.transpose(0, 2, 1, 3)
+        k_pe = mx.broadcast_to(rows[:, None, :, self.rank:], (B, H, n, self.rope))
+        k = mx.concatenate([kv[..., : self.nope], k_pe.astype(kv.dtype)], axis=-1)
+        return k, kv[..., self.nope:]
+
+    def _absorbed(self, q: mx.array, blocks, q_offset: int) -> mx.array:
+        H = self.num_heads
         w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         # absorb W_uk into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
         q_lat = q[..., : self.nope] @ w_uk.astype(q.dtype)  # [B, H, T, rank]
         qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
 
-        if cache is not None:
-            cache.append(rows)
-            blocks, q_offset = cache.blocks(), cache.offset - T
-        else:
-            blocks, q_offset = [rows], 0
         o_lat = latent_attention(qa, blocks, self.rank, self.scale, q_offset)  # [B, H, T, rank]
-        o = o_lat @ w_uv.astype(o_lat.dtype).transpose(0, 2, 1)  # [B, H, T, v]
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+        return o_lat @ w_uv.astype(o_lat.dtype).transpose(0, 2, 1)  # [B, H, T, v]
