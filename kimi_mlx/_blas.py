@@ -96,14 +96,18 @@ def blas_info() -> dict:
     return info
 
 
-def _cache_dir() -> str:
+def user_cache_dir() -> str:
+    """kimi_mlx's directory in the user cache (BLAS probes and shim here, remembered speeds in planner)."""
     try:
-        from platformdirs import user_cache_dir
+        from platformdirs import user_cache_dir as _platform_cache_dir
 
-        base = user_cache_dir("kimi_mlx", appauthor=False)
+        return _platform_cache_dir("kimi_mlx", appauthor=False)
     except Exception:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi_mlx")
-    return os.path.join(base, "blas")
+        return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi_mlx")
+
+
+def _cache_dir() -> str:
+    return os.path.join(user_cache_dir(), "blas")
 
 
 def _file_key(paths: list[str]) -> str:

@@ -739,12 +739,9 @@ SPEED_MIN_TOKENS = 1024  # shorter prefills are dominated by warm-up
 def _speed_file():
     from pathlib import Path
 
-    d = os.environ.get("KIMI_MLX_CACHE")
-    if not d:
-        from platformdirs import user_cache_dir
+    from ._blas import user_cache_dir
 
-        d = user_cache_dir("kimi-mlx", appauthor=False)
-    return Path(d) / "prefill_speed.json"
+    return Path(os.environ.get("KIMI_MLX_CACHE") or user_cache_dir()) / "prefill_speed.json"
 
 
 def _read_speeds() -> dict:

@@ -53,6 +53,7 @@ import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
 import metal_kernels as mk  # noqa: E402
+from kimi_mlx.ops.kda import kda_gates  # noqa: E402
 from kimi_mlx.ops.kda_chunked import kda_chunked  # noqa: E402
 
 
@@ -116,16 +117,7 @@ def ours_prefill(raw_mx, A_log_mx, dtb_mx, S0_mx):
 
 
 def gates_mx(raw, A_log, dtb):
-    f32 = mx.float32
-    q = raw["q_raw"].astype(f32)
-    k = raw["k_raw"].astype(f32)
-    H, K = q.shape[-2], q.shape[-1]
-    q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-    k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-6)
-    x = raw["f"].astype(f32) + dtb.reshape(H, K)
-    sp = mx.where(x > 20, x, mx.log1p(mx.exp(mx.minimum(x, 20))))
-    g = -mx.exp(A_log).reshape(H, 1) * sp
-    return q, k, g, mx.sigmoid(raw["b_raw"].astype(f32))
+    return kda_gates(raw["q_raw"], raw["k_raw"], raw["f"], raw["b_raw"], dtb, A_log)
 
 
 def correctness(dev, naive_recurrent_kda):

@@ -4,7 +4,7 @@
     python -m kimi_mlx.bench kda --T 1K,4K,16K,64K --json docs/bench_kda.json
     python -m kimi_mlx.bench kda --smoke                  # seconds: tiny shapes, one run each
 
-Implementations (all compute the same operator; `--check` compares them at a small T):
+Implementations (all compute the same operator; each run compares them at a small T unless --no-check):
   ours-chunked     kimi_mlx.ops.kda_chunked (the prefill path)
   ours-recurrent   kimi_mlx.ops.kda_recurrent (reference; only up to --recurrent-max-T)
   ours-step        kimi_mlx.ops.kda_step (decode)
@@ -48,6 +48,7 @@ from pathlib import Path
 import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
+from kimi_mlx.ops.kda import kda_gates, l2norm
 from kimi_mlx.ops.kda_chunked import kda_chunked
 from kimi_mlx.ops.kda_reference import kda_recurrent, kda_step
 
@@ -88,12 +89,8 @@ def make_inputs(B, T, H, K, V, seed=0):
     """Model-like inputs: l2-normalised q/k, g = -exp(A_log) * softplus(x), beta = sigmoid(b)."""
     key = mx.random.key(seed)
     kq, kk, kv, kx, kb, ka = mx.random.split(key, 6)
-
-    def l2(x):
-        return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-    q = l2(mx.random.normal((B, T, H, K), key=kq))
-    k = l2(mx.random.normal((B, T, H, K), key=kk))
+    q = l2norm(mx.random.normal((B, T, H, K), key=kq))
+    k = l2norm(mx.random.normal((B, T, H, K), key=kk))
     v = mx.random.normal((B, T, H, V), key=kv)
     a_log = mx.random.uniform(0.0, math.log(16.0), (1, 1, H, 1), key=ka)
     x = mx.random.normal((B, T, H, K), key=kx) * 2.0 - 2.0
@@ -480,12 +477,7 @@ def check_kernel(args, T=96) -> dict:
     B, H, K, V = args.B, args.H, args.K, args.V
     raw = make_raw(B, T, H, K, V, KDT[args.kernel_dtype], seed=11)
     f32 = mx.float32
-    q, k = raw["q_raw"].astype(f32), raw["k_raw"].astype(f32)
-    q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-    k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-6)
-    x = raw["f"].astype(f32) + raw["dt_bias"].reshape(H, K)
-    g = -mx.exp(raw["A_log"]).reshape(H, 1) * mx.where(x > 20, x, mx.log1p(mx.exp(mx.minimum(x, 20))))
-    beta = mx.sigmoid(raw["b_raw"].astype(f32))
+    q, k, g, beta = kda_gates(raw["q_raw"], raw["k_raw"], raw["f"], raw["b_raw"], raw["dt_bias"], raw["A_log"])
     o_ref, s_ref = kda_chunked(q, k, raw["v"].astype(f32), g, beta)
     o, s = mk.kda_prefill_fused(raw["q_raw"], raw["k_raw"], raw["v"], raw["f"], raw["dt_bias"],
                                 raw["A_log"], raw["b_raw"])

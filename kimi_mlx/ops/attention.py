@@ -116,10 +116,11 @@ def expanded_attention(q, blocks, expand, scale, q_offset, block_k: int = 1024,
     big = len(keys) > 2 and B * H * T * block_k >= (1 << 20)
     for ks, kb in keys:
         k, v = expand(kb.astype(mx.float32) if widen and kb.dtype != mx.float32 else kb)
+        kt = k.astype(q.dtype).transpose(0, 1, 3, 2)  # once per key block, for every query block
         for i, (first_q, qb) in enumerate(qblocks):
             if ks > first_q + qb.shape[2] - 1:
                 continue  # every key of this block is in these queries' future
-            s = _causal((qb @ k.astype(qb.dtype).transpose(0, 1, 3, 2)).astype(mx.float32) * scale, first_q, ks)
+            s = _causal((qb @ kt).astype(mx.float32) * scale, first_q, ks)
             state[i] = _online_softmax(*state[i], s,
                                        lambda p: (p.astype(v.dtype) @ v).astype(mx.float32))
         if big:  # keep one expanded block and its tiles alive at a time

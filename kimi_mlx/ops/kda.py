@@ -19,7 +19,7 @@ import mlx.core as mx
 from .kda_chunked import kda_chunked
 from .kda_reference import kda_recurrent, kda_step
 
-__all__ = ["kda", "kda_gated", "kda_chunked", "kda_recurrent", "kda_step", "decay_gate",
+__all__ = ["kda", "kda_gated", "kda_gates", "kda_chunked", "kda_recurrent", "kda_step", "decay_gate",
            "l2norm", "kernel_backend"]
 
 # Prompts up to this many tokens run the recurrence: cheaper than padding a whole chunk.
@@ -30,15 +30,19 @@ def _forced_reference() -> bool:
     return os.environ.get("KIMI_MLX_KDA", "").lower() == "reference"
 
 
-def kernel_backend() -> str | None:
-    """'metal', 'cuda', or None when the MLX-ops path runs (CPU, or KIMI_MLX_KDA=reference)."""
-    if _forced_reference():
-        return None
+def _kernels():
+    """The metal_kernels package, or None (it ships in the same wheel; a trimmed install still works)."""
     try:
         import metal_kernels
-    except ImportError:  # the kernels ship in the same wheel; a trimmed install still works
+    except ImportError:
         return None
-    return metal_kernels.backend()
+    return metal_kernels
+
+
+def kernel_backend() -> str | None:
+    """'metal', 'cuda', or None when the MLX-ops path runs (CPU, or KIMI_MLX_KDA=reference)."""
+    mk = _kernels()
+    return mk.backend() if mk is not None else None  # backend() honours KIMI_MLX_KDA itself
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -53,6 +57,13 @@ def decay_gate(f: mx.array, dt_bias: mx.array, A_log: mx.array) -> mx.array:
     x = f.astype(mx.float32) + dt_bias.astype(mx.float32).reshape(H, K)
     sp = mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
     return -mx.exp(A_log.astype(mx.float32)).reshape(H, 1) * sp
+
+
+def kda_gates(q_raw, k_raw, f, b_raw, dt_bias, A_log):
+    """(q, k, g, beta) in fp32 from the raw projections: what the kernels compute inside."""
+    q = l2norm(q_raw.astype(mx.float32))
+    k = l2norm(k_raw.astype(mx.float32))
+    return q, k, decay_gate(f, dt_bias, A_log), mx.sigmoid(b_raw.astype(mx.float32))
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None):
@@ -73,16 +84,15 @@ def gated_rms_norm(o, norm_weight, gate, eps):
 
 
 def _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state):
-    """(o, state) from the custom kernel, or None when it does not take this call."""
-    if kernel_backend() is None:
+    """(o, state) from the custom kernel, or None when it does not take this call (the kernel
+    entry points return None themselves off Metal/CUDA or under KIMI_MLX_KDA=reference)."""
+    mk = _kernels()
+    if mk is None:
         return None
-    import metal_kernels
-
-    if q_raw.shape[1] == 1:
-        r = metal_kernels.kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw,
-                                                initial_state, norm_weight, gate, eps)
-        return r  # the gated norm is fused
-    r = metal_kernels.kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state)
+    if q_raw.shape[1] == 1:  # the gated norm is fused
+        return mk.kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw,
+                                        initial_state, norm_weight, gate, eps)
+    r = mk.kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state)
     if r is None:
         return None
     o, state = r
@@ -96,9 +106,6 @@ def kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps,
     r = _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state)
     if r is not None:
         return r
-    q = l2norm(q_raw.astype(mx.float32))
-    k = l2norm(k_raw.astype(mx.float32))
-    g = decay_gate(f, dt_bias, A_log)
-    beta = mx.sigmoid(b_raw.astype(mx.float32))
+    q, k, g, beta = kda_gates(q_raw, k_raw, f, b_raw, dt_bias, A_log)
     o, state = kda(q, k, v, g, beta, initial_state=initial_state)
     return gated_rms_norm(o, norm_weight, gate, eps), state
