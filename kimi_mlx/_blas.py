@@ -22,9 +22,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
+
+from ._native import compile_shared, compiler, file_id, user_cache_dir
 
 # what was loaded: the library path(s), or None when MLX keeps its reference BLAS
 LOADED: str | None = None
@@ -96,16 +97,6 @@ def blas_info() -> dict:
     return info
 
 
-def user_cache_dir() -> str:
-    """kimi_mlx's directory in the user cache (BLAS probes and shim here, remembered speeds in planner)."""
-    try:
-        from platformdirs import user_cache_dir as _platform_cache_dir
-
-        return _platform_cache_dir("kimi_mlx", appauthor=False)
-    except Exception:
-        return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi_mlx")
-
-
 def _cache_dir() -> str:
     return os.path.join(user_cache_dir(), "blas")
 
@@ -113,11 +104,7 @@ def _cache_dir() -> str:
 def _file_key(paths: list[str]) -> str:
     h = hashlib.sha256(f"{_SHIM_VERSION}|{sys.executable}|{os.uname().machine}".encode())
     for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"|{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(f"|{p}".encode())  # a bare soname
+        h.update(f"|{file_id(p)}".encode())  # a bare soname: the name itself
     return h.hexdigest()[:16]
 
 
@@ -199,16 +186,9 @@ def shim_source(lib: ctypes.CDLL, prefix: str = "scipy_") -> tuple[str, list[str
     return "\n".join(lines) + "\n", names
 
 
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
-
-
 def build_shim(scipy_lib: str) -> tuple[str | None, str]:
     """Path of the compiled forwarding library for `scipy_lib` (cached), or (None, why not)."""
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         return None, "no C compiler for the scipy-openblas32 shim"
     d = _cache_dir()
@@ -221,15 +201,9 @@ def build_shim(scipy_lib: str) -> tuple[str | None, str]:
             return None, f"{scipy_lib} exports no scipy_cblas_sgemm"
         os.makedirs(d, exist_ok=True)
         c_file = out[:-3] + ".c"
-        tmp = f"{out}.{os.getpid()}.tmp"
         with open(c_file, "w") as f:
             f.write(src)
-        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, c_file], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-        if r.returncode != 0:
-            return None, f"compiling the shim failed: {r.stderr.decode(errors='replace')[-300:]}"
-        os.replace(tmp, out)  # atomic: concurrent first imports don't see a half-written file
-        return out, "compiled"
+        return compile_shared(cc, c_file, out, ["-O2"])
     except Exception as e:
         return None, f"shim build failed: {e}"
 

@@ -739,9 +739,9 @@ SPEED_MIN_TOKENS = 1024  # shorter prefills are dominated by warm-up
 def _speed_file():
     from pathlib import Path
 
-    from ._blas import user_cache_dir
+    from ._native import cache_root
 
-    return Path(os.environ.get("KIMI_MLX_CACHE") or user_cache_dir()) / "prefill_speed.json"
+    return Path(cache_root()) / "prefill_speed.json"
 
 
 def _read_speeds() -> dict:

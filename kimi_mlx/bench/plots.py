@@ -64,7 +64,9 @@ def markdown(kda: dict | None, model: dict | None, roof: dict | None) -> str:
     out = []
     if kda:
         out += ["### KDA operator", "", "| mode | T | impl | ms | tokens/s | ours ÷ this |", "|---|---:|---|---:|---:|---:|"]
-        ours = {(r["mode"], r["T"]): r for r in kda["rows"] if r["impl"] in ("ours-chunked", "ours-step")}
+        from .kda import ours_for
+
+        ours = ours_for(kda["rows"])
         for r in kda["rows"]:
             b = ours.get((r["mode"], r["T"]))
             ratio = "" if b is None or b is r else f"{b['tokens_per_s'] / r['tokens_per_s']:.1f}×"

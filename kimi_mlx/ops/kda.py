@@ -8,7 +8,10 @@
 
 Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise the custom
 kernel (package `metal_kernels`: Metal on Apple GPUs, its CUDA twin on NVIDIA) when it takes
-the shape; otherwise `kda_step` for one token and the chunked MLX-ops form for prompts.
+the shape; on the CPU device our C kernel (`kda_cpu`: chunk scan for prompts, one-pass step for
+decode; built on first use, KIMI_MLX_KDA_CPU=off turns it off); otherwise `kda_step` for one
+token and the chunked MLX-ops form `kda_chunked` for prompts (the plain reference of the
+chunked maths).
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import os
 import mlx.core as mx
 
 from .kda_chunked import kda_chunked
+from .kda_cpu import kda_cpu
 from .kda_reference import kda_recurrent, kda_step
 
-__all__ = ["kda", "kda_gated", "kda_gates", "kda_chunked", "kda_recurrent", "kda_step", "decay_gate",
-           "l2norm", "kernel_backend"]
+__all__ = ["kda", "kda_gated", "kda_gates", "kda_chunked", "kda_cpu", "kda_recurrent", "kda_step",
+           "decay_gate", "l2norm", "kernel_backend"]
 
 # Prompts up to this many tokens run the recurrence: cheaper than padding a whole chunk.
 _RECURRENT_MAX_T = 6
@@ -69,6 +73,11 @@ def kda_gates(q_raw, k_raw, f, b_raw, dt_bias, A_log):
 def kda(q, k, v, g, beta, scale=None, initial_state=None):
     if _forced_reference():
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        # the C kernel: faster than the MLX ops below at every T on the CPU, decode included
+        r = kda_cpu(q, k, v, g, beta, scale, initial_state)
+        if r is not None:  # None: switched off, or it can't be built here
+            return r
     T = q.shape[1]
     if T == 1:
         return kda_step(q, k, v, g, beta, scale, initial_state)
