@@ -38,3 +38,4 @@ def make_inputs(B, T, H, K, V, *, seed=0, g_range=(-5.0, -0.001), state=False, d
     s0 = 0.5 * rng.standard_normal((B, H, K, V)) if state else None
     arrs = [mx.array(a.astype(np.float32)).astype(dtype) for a in (q, k, v, g, beta)]
     return arrs, (None if s0 is None else mx.array(s0.astype(np.float32)))
+

@@ -9,12 +9,17 @@ import pytest
 import mlx.core as mx
 
 from helpers import FIXTURES, make_inputs, max_abs
+from kimi_mlx import _native
 from kimi_mlx.ops.kda import kda
 from kimi_mlx.ops.kda_chunked import kda_chunked
+from kimi_mlx.ops.kda_cpu import kda_cpu
 from kimi_mlx.ops.kda_reference import kda_recurrent, kda_step
 
 TOL = 1e-5
 kda_mod = importlib.import_module("kimi_mlx.ops.kda")  # the module, even if ops/ re-exports kda()
+# Our C kernel (more in test_kda_cpu_kernel.py): where a compiler exists it must build and pass.
+CPU_KERNEL = pytest.param(kda_cpu, id="cpu_kernel",
+                          marks=pytest.mark.skipif(_native.compiler() is None, reason="no C compiler"))
 
 
 CONFIGS = [
@@ -45,7 +50,8 @@ def test_chunk_sizes(chunk_size):
     assert max_abs(o, o_ref) < TOL and max_abs(s, s_ref) < TOL
 
 
-def test_extreme_gates():
+@pytest.mark.parametrize("fn", [kda_chunked, CPU_KERNEL])
+def test_extreme_gates(fn):
     """Gates from 0 down to -1e4 and -inf: nothing overflows, results stay exact."""
     args, s0 = make_inputs(1, 130, 2, 16, 24, seed=5, g_range=(-60.0, -1e-4), state=True)
     q, k, v, g, beta = args
@@ -53,7 +59,7 @@ def test_extreme_gates():
     u = mx.array(rng.uniform(size=g.shape).astype(np.float32))
     g = mx.where(u < 0.05, 0.0, mx.where(u > 0.97, -1e4, mx.where(u > 0.96, -mx.inf, g)))
     o_ref, s_ref = kda_recurrent(q, k, v, g, beta, initial_state=s0)
-    o, s = kda_chunked(q, k, v, g, beta, initial_state=s0)
+    o, s = fn(q, k, v, g, beta, initial_state=s0)
     assert not bool(mx.isnan(o).any()) and not bool(mx.isnan(s).any())
     assert max_abs(o, o_ref) < TOL and max_abs(s, s_ref) < TOL
 
@@ -102,16 +108,12 @@ def test_scale_argument():
     assert max_abs(o, o_def) > 1e-3
 
 
-def _golden_cases():
-    data = np.load(FIXTURES / "kda_golden.npz")
-    names = sorted({key.split("/")[0] for key in data.files})
-    return data, names
-
-
-@pytest.mark.parametrize("fn", [kda_recurrent, kda_chunked, kda], ids=["recurrent", "chunked", "dispatch"])
+@pytest.mark.parametrize("fn", [kda_recurrent, kda_chunked, kda, CPU_KERNEL],
+                         ids=["recurrent", "chunked", "dispatch", "cpu_kernel"])
 def test_fla_golden(fn):
     """FLA's naive_recurrent_kda (fp64) outputs, recorded by fixtures/make_kda_reference.py."""
-    data, names = _golden_cases()
+    data = np.load(FIXTURES / "kda_golden.npz")
+    names = sorted({key.split("/")[0] for key in data.files})
     assert names
     for name in names:
         get = lambda key: mx.array(data[f"{name}/{key}"])  # noqa: E731
@@ -121,7 +123,7 @@ def test_fla_golden(fn):
         assert max_abs(s, data[f"{name}/state"]) < TOL, name
 
 
-@pytest.mark.parametrize("fn", [kda_recurrent, kda_chunked])
+@pytest.mark.parametrize("fn", [kda_recurrent, kda_chunked, CPU_KERNEL])
 def test_bf16_inputs(fn):
     args32, s0 = make_inputs(1, 70, 2, 32, 24, seed=11, state=True)
     args16 = [a.astype(mx.bfloat16) for a in args32]
