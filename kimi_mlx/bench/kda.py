@@ -5,8 +5,8 @@
     python -m kimi_mlx.bench kda --smoke                  # seconds: tiny shapes, one run each
 
 Implementations (all compute the same operator; each run compares them at a small T unless --no-check):
-  ours-cpu         kimi_mlx.ops.kda_cpu: our C kernel (chunk scan; one-pass step for decode), what
-                   ops.kda.kda runs on the CPU device (only there, and only where it builds)
+  ours-cpu         kimi_mlx.ops.kda_cpu: our C kernel (chunk scan), what ops.kda.kda runs for
+                   prompts on the CPU device (only there, and only where it builds)
   ours-chunked     kimi_mlx.ops.kda_chunked: the chunked form in MLX ops (the prefill path elsewhere)
   ours-recurrent   kimi_mlx.ops.kda_recurrent (reference; only up to --recurrent-max-T)
   ours-step        kimi_mlx.ops.kda_step (decode)
@@ -112,7 +112,7 @@ def implementations(chunk_size: int):
         def cpu(q, k, v, g, b, s):
             return kda_cpu(q, k, v, g, b, initial_state=s)
 
-        impls[OURS_CPU] = (cpu, cpu)
+        impls[OURS_CPU] = (cpu, None)  # decode stays on ours-step: see ops.kda.kda
     impls.update({
         OURS: (lambda q, k, v, g, b, s: kda_chunked(q, k, v, g, b, initial_state=s, chunk_size=chunk_size), None),
         "ours-recurrent": (lambda q, k, v, g, b, s: kda_recurrent(q, k, v, g, b, initial_state=s), None),

@@ -8,10 +8,10 @@
 
 Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise the custom
 kernel (package `metal_kernels`: Metal on Apple GPUs, its CUDA twin on NVIDIA) when it takes
-the shape; on the CPU device our C kernel (`kda_cpu`: chunk scan for prompts, one-pass step for
-decode; built on first use, KIMI_MLX_KDA_CPU=off turns it off); otherwise `kda_step` for one
-token and the chunked MLX-ops form `kda_chunked` for prompts (the plain reference of the
-chunked maths).
+the shape; otherwise `kda_step` for one token; for more, on the CPU device our C kernel
+(`kda_cpu`, built on first use; KIMI_MLX_KDA_CPU=off turns it off), else the recurrence up to
+_RECURRENT_MAX_T tokens and the chunked MLX-ops form `kda_chunked` (the plain reference of the
+chunked maths) beyond.
 """
 from __future__ import annotations
 
@@ -73,14 +73,17 @@ def kda_gates(q_raw, k_raw, f, b_raw, dt_bias, A_log):
 def kda(q, k, v, g, beta, scale=None, initial_state=None):
     if _forced_reference():
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
+    T = q.shape[1]
+    if T == 1:
+        # Decode stays in lazy MLX ops. kda_cpu's one-pass step is ~2x faster on its own, but it
+        # evaluates its inputs on the spot: generation queues token n+1's graph (async_eval) before
+        # reading token n, and a synchronous layer in that graph would hold token n back a step.
+        return kda_step(q, k, v, g, beta, scale, initial_state)
     if mx.default_device().type == mx.DeviceType.cpu:
-        # the C kernel: faster than the MLX ops below at every T on the CPU, decode included
+        # the C kernel: faster than the MLX ops below at every T > 1 on the CPU
         r = kda_cpu(q, k, v, g, beta, scale, initial_state)
         if r is not None:  # None: switched off, or it can't be built here
             return r
-    T = q.shape[1]
-    if T == 1:
-        return kda_step(q, k, v, g, beta, scale, initial_state)
     if T <= _RECURRENT_MAX_T:
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
     return kda_chunked(q, k, v, g, beta, scale, initial_state)

@@ -33,6 +33,7 @@ _FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
 _BASE_FLAGS = ["-std=gnu11", "-pthread"]
 _ARCHES = ("x86_64", "amd64", "aarch64", "arm64")
 _OFF = ("off", "0", "false", "no", "none")
+_STEP_THREADED_ELEMS = 1 << 21  # decode states from this many elements (8 MB) use every thread
 
 _lock = threading.Lock()
 _lib = None
@@ -159,8 +160,11 @@ def kda_cpu(q, k, v, g, beta, scale=None, initial_state=None):
     else:
         ptrs = [a.ctypes.data for a in (hq, hk, hv, hg, hb)] + [None if hs is None else hs.ctypes.data,
                                                                 o.ctypes.data, s.ctypes.data]
-        if T == 1:  # decode: one pass over the state, no chunk machinery
-            rc = _lib.kda_cpu_step(*ptrs, B, H, K, V, float(scale), _threads())
+        if T == 1:  # decode: one pass over the state, no chunk machinery; one thread unless the
+            # state is large (a second thread saves ~0.1 ms at 32 heads of 128 x 128 on a quiet box
+            # and costs more than that whenever the other core is busy)
+            nt = _threads() if B * H * K * V >= _STEP_THREADED_ELEMS else 1
+            rc = _lib.kda_cpu_step(*ptrs, B, H, K, V, float(scale), nt)
         else:
             rc = _lib.kda_cpu_scan(*ptrs, B, T, H, K, V, float(scale), _threads(), 0)
         if rc != 0:
