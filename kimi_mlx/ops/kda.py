@@ -75,9 +75,9 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None):
         return kda_recurrent(q, k, v, g, beta, scale, initial_state)
     T = q.shape[1]
     if T == 1:
-        # Decode stays in lazy MLX ops. kda_cpu's one-pass step is ~2x faster on its own, but it
-        # evaluates its inputs on the spot: generation queues token n+1's graph (async_eval) before
-        # reading token n, and a synchronous layer in that graph would hold token n back a step.
+        # Decode stays in lazy MLX ops: a C call evaluates its inputs on the spot, and generation
+        # queues token n+1's graph (async_eval) before reading token n, so a synchronous layer in
+        # that graph would hold token n back a step.
         return kda_step(q, k, v, g, beta, scale, initial_state)
     if mx.default_device().type == mx.DeviceType.cpu:
         # the C kernel: faster than the MLX ops below at every T > 1 on the CPU

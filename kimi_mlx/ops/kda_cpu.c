@@ -438,81 +438,7 @@ static void *worker(void *arg)
     return 0;
 }
 
-/* ---------------------------------------------------------------------------------------------
- * One token (decode): per head, S' = diag(e) S + beta k (v - S^T (e k))^T, o = S'^T q scale, with
- * e = exp(g). Two passes over the state: read-out, then the update written to s_out. */
-static void step_head(const job_t *j, int b, int h, float *buf)
-{
-    const int K = j->K, V = j->V;
-    const long row = (long)b * j->H + h;
-    const float *q = j->q + row * K, *k = j->k + row * K, *g = j->g + row * K, *v = j->v + row * V;
-    const float *S = j->s0 ? j->s0 + row * K * V : 0;
-    float *Sn = j->s_out + row * K * V, *o = j->o + row * V;
-    float *e = buf, *u = buf + K, *w = buf + K + V; /* u = S^T (e k), w = S^T (e q) */
-    for (int c = 0; c < K; c++)
-        e[c] = g[c];
-    int c = 0;
-    for (; c + 8 <= K; c += 8) {
-        v8 x;
-        memcpy(&x, e + c, sizeof x);
-        x = vexp(x);
-        memcpy(e + c, &x, sizeof x);
-    }
-    if (c < K) {
-        v8 x = vsplat(0.0f);
-        memcpy(&x, e + c, (K - c) * sizeof(float));
-        x = vexp(x);
-        memcpy(e + c, &x, (K - c) * sizeof(float));
-    }
-    float qk = 0.0f;
-    for (int c = 0; c < K; c++)
-        qk += q[c] * k[c];
-    for (int x = 0; x < V; x++)
-        u[x] = w[x] = 0.0f;
-    if (S)
-        for (int c = 0; c < K; c++) {
-            const float ek = e[c] * k[c], eq = e[c] * q[c], *s = S + (long)c * V;
-            for (int x = 0; x < V; x++)
-                u[x] += ek * s[x], w[x] += eq * s[x];
-        }
-    const float bt = j->beta[row], scale = j->scale;
-    for (int x = 0; x < V; x++) {
-        float d = bt * (v[x] - u[x]);
-        u[x] = d;                          /* u is delta from here on */
-        o[x] = (w[x] + qk * d) * scale;    /* q^T (diag(e) S + k delta^T) */
-    }
-    for (int c = 0; c < K; c++) {
-        const float ec = e[c], kc = k[c];
-        float *sn = Sn + (long)c * V;
-        if (S) {
-            const float *s = S + (long)c * V;
-            for (int x = 0; x < V; x++)
-                sn[x] = ec * s[x] + kc * u[x];
-        } else {
-            for (int x = 0; x < V; x++)
-                sn[x] = kc * u[x];
-        }
-    }
-}
-
-static void *step_worker(void *arg)
-{
-    job_t *j = arg;
-    float *buf = malloc(((long)j->K + 2L * j->V) * sizeof(float));
-    if (!buf)
-        return 0;
-    __atomic_store_n(&j->ran, 1, __ATOMIC_RELAXED);
-    for (;;) {
-        int it = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-        if (it >= j->items)
-            break;
-        step_head(j, it / j->H, it % j->H, buf);
-    }
-    free(buf);
-    return 0;
-}
-
-static int run(job_t *j, void *(*fn)(void *), int nthreads)
+static int run(job_t *j, int nthreads)
 {
     if (nthreads > j->items)
         nthreads = j->items;
@@ -521,11 +447,11 @@ static int run(job_t *j, void *(*fn)(void *), int nthreads)
     pthread_t tid[64];
     int started = 0;
     for (int i = 1; i < nthreads; i++) {
-        if (pthread_create(&tid[started], 0, fn, j))
+        if (pthread_create(&tid[started], 0, worker, j))
             break; /* fewer threads: the others pick up the work */
         started++;
     }
-    fn(j);
+    worker(j);
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], 0);
     /* a worker that could not allocate did nothing; any one that could did all that was left */
@@ -547,14 +473,5 @@ int kda_cpu_scan(const float *q, const float *k, const float *v, const float *g,
     if (group > H)
         group = H;
     job_t j = {q, k, v, g, beta, s0, o, s_out, B, T, H, K, V, scale, group, B * ((H + group - 1) / group), 0, 0};
-    return run(&j, worker, nthreads);
-}
-
-/* Decode: the same for T = 1 (q, k, g [B,H,K], v, o [B,H,V], beta [B,H]); s_out must not alias s0. */
-int kda_cpu_step(const float *q, const float *k, const float *v, const float *g, const float *beta,
-                 const float *s0, float *o, float *s_out, int B, int H, int K, int V, float scale,
-                 int nthreads)
-{
-    job_t j = {q, k, v, g, beta, s0, o, s_out, B, 1, H, K, V, scale, 1, B * H, 0, 0};
-    return run(&j, step_worker, nthreads);
+    return run(&j, nthreads);
 }

@@ -1,8 +1,8 @@
 """KDA on the CPU through our own C kernel (kda_cpu.c): build on first use, load, call.
 
     kda_cpu(q, k, v, g, beta, scale=None, initial_state=None) -> (o, state) or None
-        same interface and maths as kda_chunked (the chunk scan, threaded over heads; T = 1 takes a
-        one-pass decode step); None when the kernel is unavailable or off.
+        same interface and maths as kda_chunked (the chunk scan, threaded over heads); None when
+        the kernel is unavailable or off.
     kda_cpu_info() -> dict: whether it is available, where the library is, why not.
 
 The source ships in the package. On first use it is compiled with the system C compiler
@@ -33,7 +33,6 @@ _FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
 _BASE_FLAGS = ["-std=gnu11", "-pthread"]
 _ARCHES = ("x86_64", "amd64", "aarch64", "arm64")
 _OFF = ("off", "0", "false", "no", "none")
-_STEP_THREADED_ELEMS = 1 << 21  # decode states from this many elements (8 MB) use every thread
 
 _lock = threading.Lock()
 _lib = None
@@ -101,9 +100,9 @@ def _load():
                 lib = ctypes.CDLL(path)
                 if lib.kda_cpu_abi() != _ABI:
                     raise OSError(f"{path}: ABI {lib.kda_cpu_abi()} != {_ABI}")
-                for f, dims, tail in ((lib.kda_cpu_scan, 5, 2), (lib.kda_cpu_step, 4, 1)):
-                    f.restype = ctypes.c_int
-                    f.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * dims + [ctypes.c_float] + [ctypes.c_int] * tail
+                f = lib.kda_cpu_scan
+                f.restype = ctypes.c_int
+                f.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2
                 _lib = lib
                 _info.update(available=True, reason=how, path=path)
         except Exception as e:  # never let the fast path break the slow one
@@ -139,7 +138,7 @@ def _output(shape) -> tuple[mx.array | None, np.ndarray]:
 def kda_cpu(q, k, v, g, beta, scale=None, initial_state=None):
     """Chunked KDA through the C kernel: (o [B,T,H,V] in v's dtype, state [B,H,K,V] fp32), or None
     when the kernel is off or unavailable. q, k [B,T,H,K] L2-normalised; g [B,T,H,K] log decay;
-    beta [B,T,H]; initial_state [B,H,K,V] or None. T = 1 takes a one-pass decode step."""
+    beta [B,T,H]; initial_state [B,H,K,V] or None."""
     if not available():
         return None
     B, T, H, K = q.shape
@@ -160,13 +159,7 @@ def kda_cpu(q, k, v, g, beta, scale=None, initial_state=None):
     else:
         ptrs = [a.ctypes.data for a in (hq, hk, hv, hg, hb)] + [None if hs is None else hs.ctypes.data,
                                                                 o.ctypes.data, s.ctypes.data]
-        if T == 1:  # decode: one pass over the state, no chunk machinery; one thread unless the
-            # state is large (a second thread saves ~0.1 ms at 32 heads of 128 x 128 on a quiet box
-            # and costs more than that whenever the other core is busy)
-            nt = _threads() if B * H * K * V >= _STEP_THREADED_ELEMS else 1
-            rc = _lib.kda_cpu_step(*ptrs, B, H, K, V, float(scale), nt)
-        else:
-            rc = _lib.kda_cpu_scan(*ptrs, B, T, H, K, V, float(scale), _threads(), 0)
+        rc = _lib.kda_cpu_scan(*ptrs, B, T, H, K, V, float(scale), _threads(), 0)
         if rc != 0:
             return None  # the kernel could not allocate its workspace: let the MLX path run
     o_mx = mx.array(o) if o_mx is None else o_mx
