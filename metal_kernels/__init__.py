@@ -18,12 +18,13 @@ multiple of 16).
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import os
 
 from . import dialect as _dialect
 from .kda_template import (DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs,
-                           prefill_smem_floats, render)
+                           prefill_smem_floats, render, split_item_sizes)
 
 __all__ = ["available", "backend", "kda_prefill_fused", "kda_decode_step_fused"]
 
@@ -102,6 +103,44 @@ def _slice_width(be: str, B: int, H: int, K: int, V: int) -> int | None:
     return ok[-1]
 
 
+_SPLIT_MAX_BYTES = 4 << 30  # scratch of one call (about 1 KB per token and head in bf16)
+
+
+def _use_split(be: str, nslices: int, scratch_bytes: int) -> bool:
+    """Share the intra-chunk work between the v-slice threadgroups of a head (SPLIT). On by
+    default on CUDA; on Metal only with KIMI_MLX_KDA_SPLIT=1 until it is measured on a Mac
+    (it needs device-scope atomics and fences, MSL 3.2). KIMI_MLX_KDA_SPLIT=0 turns it off.
+    Calls whose scratch would pass 4 GiB (past ~128K tokens x 32 heads) run fused instead;
+    the model prefills in steps of 2048 tokens, far below that."""
+    env = os.environ.get("KIMI_MLX_KDA_SPLIT")
+    on = env == "1" if env in ("0", "1") else be == "cuda"
+    return on and nslices > 1 and scratch_bytes <= _SPLIT_MAX_BYTES
+
+
+def _lookahead(nslices: int) -> int:
+    """SPLIT: how many chunks ahead of its state pass a threadgroup may claim intra-chunk work
+    (KIMI_MLX_KDA_LA overrides; tuning)."""
+    return int(os.environ.get("KIMI_MLX_KDA_LA", 2 * nslices))
+
+
+_sync_calls = itertools.count(1)
+
+
+def _sync_value() -> int:
+    """The value one call's sync slots start at (mx.full writes every slot). It differs between
+    calls so that mx.compile can never merge two calls' sync arrays into one."""
+    return next(_sync_calls) % (1 << 30) + 1
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_sync():
+    import mlx.core as mx
+
+    a = mx.zeros((1,), mx.int32)
+    mx.eval(a)
+    return a
+
+
 def kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None):
     return _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state)
 
@@ -135,12 +174,21 @@ def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof
     if dt == mx.float32 and be == "cuda":
         nt = 256  # the fp32 (3xtf32) build needs more than 128 registers per thread
     nt = min(nt, 64 * K // 8)  # the chunk load gives each thread at least one row of 8 channels
-    # prefetch a chunk ahead where registers allow it (256 threads)
-    pf = os.environ.get("KIMI_MLX_KDA_PF", "1" if nt <= 256 else "0") == "1"
+    nch = -(-T // 64)
+    ts = mx.bfloat16 if ps == _dialect.PREC_BF16 and be == "cuda" else mx.float32
+    xs_item, xf_item = split_item_sizes(K)
+    split = _use_split(be, V // bv, B * H * nch * xs_item * ts.size)
+    # prefetch a chunk ahead where registers allow it (256 threads; not with SPLIT)
+    pf = not split and os.environ.get("KIMI_MLX_KDA_PF", "1" if nt <= 256 else "0") == "1"
     kern = _kernel(be, "prefill", 0 if be == "metal" else 4 * smem, prof, nt if be == "cuda" else 0)
     ntg = B * H * (V // bv)
-    shapes = [(B, T, H, V), (B, H, K, V)]
-    dtypes = [dt, mx.float32]
+    if split:
+        shapes = [(B, T, H, V), (B, H, K, V), (B * H * nch * xs_item,), (B * H * nch * xf_item,)]
+        sync = mx.full((B * H * (nch + 1) + 1,), _sync_value(), mx.int32)
+    else:
+        shapes = [(B, T, H, V), (B, H, K, V), (1,), (1,)]
+        sync = _dummy_sync()
+    dtypes = [dt, mx.float32, ts, mx.float32]
     if be == "metal":
         shapes.append((ntg * smem,))
         dtypes.append(mx.float32)
@@ -148,10 +196,10 @@ def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof
         shapes.append((ntg, 16))
         dtypes.append(mx.float32)
     outs = kern(
-        inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, init],
+        inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, init, sync],
         template=[("T", dt), ("K", K), ("V", V), ("BV", bv), ("NT", nt),
                   ("HAS_INIT", has_init), ("PI", pi), ("PS", ps), ("PF", pf),
-                  ("SMEM_FLOATS", smem)],
+                  ("SPLIT", split), ("TS", ts), ("LA", _lookahead(V // bv)), ("SMEM_FLOATS", smem)],
         grid=(nt * (V // bv), H, B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,

@@ -13,6 +13,9 @@ The KDA kernels (kda_template.py) are written once against the names defined her
   PRAGMA_UNROLL       full unroll of a constant-trip loop (PRAGMA_UNROLL2: by two)
   PREFETCH_L2(p)      hint: fetch the line at p into L2 ahead of use (CUDA; nothing on Metal)
   SHARED_ARR(T, n, N) a small per-threadgroup array
+  SYNC_PTR(p), sync_add/sync_load/sync_load_acquire/sync_store_release, SPIN_PAUSE()
+                      device-scope counters and flags between threadgroups (prefill SPLIT)
+  ld8/st8/zero8/get8  8 consecutive elements of a global array in one go
   FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_c,store_c,scale,mma}
                       16x8 output tiles on the matrix units: simdgroup_matrix 8x8 pairs on
                       Metal, mma.sync m16n8k16 (bf16) or m16n8k8 (tf32, 3xtf32) on CUDA
@@ -124,8 +127,28 @@ DFN void zero8(thread Raw8<T>& r) {
 }
 template <typename T>
 DFN float get8(thread const Raw8<T>& r, int i) { return static_cast<float>(r.v[i]); }
+template <typename T, typename PT>
+DFN void st8(PT p, thread const float* x) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<T>(x[i]);
+}
 #define KDA_CLOCK() 0L
 #define PREFETCH_L2(p) do { } while (0)
+
+// Counters and flags shared by threadgroups (device atomics; fences at device scope, MSL 3.2)
+#define SYNC_PTR(p) ((device atomic_int*)(p))
+DFN int sync_add(device atomic_int* p, int v) { return atomic_fetch_add_explicit(p, v, memory_order_relaxed); }
+DFN int sync_load(device atomic_int* p) { return atomic_load_explicit(p, memory_order_relaxed); }
+#define KDA_DEVICE_FENCE() atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device)
+DFN int sync_load_acquire(device atomic_int* p) {
+  const int v = atomic_load_explicit(p, memory_order_relaxed);
+  KDA_DEVICE_FENCE();
+  return v;
+}
+DFN void sync_store_release(device atomic_int* p, int v) {
+  KDA_DEVICE_FENCE();
+  atomic_store_explicit(p, v, memory_order_relaxed);
+}
+#define SPIN_PAUSE() do { } while (0)
 """
 
 CUDA_HEADER = _COMMON_PREC + r"""
@@ -290,7 +313,30 @@ DFN void zero8(Raw8<T>& r) {
 }
 template <typename T>
 DFN float get8(const Raw8<T>& r, int i) { return static_cast<float>(reinterpret_cast<const T*>(r.w)[i]); }
+template <typename T>
+DFN void st8(T* p, const float* x) {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) reinterpret_cast<T*>(r.w)[i] = static_cast<T>(x[i]);
+  uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) q[i] = r.w[i];
+}
 #define KDA_CLOCK() ((long)clock64())
+
+// Counters and flags shared by blocks (global memory, gpu scope)
+#define SYNC_PTR(p) ((int*)(p))
+DFN int sync_add(int* p, int v) { return atomicAdd(p, v); }
+DFN int sync_load(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+DFN int sync_load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+DFN void sync_store_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+#define SPIN_PAUSE() __nanosleep(128)
 // a hint: bring the 128-byte line at p into L2 (no registers, nothing waits for it)
 DFN void kda_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 #define PREFETCH_L2(p) kda_prefetch_l2((const void*)(p))

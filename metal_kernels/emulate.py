@@ -48,6 +48,8 @@ def _cache_dir() -> Path:
 
 
 def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
+    if dtype == "int32":
+        return np.ascontiguousarray(a, dtype=np.int32).tobytes()
     a = np.ascontiguousarray(a, dtype=np.float32)
     if dtype == _BF16:  # round to nearest even, as bfloat16_t in the stub
         u = a.view(np.uint32).astype(np.uint64)
@@ -59,6 +61,8 @@ def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
 
 
 def _from_bytes(b: bytes, dtype: str, shape) -> np.ndarray:
+    if dtype == "int32":
+        return np.frombuffer(b, dtype=np.int32).reshape(shape).copy()
     if dtype == _BF16:
         u = np.frombuffer(b, dtype=np.uint16).astype(np.uint32) << 16
         return u.view(np.float32).reshape(shape)

@@ -218,6 +218,20 @@ DFN void kda_rot8(TH float* x, int rot) {
   for (int i = 0; i < 8; ++i) x[i] = y[i];
 }
 
+// SPLIT: where 8-element group g of an xs item lives in tile memory: groups 0..3*64*G8-1 are
+// the rows of sG, sQ, sK (G8 groups a row), then the rows of sA and sP (8 groups a row)
+template <typename PT>
+DFN PT kda_item_tile(PT smem, int g, int offG, int offQ, int offK, int offA, int offP, int ldk,
+                     int lda, int g8) {
+  const int nk = 64 * g8;
+  if (g < 3 * nk) {
+    const int t = g / nk, rem = g - t * nk;
+    return smem + (t == 0 ? offG : (t == 1 ? offQ : offK)) + (rem / g8) * ldk + (rem % g8) * 8;
+  }
+  const int rem = g - 3 * nk, t = rem / 512, r2 = rem - t * 512;
+  return smem + (t == 0 ? offA : offP) + (r2 / 8) * lda + (r2 % 8) * 8;
+}
+
 DFN float kda_sigmoid(float x) { return 1.0f / (1.0f + EXPF(-x)); }
 // softplus, linear above 20 (as torch)
 DFN float kda_softplus(float x) { return x > 20.0f ? x : LOGF(1.0f + EXPF(x)); }
@@ -226,10 +240,24 @@ DFN float kda_softplus(float x) { return x > 20.0f ? x : LOGF(1.0f + EXPF(x)); }
 # ---------------------------------------------------------------------------------------------
 # Prefill body. Template constants: T (input dtype), K, V, BV, NT (threads), HAS_INIT, PI
 # (precision of the intra-chunk products), PS (precision of the state products), PF (issue the
-# next chunk's global loads a chunk ahead; costs registers), SMEM_FLOATS.
+# next chunk's global loads a chunk ahead; costs registers), SPLIT, TS (dtype of the shared
+# intra-chunk results), LA (SPLIT: how many chunks ahead a threadgroup may claim), SMEM_FLOATS.
 # Inputs: q_raw, k_raw, f [B,L,H,K]; v [B,L,H,V]; b_raw [B,L,H]; dt_bias [H*K]; A_log [H];
-# init_state [B,H,K,V] fp32 (any 1-element array when HAS_INIT is false).
-# Outputs: o [B,L,H,V] (T), state_out [B,H,K,V] fp32 (+ scratch on Metal).
+# init_state [B,H,K,V] fp32 (any 1-element array when HAS_INIT is false); sync int32.
+# Outputs: o [B,L,H,V] (T), state_out [B,H,K,V] fp32, xs (TS), xf fp32 (+ scratch on Metal).
+#
+# SPLIT: the V/BV threadgroups of a (batch, head) share the intra-chunk work instead of each
+# repeating it. A threadgroup claims chunk items in order from a counter (sync[bh][0]), runs a
+# claimed item's intra-chunk phases and publishes the results (xs: beta*Gamma*k, Gamma*q,
+# exp(G_last - G)*k, M, Aqk; xf: Gamma_last, beta) with a flag (sync[bh][1 + item]); the state
+# pass of chunk c reads item c back. A threadgroup claims any item it needs now, and items up
+# to LA ahead: one per chunk, or more while the item it needs is still being made elsewhere. It
+# only ever waits for an item that a running threadgroup has claimed: no deadlock, whatever the
+# residency. Every sync slot starts
+# at the value in its last slot (the caller picks it per call), so no memset is needed and
+# a reused buffer cannot pass for this call's.
+# Without SPLIT, each threadgroup runs every chunk's intra-chunk work itself (xs, xf, sync are
+# 1-element dummies).
 PREFILL_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int BT = 64;
@@ -261,6 +289,12 @@ PREFILL_BODY = r"""
   constexpr int NV8 = BT * BV / 8;              // groups of 8 in the v slice
   constexpr int NGV = (NV8 + NT - 1) / NT;
   static_assert((G8 & (G8 - 1)) == 0 && G8 <= 32 && NG * NT == BT * G8 && 16 % RS == 0, "layout");
+  // SPLIT: one item of xs = 3 tiles BT x K, then M and Aqk (BT x BT), 8-element groups in order
+  constexpr int NX8 = 3 * BT * G8 + 2 * BT * (BT / 8);
+  constexpr int XS_ITEM = 8 * NX8;
+  constexpr int XF_ITEM = K + BT;               // Gamma_last, beta (= tile memory at OFF_GAM)
+  constexpr int XB = 16 / (int)sizeof(TS);      // groups a thread holds in registers at once
+  static_assert(!SPLIT || (NX8 % NT == 0 && !PF), "split layout");
 /*@SMEM@*/
   DEVP float* sQ = smem + OFF_Q;
   DEVP float* sK = smem + OFF_K;
@@ -307,6 +341,12 @@ PREFILL_BODY = r"""
   for (int idx = _tid; idx < BT * LDA; idx += NT) sP[idx] = 0.0f;
 
   const int nchunks = (L + BT - 1) / BT;
+  const long bh = (long)bb * Hn + h;
+  SHARED_ARR(int, sCmd, 2);
+  const int sync_e = SPLIT ? sync[(long)q_raw_shape[0] * Hn * (nchunks + 1)] : 0;
+  int step = 0;
+  int ch = 0;                // next chunk of the state pass
+  bool ahead = false;        // SPLIT: claimed an item ahead since ch last moved
   int prev_t0 = 0, prev_lc = 0, next_t0 = 0, next_lc = 0;
   // raw loads of one chunk, 8 consecutive elements per thread; issued a chunk ahead
   Raw8<T> rq[NG], rk[NG], rf[NG], rv[NGV];
@@ -331,7 +371,7 @@ PREFILL_BODY = r"""
     for (int j = 0; j < NGV; ++j) {                                                          \
       const int gv = _tid + j * NT;                                                          \
       const int r = gv / (BV / 8);                                                           \
-      if (gv < NV8 && r < (LC)) {                                                            \
+      if (!SPLIT && gv < NV8 && r < (LC)) {                                                            \
         ld8(rv[j], v + ((long)(bb * L + (T0) + r) * Hn + h) * V + v0 + (gv % (BV / 8)) * 8); \
       } else {                                                                               \
         zero8(rv[j]);                                                                        \
@@ -340,8 +380,36 @@ PREFILL_BODY = r"""
     braw = _tid < (LC) ? static_cast<float>(b_raw[(long)(bb * L + (T0) + _tid) * Hn + h]) : 0.0f; \
   } while (0)
   if (PF) KDA_ISSUE_LOADS(0, (L < BT ? L : BT));
-  for (int ch = 0; ch < nchunks; ++ch) {
-    const int t0 = ch * BT;
+  while (ch < nchunks) {
+    // this step: the intra-chunk work of `item` (if >= 0), then the state pass of ch (if st)
+    int item = ch;
+    bool st = true;
+    if (SPLIT) {
+      if (_tid == 0) {
+        // the counter first: the acquire load holds back the loads after it, not before
+        const int c = sync_load(SYNC_PTR(sync) + bh * (nchunks + 1)) - sync_e;
+        const bool ready = sync_load_acquire(SYNC_PTR(sync) + bh * (nchunks + 1) + 1 + ch) != sync_e;
+        int cmd = ready ? -1 : -2;   // -2: wait, -1: the state pass of ch, >= 0: this item's intra work
+        if (c < nchunks && (c <= ch || (c < ch + LA && (!ahead || !ready)))) {
+          const int got = sync_add(SYNC_PTR(sync) + bh * (nchunks + 1), 1) - sync_e;
+          if (got < nchunks) cmd = got;
+        }
+        sCmd[step & 1] = cmd;
+      }
+      BARRIER();
+      const int cmd = sCmd[step & 1];   // (double-buffered: the next write is a barrier away)
+      ++step;
+      PHASE(14);
+      if (cmd == -2) {
+        if (_tid == 0) SPIN_PAUSE();
+        continue;
+      }
+      item = cmd;
+      st = cmd == -1;
+      if (cmd > ch) ahead = true;
+    }
+    if (item >= 0) {
+    const int t0 = item * BT;
     const int Lc = (L - t0) < BT ? (L - t0) : BT;
 
     // P1: (with PF, this chunk's loads were issued during the previous chunk) write the previous
@@ -394,9 +462,9 @@ PREFILL_BODY = r"""
     PHASE(0);
 
     // the next chunk's raw inputs to L2 now, so that its loads in P1 do not wait for memory
-    if (ch + 1 < nchunks) {
+    if (item + 1 < nchunks) {
       constexpr int EL = 128 / (int)sizeof(T);            // elements per 128-byte line
-      constexpr int NLK = (K + EL - 1) / EL, NLV = (BV + EL - 1) / EL;
+      constexpr int NLK = (K + EL - 1) / EL, NLV = SPLIT ? 0 : (BV + EL - 1) / EL;
       const int n0 = t0 + BT;
       const int nl = (L - n0) < BT ? (L - n0) : BT;
       for (int idx = _tid; idx < nl * (3 * NLK + NLV + 1); idx += NT) {
@@ -417,7 +485,7 @@ PREFILL_BODY = r"""
     PRAGMA_UNROLL
     for (int j = 0; j < NGV; ++j) {
       const int gv = _tid + j * NT;
-      if (gv < NV8) {
+      if (!SPLIT && gv < NV8) {
         const int r = gv / (BV / 8), c = (gv % (BV / 8)) * 8;
         const float be = sBeta[r];
         float xv[8];
@@ -547,7 +615,20 @@ PREFILL_BODY = r"""
         for (int r = 0; r < 16; ++r) sE[(bi * 16 + r) * LDA + bj * 16 + c] = n[r];
       }
     }
-    if (_warp >= NSUB) {
+    if (SPLIT && _warp >= NSUB) {
+      // only the rescaling here (the products with the state wait for the state pass): rows
+      // of blocks 1-3 to the chunk start by exp(R_i), and k to the last reference (as in P19)
+      for (int task = _warp - NSUB; task < 9; task += NW - NSUB) {
+        const int i = task < 6 ? 1 + (task >> 1) : task - 6;
+        DEVP float* X = task < 6 ? ((task & 1) ? sQ : sG) : sK;
+        for (int d = _lane; d < K; d += 32) {
+          const float e = task < 6 ? EXPF(sR[(i - 1) * K + d]) : EXPF(sR[3 * K + d] - sR[i * K + d]);
+          PRAGMA_UNROLL
+          for (int r = 0; r < 16; ++r) X[(i * 16 + r) * LDK + d] *= e;
+        }
+      }
+    }
+    if (!SPLIT && _warp >= NSUB) {
       // a warp per (row block i, product): first the rows to the chunk start, by exp(R_i) <= 1
       // (R_0 = 0): Gamma*q, beta*Gamma*k; then Y = beta*V - (beta*Gamma*k) S or O1 = (Gamma*q) S
       for (int task = _warp - NSUB; task < 2 * (BT / 16); task += NW - NSUB) {
@@ -574,7 +655,7 @@ PREFILL_BODY = r"""
     PHASE(6);
     // with PF, the next chunk's loads go out here (this chunk's raw values were used in P1-P2)
     // and arrive while the inverse, U and the state update run
-    if (PF && ch + 1 < nchunks) {
+    if (PF && !SPLIT && ch + 1 < nchunks) {
       next_t0 = t0 + BT;
       next_lc = (L - next_t0) < BT ? (L - next_t0) : BT;
       KDA_ISSUE_LOADS(next_t0, next_lc);
@@ -622,6 +703,97 @@ PREFILL_BODY = r"""
     }
     BARRIER();
     PHASE(7);
+    if (SPLIT) {
+      // publish the item: tiles to xs (8-element groups in the order of NX8), Gamma_last and
+      // beta to xf, then its flag (after every thread's writes)
+      DEVP TS* xo = xs + (bh * nchunks + item) * (long)XS_ITEM;
+      for (int j0 = 0; j0 < NX8 / NT; j0 += XB) {
+        PRAGMA_UNROLL
+        for (int jj = 0; jj < XB; ++jj) {
+          if (j0 + jj >= NX8 / NT) break;
+          const int g = _tid + (j0 + jj) * NT;
+          float x[8];
+          DEVP float* src = kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8);
+          PRAGMA_UNROLL
+          for (int i = 0; i < 8; ++i) x[i] = src[(i + rot) & 7];
+          kda_rot8(x, (8 - rot) & 7);
+          st8<TS>(xo + (long)g * 8, x);
+        }
+      }
+      for (int idx = _tid; idx < XF_ITEM; idx += NT) xf[(bh * nchunks + item) * XF_ITEM + idx] = smem[OFF_GAM + idx];
+      BARRIER();
+      // one release by thread 0 after the barrier covers every thread's writes (cumulativity)
+      if (_tid == 0) sync_store_release(SYNC_PTR(sync) + bh * (nchunks + 1) + 1 + item, sync_e + 1);
+      PHASE(15);
+    }
+    }  // intra-chunk work of item
+    if (!st) continue;
+    const int t0 = ch * BT;
+    const int Lc = (L - t0) < BT ? (L - t0) : BT;
+    if (SPLIT) {
+      // the state pass reads item ch back: tiles (sG: beta*Gamma*k, sQ: Gamma*q, sK: exp(G_last - G)k,
+      // sA: M, sP: Aqk), Gamma_last and beta; then beta*v
+      CDEVP TS* xi = xs + (bh * nchunks + ch) * (long)XS_ITEM;
+      CDEVP float* xfi = xf + (bh * nchunks + ch) * XF_ITEM;
+      // v, beta and xf go out first, so that their loads overlap the tiles'
+      Raw8<T> rvs[NGV];
+      float bes[NGV];
+      PRAGMA_UNROLL
+      for (int j = 0; j < NGV; ++j) {
+        const int gv = _tid + j * NT, r = gv / (BV / 8);
+        if (gv < NV8 && r < Lc) {
+          ld8(rvs[j], v + ((long)(bb * L + t0 + r) * Hn + h) * V + v0 + (gv % (BV / 8)) * 8);
+          bes[j] = xfi[K + r];
+        } else {
+          zero8(rvs[j]);
+          bes[j] = 0.0f;
+        }
+      }
+      const float xf0 = _tid < XF_ITEM ? xfi[_tid] : 0.0f;
+      for (int j0 = 0; j0 < NX8 / NT; j0 += XB) {
+        Raw8<TS> xr[XB];
+        PRAGMA_UNROLL
+        for (int jj = 0; jj < XB; ++jj) {
+          if (j0 + jj < NX8 / NT) ld8(xr[jj], xi + (long)(_tid + (j0 + jj) * NT) * 8);
+        }
+        PRAGMA_UNROLL
+        for (int jj = 0; jj < XB; ++jj) {
+          if (j0 + jj >= NX8 / NT) break;
+          const int g = _tid + (j0 + jj) * NT;
+          float x[8];
+          PRAGMA_UNROLL
+          for (int i = 0; i < 8; ++i) x[i] = get8(xr[jj], i);
+          kda_rot8(x, rot);
+          DEVP float* dst = kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8);
+          PRAGMA_UNROLL
+          for (int i = 0; i < 8; ++i) dst[(i + rot) & 7] = x[i];
+        }
+      }
+      if (_tid < XF_ITEM) smem[OFF_GAM + _tid] = xf0;
+      for (int idx = _tid + NT; idx < XF_ITEM; idx += NT) smem[OFF_GAM + idx] = xfi[idx];
+      PRAGMA_UNROLL
+      for (int j = 0; j < NGV; ++j) {
+        const int gv = _tid + j * NT;
+        if (gv < NV8) {
+          const int r = gv / (BV / 8), c = (gv % (BV / 8)) * 8;
+          float xv[8];
+          PRAGMA_UNROLL
+          for (int i = 0; i < 8; ++i) xv[i] = get8(rvs[j], i) * bes[j];
+          kda_rot8(xv, rot);
+          PRAGMA_UNROLL
+          for (int i = 0; i < 8; ++i) sV[r * LDV + c + ((i + rot) & 7)] = xv[i];
+        }
+      }
+      BARRIER();
+      PHASE(5);
+      // Y = beta*V - (beta*Gamma*k) S (in place in sV), O1 = (Gamma*q) S -> sE
+      gemm_job<PS, 2, false, false, 0, 0, true, false>(_warp, NW, 0, sG, LDK, sS, LDV,
+          BT, BV, K, sV, LDV, -1.0f, sV, LDV, -1.0f);
+      gemm_job<PS, 2, false, false, 0, 0, false, false>(_warp, NW, (BT / 16) * (BV / 16), sQ, LDK, sS, LDV,
+          BT, BV, K, sE, LDA, 1.0f, sE, LDA, 1.0f);
+      BARRIER();
+      PHASE(8);
+    }
 
     // P19: U = M Y; the state decays by Gamma_last
     gemm_job<PS, 2, false, false, 1, 0, false, false>(_warp, NW, 0, sA, LDA, sV, LDV,
@@ -631,7 +803,7 @@ PREFILL_BODY = r"""
       sS[r * LDV + c] *= sGam[r];
     }
     // k rows of block b to the last reference: exp(G_last - G) k = exp(R_4 - R_{b+1}) (k exp(R_{b+1} - G))
-    {
+    if (!SPLIT) {
       const float Rl = sR[3 * K + ed];
       PRAGMA_UNROLL
       for (int blk = 0; blk < 3; ++blk) {
@@ -645,13 +817,23 @@ PREFILL_BODY = r"""
 
     // P20: O = O1 + Aqk U (staged in sA); S += (exp(G_last-G) k)^T U
     gemm_job<PS, 2, false, false, 1, 0, true, false>(_warp, NW, 0, sP, LDA, sU, LDV,
-        BT, BV, BT, sQ, LDK, 1.0f, sA, LDA, 1.0f);
+        BT, BV, BT, SPLIT ? sE : sQ, SPLIT ? LDA : LDK, 1.0f, sA, LDA, 1.0f);
     gemm_job<PS, BV / 8, true, false, 0, 0, true, false>(_warp, NW, (BT / 16) * (BV / 16), sK, LDK, sU, LDV,
         K, BV, BT, sS, LDV, 1.0f, sS, LDV, 1.0f);
     BARRIER();
     PHASE(10);
-    prev_t0 = t0;
-    prev_lc = Lc;
+    if (SPLIT) {
+      // now, before an intra-chunk item takes sA (the next barrier is the step's)
+      for (int idx = _tid; idx < Lc * BV; idx += NT) {
+        const int r = idx / BV, c = idx % BV;
+        o[((long)(bb * L + t0 + r) * Hn + h) * V + v0 + c] = static_cast<T>(sA[r * LDA + c]);
+      }
+    } else {
+      prev_t0 = t0;
+      prev_lc = Lc;
+    }
+    ++ch;
+    ahead = false;
   }
 
   for (int idx = _tid; idx < prev_lc * BV; idx += NT) {
@@ -788,13 +970,13 @@ def render(dialect: Dialect, kind: str, prof: bool = False, max_threads: int = 0
     raise ValueError(kind)
 
 
-PREFILL_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "init_state"]
+PREFILL_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "init_state", "sync"]
 DECODE_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "state",
                  "norm_w", "gate", "eps"]
 
 
 def prefill_outputs(dialect: Dialect, prof: bool = False) -> list[str]:
-    return (["o", "state_out"] + (["scratch"] if dialect.scratch_output else [])
+    return (["o", "state_out", "xs", "xf"] + (["scratch"] if dialect.scratch_output else [])
             + (["prof"] if prof else []))
 
 
@@ -806,3 +988,9 @@ def prefill_smem_floats(K: int, BV: int) -> int:
     BT = 64
     LDK, LDV, LDA = K + 8, BV + 8, BT + 8
     return 3 * BT * LDK + 2 * BT * LDV + K * LDV + 4 * BT * LDA + 4 * K + K + BT
+
+
+def split_item_sizes(K: int) -> tuple[int, int]:
+    """SPLIT: elements of one chunk item in xs (TS) and in xf (fp32) (mirrors XS_ITEM, XF_ITEM)."""
+    BT = 64
+    return 3 * BT * K + 2 * BT * BT, K + BT

@@ -97,6 +97,16 @@ inline mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((int)a
 inline void threadgroup_barrier(mem_flags) { kda_emu::ctx.tg->arrive_and_wait(); }
 inline void simdgroup_barrier(mem_flags) { kda_emu::ctx.sg->arrive_and_wait(); }
 
+// device atomics (the prefill's SPLIT mode): threadgroups run one after another here, so the
+// orderings only matter for the threads of one threadgroup
+enum memory_order { memory_order_relaxed, memory_order_seq_cst };
+enum thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup, thread_scope_device };
+struct atomic_int { int v; };
+inline int atomic_fetch_add_explicit(atomic_int* p, int x, memory_order) { return __atomic_fetch_add(&p->v, x, __ATOMIC_SEQ_CST); }
+inline int atomic_load_explicit(atomic_int* p, memory_order) { return __atomic_load_n(&p->v, __ATOMIC_SEQ_CST); }
+inline void atomic_store_explicit(atomic_int* p, int x, memory_order) { __atomic_store_n(&p->v, x, __ATOMIC_SEQ_CST); }
+inline void atomic_thread_fence(mem_flags, memory_order, thread_scope) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
 inline float exp(float x) { return std::exp(x); }
 inline float log(float x) { return std::log(x); }
 inline float sqrt(float x) { return std::sqrt(x); }

@@ -138,6 +138,7 @@ def correctness(dev, naive_recurrent_kda):
         os.environ["KIMI_MLX_KDA_NT"] = str(nt)
         for dname in ("bf16", "fp32"):
             row = dict(L=L, B=B, init=init, dtype=dname, decay=decay, BV=bv,
+                       SPLIT=os.environ.get("KIMI_MLX_KDA_SPLIT", "default"),
                        NT=nt if dname == "bf16" else 256)
             try:
                 rr = {k: v.to(TDT[dname]).float() for k, v in raw.items()}   # what the kernel sees
@@ -281,20 +282,21 @@ def bench(dev, fla):
     mx.eval(raw_mx, A_mx, dtb_mx)
 
     # ours, a few variants (slice width, precision of the state products)
-    variants = [("auto", None, None, None, None),
-                ("BV=32 NT=512 PF=0", "32", None, "512", "0"),
-                ("BV=32 NT=512 PF=1", "32", None, "512", "1"),
-                ("BV=32 NT=256 PF=1", "32", None, "256", "1"),
-                ("BV=16 NT=512 PF=0", "16", None, "512", "0"),
-                ("BV=16 NT=256 PF=1", "16", None, "256", "1"),
-                ("BV=32 NT=512 state tf32x3", "32", "0,1", "512", "0")]
-    if ARGS.variants:  # e.g. "32:512:0,32:512:1": BV:NT:PF
-        variants = [("auto", None, None, None, None)] + [
-            (f"BV={b} NT={n} PF={f}", b, None, n, f)
-            for b, n, f in (v.split(":") for v in ARGS.variants.split(","))]
-    for name, bv, prec, nt, pf in variants:
+    variants = [("auto", None, None, None, None, None, None),
+                ("BV=32 NT=512 SPLIT=0", "32", None, "512", "0", "0", None),
+                ("BV=32 NT=512 SPLIT=1", "32", None, "512", "0", "1", None),
+                ("BV=16 NT=512 SPLIT=1", "16", None, "512", "0", "1", None),
+                ("BV=32 NT=256 PF=1 SPLIT=0", "32", None, "256", "1", "0", None),
+                ("BV=32 NT=512 SPLIT=1 state tf32x3", "32", "0,1", "512", "0", "1", None)]
+    if ARGS.variants:  # e.g. "32:512:0:0,32:512:0:1:8": BV:NT:PF[:SPLIT[:LA]]
+        variants = [("auto", None, None, None, None, None, None)] + [
+            (f"BV={v[0]} NT={v[1]} PF={v[2]}" + (f" SPLIT={v[3]}" if len(v) > 3 else "")
+             + (f" LA={v[4]}" if len(v) > 4 else ""),
+             v[0], None, v[1], v[2], v[3] if len(v) > 3 else None, v[4] if len(v) > 4 else None)
+            for v in (x.split(":") for x in ARGS.variants.split(","))]
+    for name, bv, prec, nt, pf, split, la in variants:
         for key, val in (("KIMI_MLX_KDA_BV", bv), ("KIMI_MLX_KDA_PREC", prec), ("KIMI_MLX_KDA_NT", nt),
-                         ("KIMI_MLX_KDA_PF", pf)):
+                         ("KIMI_MLX_KDA_PF", pf), ("KIMI_MLX_KDA_SPLIT", split), ("KIMI_MLX_KDA_LA", la)):
             if val is None:
                 os.environ.pop(key, None)
             else:
@@ -315,33 +317,38 @@ def bench(dev, fla):
     os.environ.pop("KIMI_MLX_KDA_PREC", None)
     os.environ.pop("KIMI_MLX_KDA_NT", None)
     os.environ.pop("KIMI_MLX_KDA_PF", None)
+    os.environ.pop("KIMI_MLX_KDA_SPLIT", None)
+    os.environ.pop("KIMI_MLX_KDA_LA", None)
 
     # where the time goes: per-phase clock counts of thread 0, averaged over threadgroups
     if not ARGS.dry_run and not ARGS.no_profile:
         names = ["P1 load+norm+gate", "P2 prefetch, v, cumsum", "P3 diag blocks", "P4 scaled operands",
-                 "P5 offdiag mma", "-", "P11 D, E | rescale, Y, O1", "P13-14 M",
-                 "-", "P19 U=MY, rescale", "P20 O, S update", "tail store",
-                 "P1a o store", "P1b loads, norm, gate, tile stores"]   # P1 = P1a + P1b + rest
-        for spec in (ARGS.profiles or "32:512:0,32:512:1,32:256:1").split(","):
-            bv, nt, pf = (spec.split(":") + ["1"])[:3]
+                 "P5 offdiag mma", "S1 state-pass loads (SPLIT)", "P11 D, E | rescale, Y, O1", "P13-14 M",
+                 "S2 Y, O1 (SPLIT)", "P19 U=MY, rescale", "P20 O, S update", "tail store",
+                 "P1a o store", "P1b loads, norm, gate, tile stores",   # P1 = P1a + P1b + rest
+                 "D claim/wait decision (SPLIT)", "X publish item (SPLIT)"]
+        for spec in (ARGS.profiles or "32:512:0:0,32:512:0:1").split(","):
+            bv, nt, pf, split = (spec.split(":") + ["0", "1"])[:4]
             os.environ["KIMI_MLX_KDA_BV"] = bv
             os.environ["KIMI_MLX_KDA_NT"] = nt
             os.environ["KIMI_MLX_KDA_PF"] = pf
+            os.environ["KIMI_MLX_KDA_SPLIT"] = split
             try:
                 o, S, pr = mk._prefill(raw_mx["q_raw"], raw_mx["k_raw"], raw_mx["v"], raw_mx["f"],
                                        dtb_mx, A_mx, raw_mx["b_raw"], None, prof=True)
                 mx.eval(o, S, pr)
                 p = np.array(pr).mean(0)
                 nch = math.ceil(T / 64)
-                res[f"profile BV={bv} NT={nt} PF={pf}"] = {n: float(p[i] / nch) for i, n in enumerate(names)}
-                log(f"profile BV={bv} NT={nt} PF={pf} (cycles per chunk, thread 0):",
-                    {n: int(p[i] / nch) for i, n in enumerate(names)}, "total", int(p[:14].sum() / nch))
+                res[f"profile BV={bv} NT={nt} PF={pf} SPLIT={split}"] = {n: float(p[i] / nch) for i, n in enumerate(names)}
+                log(f"profile BV={bv} NT={nt} PF={pf} SPLIT={split} (cycles per chunk, thread 0):",
+                    {n: int(p[i] / nch) for i, n in enumerate(names)}, "total", int(p[:16].sum() / nch))
             except Exception as e:  # noqa: BLE001
-                res[f"profile BV={bv} NT={nt} PF={pf}"] = dict(error=repr(e)[:1500])
+                res[f"profile BV={bv} NT={nt} PF={pf} SPLIT={split}"] = dict(error=repr(e)[:1500])
                 log(traceback.format_exc())
         os.environ.pop("KIMI_MLX_KDA_BV", None)
         os.environ.pop("KIMI_MLX_KDA_NT", None)
         os.environ.pop("KIMI_MLX_KDA_PF", None)
+        os.environ.pop("KIMI_MLX_KDA_SPLIT", None)
         save()
 
     # FLA chunk_kda: fused gate / norm / sigmoid in kernel (like ours), and pre-gated inputs
@@ -538,8 +545,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: correctness,decode,bench")
     ap.add_argument("--lengths", default="", help="correctness lengths (default: the issue's list)")
-    ap.add_argument("--variants", default="", help="timed kernel variants BV:NT:PF,... (tuning)")
-    ap.add_argument("--profiles", default="", help="profiled variants BV:NT,... (tuning)")
+    ap.add_argument("--variants", default="", help="timed kernel variants BV:NT:PF[:SPLIT],... (tuning)")
+    ap.add_argument("--profiles", default="", help="profiled variants BV:NT:PF[:SPLIT],... (tuning)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-phase clock profile")
     ap.add_argument("--full-builtin-off", action="store_true",
                     help="time mx.fast.gated_delta_update at T=1024 only (tuning runs)")

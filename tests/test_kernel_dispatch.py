@@ -13,7 +13,7 @@ from metal_kernels.dialect import METAL
 from metal_kernels.emulate import cxx, run_metal
 from metal_kernels.sources import io_names
 
-_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32"}
 
 
 class _EmulatedKernel:
@@ -29,7 +29,7 @@ class _EmulatedKernel:
         self.log.append((self.kind, dict(tmpl)))
         res = run_metal(
             self.kind, tmpl,
-            {n: np.array(a.astype(mx.float32)) for n, a in zip(ins, inputs)},
+            {n: np.array(a if a.dtype == mx.int32 else a.astype(mx.float32)) for n, a in zip(ins, inputs)},
             {n: _NAMES[a.dtype] for n, a in zip(ins, inputs)},
             dict(zip(outs, output_shapes)),
             {n: _NAMES[d] for n, d in zip(outs, output_dtypes)},
@@ -76,9 +76,12 @@ def test_kernel_unsupported_shape_falls_back(emulated_metal):
     assert emulated_metal == [] and o.shape == (B, T, H, K) and S.shape == (B, H, K, K)
 
 
-def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monkeypatch):
+@pytest.mark.parametrize("split", ["0", "1"])
+def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monkeypatch, split):
     """tiny_quant (K = V = 64): prefill 65 tokens through the chunk-scan kernel (two chunks, the
-    second a 1-token tail), then decode through the fused step kernel (gated RMSNorm fused)."""
+    second a 1-token tail), then decode through the fused step kernel (gated RMSNorm fused).
+    split=1: the v-slice threadgroups of a head share the intra-chunk work (SPLIT)."""
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", split)
     model = load_model(MODELS / "tiny_quant")
     g = golden("tiny_quant")
     ids = mx.array(g["ids"][:1, :67])
@@ -88,6 +91,7 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
     kinds = [k for k, _ in emulated_metal]
     assert kinds == ["prefill"] * 3  # one dispatch per KDA layer
     assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in emulated_metal)
+    assert all(t["SPLIT"] is (split == "1") for _, t in emulated_metal)
     steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
     assert [k for k, _ in emulated_metal[3:]] == ["decode"] * 6
     assert all(t["GATED"] for _, t in emulated_metal[3:])
@@ -97,3 +101,19 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
     ref = model(ids[:, :67])[0]
     for i, t in enumerate((65, 66)):
         assert max_abs(steps[i], ref[t]) < 1e-4
+
+
+def test_kernel_split_dispatch_rules(monkeypatch):
+    """SPLIT (slices of a head share the intra-chunk work): on by default on CUDA only, never
+    with one slice, and not when one call's scratch would pass the cap."""
+    monkeypatch.delenv("KIMI_MLX_KDA_SPLIT", raising=False)
+    assert metal_kernels._use_split("cuda", 4, 1 << 20)
+    assert not metal_kernels._use_split("metal", 4, 1 << 20)
+    assert not metal_kernels._use_split("cuda", 1, 1 << 20)
+    assert not metal_kernels._use_split("cuda", 4, metal_kernels._SPLIT_MAX_BYTES + 1)
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", "0")
+    assert not metal_kernels._use_split("cuda", 4, 1 << 20)
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", "1")
+    assert metal_kernels._use_split("metal", 4, 1 << 20)
+    # every call's sync slots start at a different value (mx.compile cannot merge two of them)
+    assert len({metal_kernels._sync_value() for _ in range(5)}) == 5

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_metal
-from metal_kernels.kda_template import prefill_smem_floats
+from metal_kernels.kda_template import prefill_smem_floats, split_item_sizes
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
 
@@ -26,19 +26,30 @@ def _inputs(rng, B, L, H, strong_decay=False):
     return {n: a.astype(np.float32) for n, a in d.items()}
 
 
-def _prefill(ins, S0, dt):
+def _prefill(ins, S0, dt, split=False):
+    """split: the V/BV threadgroups of a head share the intra-chunk work (SPLIT); the emulator
+    runs threadgroups one after another, so the first of each head claims and runs every item
+    and the others read them back."""
     B, L, H, _ = ins["q_raw"].shape
+    nch = -(-L // 64)
     ind = {n: dt for n in RAW}
-    ind.update(dt_bias="float32", A_log="float32", init_state="float32")
-    outd = dict(o=dt, state_out="float32", scratch="float32")
+    ind.update(dt_bias="float32", A_log="float32", init_state="float32", sync="int32")
+    outd = dict(o=dt, state_out="float32", xs="float32", xf="float32", scratch="float32")
     smem = prefill_smem_floats(K, BV)
     ntg = (V // BV) * H * B
     tmpl = [("T", dt), ("K", K), ("V", V), ("BV", BV), ("NT", NT), ("HAS_INIT", S0 is not None),
-            ("PI", 0), ("PS", 0), ("PF", L > 64), ("SMEM_FLOATS", smem)]
-    args = dict(ins, init_state=S0 if S0 is not None else np.zeros(1, np.float32))
-    out = run_metal("prefill", tmpl, args, ind,
-                    dict(o=(B, L, H, V), state_out=(B, H, K, V), scratch=(ntg * smem,)),
-                    outd, (V // BV, H, B), NT)
+            ("PI", 0), ("PS", 0), ("PF", L > 64 and not split), ("SPLIT", split), ("TS", "float32"), ("LA", 3),
+            ("SMEM_FLOATS", smem)]
+    xs_item, xf_item = split_item_sizes(K)
+    # sync slots start at the value in the last slot (here 77; the dispatch picks one per call)
+    sync = np.full(B * H * (nch + 1) + 1, 77, np.int32) if split else np.zeros(1, np.int32)
+    args = dict(ins, init_state=S0 if S0 is not None else np.zeros(1, np.float32), sync=sync)
+    outs = dict(o=(B, L, H, V), state_out=(B, H, K, V),
+                xs=(B * H * nch * xs_item,) if split else (1,),
+                xf=(B * H * nch * xf_item,) if split else (1,), scratch=(ntg * smem,))
+    out = run_metal("prefill", tmpl, args, ind, outs, outd, (V // BV, H, B), NT)
+    if split:  # every item was published (xs also carries M's unused upper blocks, unwritten)
+        assert not np.isnan(out["xf"]).any()
     return out["o"], out["state_out"]
 
 
@@ -48,18 +59,22 @@ def _reference(ins, S0, dt):
     return kda_np(q, k, r["v"], g, beta, S0)
 
 
-@pytest.mark.parametrize("L,B,init,dt", [
-    (1, 1, False, "float32"),
-    (63, 1, True, "float32"),
-    (64, 2, False, "float32"),
-    (65, 1, True, "float32"),
-    (150, 2, True, "bfloat16"),
+@pytest.mark.parametrize("L,B,init,dt,split", [
+    (1, 1, False, "float32", False),
+    (63, 1, True, "float32", False),
+    (64, 2, False, "float32", False),
+    (65, 1, True, "float32", False),
+    (150, 2, True, "bfloat16", False),
+    (1, 1, True, "float32", True),
+    (65, 1, False, "float32", True),
+    (150, 2, True, "float32", True),
+    (200, 1, True, "bfloat16", True),
 ])
-def test_kernel_prefill_emulated(L, B, init, dt):
+def test_kernel_prefill_emulated(L, B, init, dt, split):
     rng = np.random.default_rng(L * 10 + B)
     ins = _inputs(rng, B, L, 2)
     S0 = rng.standard_normal((B, 2, K, V)).astype(np.float32) if init else None
-    o, S = _prefill(ins, S0, dt)
+    o, S = _prefill(ins, S0, dt, split)
     assert not np.isnan(o).any() and not np.isnan(S).any()  # every element written
     o_ref, S_ref = _reference(ins, S0, dt)
     tol = 1e-5 if dt == "float32" else 1e-2
@@ -67,13 +82,14 @@ def test_kernel_prefill_emulated(L, B, init, dt):
     assert rel_err(S, S_ref) < 1e-5
 
 
-def test_kernel_prefill_emulated_strong_decay():
+@pytest.mark.parametrize("split", [False, True])
+def test_kernel_prefill_emulated_strong_decay(split):
     # per-step log decay down to ~ -100: exp of G differences across a chunk would overflow;
     # the sub-block references keep every exponent <= 0
     rng = np.random.default_rng(7)
     ins = _inputs(rng, 1, 130, 2, strong_decay=True)
     S0 = rng.standard_normal((1, 2, K, V)).astype(np.float32)
-    o, S = _prefill(ins, S0, "float32")
+    o, S = _prefill(ins, S0, "float32", split)
     o_ref, S_ref = _reference(ins, S0, "float32")
     assert np.isfinite(o).all() and np.isfinite(S).all()
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5

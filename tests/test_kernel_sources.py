@@ -31,20 +31,27 @@ def test_kernel_sources_one_algorithm_two_dialects(kind):
         assert word not in ch + cb
 
 
-def _prefill_template(dt, K, BV, NT, init, pf):
+def _prefill_template(dt, K, BV, NT, init, pf, split=False, ts="float32"):
     return [("T", dt), ("K", K), ("V", 128), ("BV", BV), ("NT", NT), ("HAS_INIT", init),
-            ("PI", 0), ("PS", 0), ("PF", pf), ("SMEM_FLOATS", prefill_smem_floats(K, BV))]
+            ("PI", 0), ("PS", 0), ("PF", pf), ("SPLIT", split), ("TS", ts), ("LA", 8),
+            ("SMEM_FLOATS", prefill_smem_floats(K, BV))]
+
+
+def _prefill_io(dt, ts="float32"):
+    ind = {n: dt for n in ("q_raw", "k_raw", "v", "f", "b_raw")}
+    ind.update(dt_bias="float32", A_log="float32", init_state="float32", sync="int32")
+    return ind, dict(o=dt, state_out="float32", xs=ts, xf="float32", scratch="float32")
 
 
 @needs_cxx
 @pytest.mark.parametrize("dt", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("K,BV,NT,init,pf", [(128, 32, 512, True, False), (128, 64, 256, False, True),
-                                             (64, 16, 128, True, True)])
-def test_kernel_metal_prefill_compiles_as_cxx(tmp_path, dt, K, BV, NT, init, pf):
-    ind = {n: dt for n in ("q_raw", "k_raw", "v", "f", "b_raw")}
-    ind.update(dt_bias="float32", A_log="float32", init_state="float32")
-    outd = dict(o=dt, state_out="float32", scratch="float32")
-    src = metal_unit("prefill", _prefill_template(dt, K, BV, NT, init, pf), ind, outd)
+@pytest.mark.parametrize("K,BV,NT,init,pf,split", [(128, 32, 512, True, False, False),
+                                                   (128, 64, 256, False, True, False),
+                                                   (64, 16, 128, True, True, False),
+                                                   (128, 32, 512, True, False, True)])
+def test_kernel_metal_prefill_compiles_as_cxx(tmp_path, dt, K, BV, NT, init, pf, split):
+    ind, outd = _prefill_io(dt)
+    src = metal_unit("prefill", _prefill_template(dt, K, BV, NT, init, pf, split), ind, outd)
     compile_unit(src, tmp_path / "prefill", syntax_only=True)
 
 
@@ -63,9 +70,8 @@ def test_kernel_metal_decode_compiles_as_cxx(tmp_path, dt, gated):
 @needs_cxx
 def test_kernel_metal_stub_rejects_a_typo(tmp_path):
     """The check has teeth: an undeclared Metal name does not compile."""
-    ind = {n: "float32" for n in ("q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "init_state")}
-    src = metal_unit("prefill", _prefill_template("float32", 64, 16, 128, False, False), ind,
-                     dict(o="float32", state_out="float32", scratch="float32"))
+    ind, outd = _prefill_io("float32")
+    src = metal_unit("prefill", _prefill_template("float32", 64, 16, 128, False, False), ind, outd)
     bad = src.replace("threadgroup_barrier(", "threadgroup_barier(", 1)
     assert bad != src
     with pytest.raises(RuntimeError, match="threadgroup_barier"):
@@ -73,9 +79,8 @@ def test_kernel_metal_stub_rejects_a_typo(tmp_path):
 
 
 def test_kernel_cuda_unit_is_generated():
-    ind = {n: "bfloat16" for n in ("q_raw", "k_raw", "v", "f", "b_raw")}
-    ind.update(dt_bias="float32", A_log="float32", init_state="float32")
-    src = cuda_unit("prefill", _prefill_template("bfloat16", 128, 32, 512, True, False), ind,
-                    dict(o="bfloat16", state_out="float32"))
+    ind, outd = _prefill_io("bfloat16", "bfloat16")
+    src = cuda_unit("prefill", _prefill_template("bfloat16", 128, 32, 512, True, False, True, "bfloat16"),
+                    ind, outd)
     assert 'extern "C" __global__ void kda_kernel(' in src
     assert "using T = __nv_bfloat16;" in src and "constexpr int K = 128;" in src
