@@ -295,6 +295,7 @@ PREFILL_BODY = r"""
   constexpr int XF_ITEM = K + BT;               // Gamma_last, beta (= tile memory at OFF_GAM)
   constexpr int XB = 16 / (int)sizeof(TS);      // groups a thread holds in registers at once
   static_assert(!SPLIT || (NX8 % NT == 0 && !PF), "split layout");
+  SHARED_ARR(int, sCmd, 2);                     // SPLIT: thread 0's decision for the step
 /*@SMEM@*/
   DEVP float* sQ = smem + OFF_Q;
   DEVP float* sK = smem + OFF_K;
@@ -342,7 +343,6 @@ PREFILL_BODY = r"""
 
   const int nchunks = (L + BT - 1) / BT;
   const long bh = (long)bb * Hn + h;
-  SHARED_ARR(int, sCmd, 2);
   const int sync_e = SPLIT ? sync[(long)q_raw_shape[0] * Hn * (nchunks + 1)] : 0;
   int step = 0;
   int ch = 0;                // next chunk of the state pass
