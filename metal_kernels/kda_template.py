@@ -253,9 +253,8 @@ DFN float kda_softplus(float x) { return x > 20.0f ? x : LOGF(1.0f + EXPF(x)); }
 # pass of chunk c reads item c back. A threadgroup claims any item it needs now, and items up
 # to LA ahead: one per chunk, or more while the item it needs is still being made elsewhere. It
 # only ever waits for an item that a running threadgroup has claimed: no deadlock, whatever the
-# residency. Every sync slot starts
-# at the value in its last slot (the caller picks it per call), so no memset is needed and
-# a reused buffer cannot pass for this call's.
+# residency. Every sync slot starts at one value the caller picks per call (mx.full; the last
+# slot keeps it): no memset, and mx.compile cannot merge two calls' sync arrays.
 # Without SPLIT, each threadgroup runs every chunk's intra-chunk work itself (xs, xf, sync are
 # 1-element dummies).
 PREFILL_BODY = r"""
@@ -371,7 +370,7 @@ PREFILL_BODY = r"""
     for (int j = 0; j < NGV; ++j) {                                                          \
       const int gv = _tid + j * NT;                                                          \
       const int r = gv / (BV / 8);                                                           \
-      if (!SPLIT && gv < NV8 && r < (LC)) {                                                            \
+      if (!SPLIT && gv < NV8 && r < (LC)) {                                                  \
         ld8(rv[j], v + ((long)(bb * L + (T0) + r) * Hn + h) * V + v0 + (gv % (BV / 8)) * 8); \
       } else {                                                                               \
         zero8(rv[j]);                                                                        \
