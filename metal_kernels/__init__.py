@@ -18,8 +18,8 @@ multiple of 16).
 from __future__ import annotations
 
 import functools
-import itertools
 import hashlib
+import itertools
 import os
 
 from . import dialect as _dialect

@@ -218,6 +218,21 @@ DFN void kda_rot8(TH float* x, int rot) {
   for (int i = 0; i < 8; ++i) x[i] = y[i];
 }
 
+// 8 channels x[0..8) (in order) to dst[0..8) in the rotated order of kda_rot8 (x is rotated in
+// place); kda_take8 is the reverse
+template <typename PT>
+DFN void kda_put8(PT dst, TH float* x, int rot) {
+  kda_rot8(x, rot);
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) dst[(i + rot) & 7] = x[i];
+}
+template <typename PT>
+DFN void kda_take8(PT src, TH float* x, int rot) {
+  PRAGMA_UNROLL
+  for (int i = 0; i < 8; ++i) x[i] = src[(i + rot) & 7];
+  kda_rot8(x, (8 - rot) & 7);
+}
+
 // SPLIT: where 8-element group g of an xs item lives in tile memory: groups 0..3*64*G8-1 are
 // the rows of sG, sQ, sK (G8 groups a row), then the rows of sA and sP (8 groups a row)
 template <typename PT>
@@ -333,6 +348,9 @@ PREFILL_BODY = r"""
 #else
 #define PHASE(i) do { } while (0)
 #endif
+// SPLIT: this head's sync slots: the claim counter, then a flag per chunk
+#define KDA_CLAIM (SYNC_PTR(sync) + bh * (nchunks + 1))
+#define KDA_FLAG(c) (KDA_CLAIM + 1 + (c))
 
   for (int idx = _tid; idx < K * BV; idx += NT) {
     const int r = idx / BV, c = idx % BV;
@@ -386,11 +404,11 @@ PREFILL_BODY = r"""
     if (SPLIT) {
       if (_tid == 0) {
         // the counter first: the acquire load holds back the loads after it, not before
-        const int c = sync_load(SYNC_PTR(sync) + bh * (nchunks + 1)) - sync_e;
-        const bool ready = sync_load_acquire(SYNC_PTR(sync) + bh * (nchunks + 1) + 1 + ch) != sync_e;
+        const int c = sync_load(KDA_CLAIM) - sync_e;
+        const bool ready = sync_load_acquire(KDA_FLAG(ch)) != sync_e;
         int cmd = ready ? -1 : -2;   // -2: wait, -1: the state pass of ch, >= 0: this item's intra work
         if (c < nchunks && (c <= ch || (c < ch + LA && (!ahead || !ready)))) {
-          const int got = sync_add(SYNC_PTR(sync) + bh * (nchunks + 1), 1) - sync_e;
+          const int got = sync_add(KDA_CLAIM, 1) - sync_e;
           if (got < nchunks) cmd = got;
         }
         sCmd[step & 1] = cmd;
@@ -489,10 +507,8 @@ PREFILL_BODY = r"""
         const float be = sBeta[r];
         float xv[8];
         PRAGMA_UNROLL
-        for (int i = 0; i < 8; ++i) xv[i] = get8(rv[j], i);
-        kda_rot8(xv, rot);
-        PRAGMA_UNROLL
-        for (int i = 0; i < 8; ++i) sV[r * LDV + c + ((i + rot) & 7)] = xv[i] * be;
+        for (int i = 0; i < 8; ++i) xv[i] = get8(rv[j], i) * be;
+        kda_put8(sV + r * LDV + c, xv, rot);
       }
     }
     if (_tid < K) {
@@ -614,23 +630,21 @@ PREFILL_BODY = r"""
         for (int r = 0; r < 16; ++r) sE[(bi * 16 + r) * LDA + bj * 16 + c] = n[r];
       }
     }
-    if (SPLIT && _warp >= NSUB) {
-      // only the rescaling here (the products with the state wait for the state pass): rows
-      // of blocks 1-3 to the chunk start by exp(R_i), and k to the last reference (as in P19)
-      for (int task = _warp - NSUB; task < 9; task += NW - NSUB) {
-        const int i = task < 6 ? 1 + (task >> 1) : task - 6;
-        DEVP float* X = task < 6 ? ((task & 1) ? sQ : sG) : sK;
-        for (int d = _lane; d < K; d += 32) {
-          const float e = task < 6 ? EXPF(sR[(i - 1) * K + d]) : EXPF(sR[3 * K + d] - sR[i * K + d]);
-          PRAGMA_UNROLL
-          for (int r = 0; r < 16; ++r) X[(i * 16 + r) * LDK + d] *= e;
-        }
-      }
-    }
-    if (!SPLIT && _warp >= NSUB) {
+    if (_warp >= NSUB) {
       // a warp per (row block i, product): first the rows to the chunk start, by exp(R_i) <= 1
-      // (R_0 = 0): Gamma*q, beta*Gamma*k; then Y = beta*V - (beta*Gamma*k) S or O1 = (Gamma*q) S
-      for (int task = _warp - NSUB; task < 2 * (BT / 16); task += NW - NSUB) {
+      // (R_0 = 0): Gamma*q, beta*Gamma*k; then Y = beta*V - (beta*Gamma*k) S or O1 = (Gamma*q) S.
+      // SPLIT leaves the products to the state pass; its last 3 tasks move the k rows of blocks
+      // 0-2 to the last reference instead (P19 does that without SPLIT)
+      for (int task = _warp - NSUB; task < 2 * (BT / 16) + (SPLIT ? 3 : 0); task += NW - NSUB) {
+        if (task >= 2 * (BT / 16)) {
+          const int blk = task - 2 * (BT / 16);
+          for (int d = _lane; d < K; d += 32) {
+            const float lf = EXPF(sR[3 * K + d] - sR[blk * K + d]);
+            PRAGMA_UNROLL
+            for (int r = 0; r < 16; ++r) sK[(blk * 16 + r) * LDK + d] *= lf;
+          }
+          continue;
+        }
         const int i = task >> 1;
         DEVP float* X = (task & 1) ? sQ : sG;
         if (i > 0) {
@@ -641,6 +655,7 @@ PREFILL_BODY = r"""
           }
           WARP_SYNC();
         }
+        if (SPLIT) continue;
         if (task & 1) {   // all BV columns in one task, so O1 can go over those rows of sQ
           gemm_job<PS, BV / 8, false, false, 0, 0, false, false>(0, 1, 0, sQ + i * 16 * LDK, LDK, sS, LDV,
               16, BV, K, sQ + i * 16 * LDK, LDK, 1.0f, sQ + i * 16 * LDK, LDK, 1.0f);
@@ -712,17 +727,14 @@ PREFILL_BODY = r"""
           if (j0 + jj >= NX8 / NT) break;
           const int g = _tid + (j0 + jj) * NT;
           float x[8];
-          DEVP float* src = kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8);
-          PRAGMA_UNROLL
-          for (int i = 0; i < 8; ++i) x[i] = src[(i + rot) & 7];
-          kda_rot8(x, (8 - rot) & 7);
+          kda_take8(kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8), x, rot);
           st8<TS>(xo + (long)g * 8, x);
         }
       }
       for (int idx = _tid; idx < XF_ITEM; idx += NT) xf[(bh * nchunks + item) * XF_ITEM + idx] = smem[OFF_GAM + idx];
       BARRIER();
       // one release by thread 0 after the barrier covers every thread's writes (cumulativity)
-      if (_tid == 0) sync_store_release(SYNC_PTR(sync) + bh * (nchunks + 1) + 1 + item, sync_e + 1);
+      if (_tid == 0) sync_store_release(KDA_FLAG(item), sync_e + 1);
       PHASE(15);
     }
     }  // intra-chunk work of item
@@ -762,10 +774,7 @@ PREFILL_BODY = r"""
           float x[8];
           PRAGMA_UNROLL
           for (int i = 0; i < 8; ++i) x[i] = get8(xr[jj], i);
-          kda_rot8(x, rot);
-          DEVP float* dst = kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8);
-          PRAGMA_UNROLL
-          for (int i = 0; i < 8; ++i) dst[(i + rot) & 7] = x[i];
+          kda_put8(kda_item_tile(smem, g, OFF_G, OFF_Q, OFF_K, OFF_A, OFF_P, LDK, LDA, G8), x, rot);
         }
       }
       if (_tid < XF_ITEM) smem[OFF_GAM + _tid] = xf0;
@@ -778,9 +787,7 @@ PREFILL_BODY = r"""
           float xv[8];
           PRAGMA_UNROLL
           for (int i = 0; i < 8; ++i) xv[i] = get8(rvs[j], i) * bes[j];
-          kda_rot8(xv, rot);
-          PRAGMA_UNROLL
-          for (int i = 0; i < 8; ++i) sV[r * LDV + c + ((i + rot) & 7)] = xv[i];
+          kda_put8(sV + r * LDV + c, xv, rot);
         }
       }
       BARRIER();
