@@ -10,7 +10,8 @@ Order (first that works wins):
   2. the system OpenBLAS (libopenblas.so.0: Debian/Ubuntu `libopenblas0-pthread`, Fedora `openblas`).
   3. the `scipy-openblas32` wheel. Its symbols are prefixed (`scipy_cblas_sgemm`), so a tiny
      forwarding library exporting the unprefixed names is generated and compiled with the system C
-     compiler into the user cache dir on first use (skipped when there is no compiler).
+     compiler into the user cache dir on first use (skipped when there is no compiler), and
+     loaded only once `_native.cached_library` has verified it.
 
 Safety: a foreign BLAS can kill the process with SIGILL on its first call (a wheel built for newer
 CPUs). Each candidate is therefore first exercised in a short subprocess; the verdict is cached
@@ -25,7 +26,7 @@ import os
 import subprocess
 import sys
 
-from ._native import compile_shared, compiler, file_id, user_cache_dir
+from ._native import Library, cached_library, compile_shared, compiler, file_id, private_dir, user_cache_dir
 
 # what was loaded: the library path(s), or None when MLX keeps its reference BLAS
 LOADED: str | None = None
@@ -97,8 +98,14 @@ def blas_info() -> dict:
     return info
 
 
+_CACHE_DIR: list = []  # (dir, why the user cache was not used), found once per process
+
+
 def _cache_dir() -> str:
-    return os.path.join(user_cache_dir(), "blas")
+    """The private directory for probe verdicts and the shim (see _native.private_dir)."""
+    if not _CACHE_DIR:
+        _CACHE_DIR.extend(private_dir("blas", root=user_cache_dir()))
+    return _CACHE_DIR[0]
 
 
 def _file_key(paths: list[str]) -> str:
@@ -108,16 +115,19 @@ def _file_key(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _probe(paths: list[str], symbol: str = "cblas_sgemm") -> bool:
-    """True when the libraries load and survive a real sgemm in a subprocess; verdicts are cached on disk."""
+def _probe(paths: list[str], symbol: str = "cblas_sgemm", shim: Library | None = None) -> bool:
+    """True when the libraries load and survive a real sgemm in a subprocess; verdicts are cached on disk.
+    `shim`: the verified library that paths[-1] names, loaded by the subprocess from its held-open fd."""
     d = _cache_dir()
     mark = os.path.join(d, f"probe-{_file_key(paths + [symbol])}")
     for verdict in ("ok", "bad"):
         if os.path.exists(f"{mark}.{verdict}"):
             return verdict == "ok"
     try:
-        r = subprocess.run([sys.executable, "-S", "-c", _PROBE, symbol, *paths], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        load = paths if shim is None else [*paths[:-1], shim.path]
+        r = subprocess.run([sys.executable, "-S", "-c", _PROBE, symbol, *load], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                           pass_fds=() if shim is None else (shim.fd,))
         ok = r.returncode == 0
     except Exception:
         return False  # can't tell (no fork, timeout): don't risk it, and don't cache
@@ -134,13 +144,13 @@ def _load(paths: list[str]) -> list:
     return [ctypes.CDLL(p, mode=ctypes.RTLD_GLOBAL) for p in paths]
 
 
-def _try(paths: list[str]) -> str | None:
+def _try(paths: list[str], shim: Library | None = None) -> str | None:
     """Probe out of process first (a bad build must not touch this one), then load globally;
-    returns why not, or None on success."""
-    if not _probe(paths):
+    returns why not, or None on success. `shim`: see _probe."""
+    if not _probe(paths, shim=shim):
         return f"{' + '.join(paths)} failed the subprocess sgemm probe (no cblas_sgemm, or it crashed)"
     try:
-        _LIBS.extend(_load(paths))
+        _LIBS.extend(_load(paths if shim is None else [*paths[:-1], shim.path]))
     except OSError as e:
         return f"cannot load {paths[-1]}: {e}"
     return None
@@ -186,26 +196,32 @@ def shim_source(lib: ctypes.CDLL, prefix: str = "scipy_") -> tuple[str, list[str
     return "\n".join(lines) + "\n", names
 
 
-def build_shim(scipy_lib: str) -> tuple[str | None, str]:
-    """Path of the compiled forwarding library for `scipy_lib` (cached), or (None, why not)."""
+def build_shim(scipy_lib: str) -> tuple[Library | None, str]:
+    """The verified forwarding library for `scipy_lib` (cached, else compiled), held open, or (None, why not)."""
     cc = compiler()
     if cc is None:
         return None, "no C compiler for the scipy-openblas32 shim"
-    d = _cache_dir()
-    out = os.path.join(d, f"libkimi_blas_shim-{_file_key([scipy_lib])}.so")
-    if os.path.exists(out):
-        return out, "cached"
-    try:
+    key = _file_key([scipy_lib])
+
+    def build(tmp: str) -> str | None:
         src, names = shim_source(ctypes.CDLL(scipy_lib, mode=ctypes.RTLD_LOCAL))
         if "cblas_sgemm" not in names:
-            return None, f"{scipy_lib} exports no scipy_cblas_sgemm"
-        os.makedirs(d, exist_ok=True)
-        c_file = out[:-3] + ".c"
-        with open(c_file, "w") as f:
-            f.write(src)
-        return compile_shared(cc, c_file, out, ["-O2"])
+            return f"{scipy_lib} exports no scipy_cblas_sgemm"
+        c_file = tmp[:-3] + ".c"
+        try:
+            with open(c_file, "w") as f:
+                f.write(src)
+            return compile_shared(cc, c_file, tmp, ["-O2"])
+        finally:
+            if os.path.exists(c_file):
+                os.unlink(c_file)
+
+    try:
+        lib, how = cached_library(os.path.join(_cache_dir(), f"libkimi_blas_shim-{key}.so"), key, build)
     except Exception as e:
         return None, f"shim build failed: {e}"
+    note = _CACHE_DIR[1]
+    return lib, f"{how}; {note}" if note and lib is not None else how
 
 
 def _set(source: str, paths: list[str], reason: str, **extra) -> str:
@@ -259,10 +275,11 @@ def _preload() -> str | None:
             if shim is None:
                 notes.append(how)
             else:
-                why = _try([lib, shim])
+                with shim:
+                    why = _try([lib, shim.real_path], shim)
                 if why is None:
-                    return _set("scipy-openblas32", [lib, shim], f"scipy-openblas32 through the shim ({how})",
-                                notes=notes)
+                    return _set("scipy-openblas32", [lib, shim.real_path],
+                                f"scipy-openblas32 through the shim ({how})", notes=notes)
                 notes.append(why)
     _INFO.update(reason="; ".join(notes) or "nothing found", notes=notes)
     return None

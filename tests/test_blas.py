@@ -127,6 +127,27 @@ def test_scipy_openblas_shim(tmp_path, cache, reference):
     _same(res, reference[1])
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_planted_shim_is_not_loaded(tmp_path, reference, monkeypatch):
+    """A shim replaced after it was built (its recorded sha256 no longer matches) is rebuilt; the
+    replacement never runs, not even in the probe subprocess."""
+    if not _has_scipy_openblas():
+        pytest.skip("scipy-openblas32 is not installed")
+    cache = tmp_path / "cache"
+    run(tmp_path, cache, "scipy", "first")
+    (shim,) = cache.glob("kimi_mlx/blas/libkimi_blas_shim-*.so")
+    assert (cache / "kimi_mlx" / "blas").stat().st_mode & 0o777 == 0o700
+    mark = tmp_path / "planted-ran"
+    src = tmp_path / "planted.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
+                   f'{{ FILE *f = fopen("{mark}", "w"); if (f) fclose(f); }}\n')
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(src)], check=True)
+    info, res, _ = run(tmp_path, cache, "scipy", "second")
+    assert not mark.exists(), "the planted shim ran"
+    assert info["source"] == "scipy-openblas32" and "refused" in info["reason"], info
+    _same(res, reference[1])
+
+
 def test_too_late_after_mlx(tmp_path):
     code = "import mlx.core, json, kimi_mlx._blas as b; b.preload(); print(json.dumps(b.blas_info()))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

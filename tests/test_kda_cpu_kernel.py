@@ -4,7 +4,9 @@ fallbacks, and the dispatch that puts it in the model's path. test_kda_ops.py ru
 (`cpu_kernel`: FLA's golden outputs, bf16 inputs, extreme gates)."""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 import threading
 
 import mlx.core as mx
@@ -164,7 +166,7 @@ def test_kernel_no_compiler_falls_back(fresh_load, monkeypatch):
 
 
 def test_kernel_build_failure_and_arch(fresh_load, monkeypatch):
-    monkeypatch.setattr(_native, "compile_shared", lambda *a, **kw: (None, "boom"))
+    monkeypatch.setattr(_native, "compile_shared", lambda *a, **kw: "boom")
     assert not kc.available()
     assert "boom" in kc.kda_cpu_info()["reason"]
     monkeypatch.setattr(kc, "_tried", False)
@@ -177,7 +179,103 @@ def test_kernel_build_cached(kernel, fresh_load):
     assert kc.available() and kc.kda_cpu_info()["reason"] == "compiled"
     path = kc.kda_cpu_info()["path"]
     assert path.startswith(_native.cache_root()) and "/kernels/kda_cpu-" in path
-    assert kc._build() == (path, "cached")
+    lib, how = kc._build()
+    with lib:
+        assert (lib.real_path, how) == (path, "cached")
+
+
+# A library someone else could have planted: its constructor runs at load, before any check of ours.
+_PLANTED_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("KIMI_TEST_PLANTED_MARK"), "w");
+    if (f) { fputs("ran", f); fclose(f); }
+}
+int kda_cpu_abi(void) { return 1; }
+"""
+
+
+def _plant(tmp_path, monkeypatch, dst):
+    """Compile the planted library over `dst`; returns the file that appears if it is ever loaded."""
+    src = tmp_path / "planted.c"
+    src.write_text(_PLANTED_C)
+    assert _native.compile_shared(_native.compiler(), str(src), str(dst), []) is None
+    mark = tmp_path / "planted-ran"
+    monkeypatch.setenv("KIMI_TEST_PLANTED_MARK", str(mark))
+    return mark
+
+
+def _reload():
+    kc._tried = False
+    kc._lib = None
+    return kc.kda_cpu_info()
+
+
+def _built_path():
+    """Build (or find) the kernel without loading it: the dynamic loader would keep serving a
+    path it has loaded once, and a victim process loads the planted file fresh."""
+    lib, how = kc._build()
+    assert lib is not None, how
+    lib.close()
+    return lib.real_path
+
+
+def _record_for(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["replaced", "no record", "group-writable"])
+def test_kernel_cached_library_is_verified_before_loading(kernel, fresh_load, tmp_path, monkeypatch, how):
+    """A cached .so that doesn't match the sha256 recorded at build time (or has no record, or that
+    others could have written) is rebuilt, never loaded."""
+    path = _built_path()
+    record = path + ".sha256"
+    if how == "group-writable":  # our own build, but a group member could have swapped it
+        mark = tmp_path / "planted-ran"
+        os.chmod(path, 0o770)
+    else:
+        mark = _plant(tmp_path, monkeypatch, path)
+        if how == "no record":
+            os.unlink(record)
+    info = _reload()
+    assert not mark.exists(), "the planted library ran"
+    assert info["available"] and info["path"] == path and info["reason"].startswith("compiled (the cached copy was refused")
+    assert _reload()["reason"] == "cached"
+
+
+def test_kernel_shared_cache_dir_is_not_trusted(kernel, fresh_load, tmp_path, monkeypatch):
+    """KIMI_MLX_CACHE shared with other users (mode 1777): a library planted there at the computed
+    name, with a matching record, owned by another user, must not run in our process."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create files owned by another user")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(shared))
+    path = _built_path()  # where a victim's build goes: learn the name
+    mark = _plant(tmp_path, monkeypatch, path)
+    with open(path + ".sha256") as f:
+        key = f.read().split()[0]
+    with open(path + ".sha256", "w") as f:
+        f.write(f"{key} {_record_for(path)}\n")
+    nobody = 65534
+    for p in (shared / "kernels", path, path + ".sha256"):
+        os.chown(p, nobody, nobody)
+    info = _reload()
+    assert not mark.exists(), "the planted library ran"
+    assert info["available"] and not info["path"].startswith(str(shared))
+    assert "owned by uid 65534" in info["reason"] and "private temporary directory" in info["reason"]
+
+
+def test_kernel_cache_dirs_are_private(kernel, fresh_load, tmp_path):
+    """Created 0700; an own directory left open by an older version is closed before it is used."""
+    path = kc.kda_cpu_info()["path"]
+    d = os.path.dirname(path)
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    os.chmod(d, 0o777)
+    assert _reload()["reason"] == "cached" and os.stat(d).st_mode & 0o777 == 0o700
 
 
 def test_kernel_from_worker_thread(kernel):

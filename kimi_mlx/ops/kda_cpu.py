@@ -9,7 +9,7 @@ The source ships in the package. On first use it is compiled with the system C c
 (`-O3 -march=native`, then weaker flag sets if the compiler refuses) into
 `<cache>/kernels/kda_cpu-<hash>.so`, the hash covering the source, the compiler, the flags and the
 CPU (a -march=native build only runs on CPUs like this one); <cache> is KIMI_MLX_CACHE or the user
-cache dir. Nothing here raises: no compiler, a failed build or an unknown architecture leave
+cache dir. The cached file is loaded only after `_native.cached_library` has verified it. Nothing here raises: no compiler, a failed build or an unknown architecture leave
 `kda_cpu` returning None, and `ops.kda.kda` runs the MLX-ops chunked form instead.
 
 KIMI_MLX_KDA_CPU=off disables the kernel (KIMI_MLX_KDA=reference disables it too);
@@ -57,7 +57,8 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-def _build() -> tuple[str | None, str]:
+def _build() -> tuple[_native.Library | None, str]:
+    """The verified kernel library (cached or newly compiled), held open, or (None, why not)."""
     machine = platform.machine().lower()
     if machine not in _ARCHES:
         return None, f"unsupported architecture {platform.machine()!r}"
@@ -69,17 +70,15 @@ def _build() -> tuple[str | None, str]:
     cc = _native.compiler()
     if cc is None:
         return None, "no C compiler (cc, gcc, clang or $CC)"
-    d = os.path.join(_native.cache_root(), "kernels")
+    d, note = _native.private_dir("kernels")
     why = []
     for flags in _FLAG_SETS:
         flags = flags + _BASE_FLAGS
         key = _native.digest(str(_ABI), src.hex(), _native.file_id(cc), " ".join(flags), _native.cpu_signature())
-        out = os.path.join(d, f"kda_cpu-{key}.so")
-        if os.path.exists(out):
-            return out, "cached"
-        path, how = _native.compile_shared(cc, _SOURCE, out, flags)
-        if path is not None:
-            return path, how
+        lib, how = _native.cached_library(os.path.join(d, f"kda_cpu-{key}.so"), key,
+                                          lambda tmp, flags=flags: _native.compile_shared(cc, _SOURCE, tmp, flags))
+        if lib is not None:
+            return lib, f"{how}; {note}" if note else how
         why.append(how)
     return None, "; ".join(why)
 
@@ -93,11 +92,13 @@ def _load():
         if _tried:
             return _lib
         try:
-            path, how = _build()
-            if path is None:
+            verified, how = _build()
+            if verified is None:
                 _info.update(available=False, reason=how, path=None)
             else:
-                lib = ctypes.CDLL(path)
+                with verified:
+                    lib = ctypes.CDLL(verified.path)
+                path = verified.real_path
                 if lib.kda_cpu_abi() != _ABI:
                     raise OSError(f"{path}: ABI {lib.kda_cpu_abi()} != {_ABI}")
                 f = lib.kda_cpu_scan
