@@ -11,6 +11,10 @@ text. Everything here is therefore ordered and normalised deterministically:
   depend on the current directory;
 * line endings are normalised to ``\\n`` and a UTF-8 BOM is dropped.
 
+Inside a directory, a symlink is followed only when its target stays inside
+that directory; others are listed in ``skipped``. A file or directory named
+directly is read wherever it points: that is the user's choice.
+
 Each document renders as::
 
     === path/relative/to/root ===
@@ -453,10 +457,15 @@ def _skip_dir_name(name: str) -> bool:
     return name in SKIP_DIRS or any(fnmatch.fnmatchcase(name, g) for g in _SKIP_DIR_GLOBS)
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _walk_tree(root: Path, prefix: str, out: list, warnings: list, skipped: list) -> None:
     """Collect the files of a source tree in sorted order, honouring .gitignore."""
     visited_dirs = set()
     base_rules = _ancestor_ignores(root, warnings)
+    real_root = os.path.realpath(root)
 
     def visit(dirpath: Path, rel_parts: tuple, rules: list):
         display_dir = "/".join((prefix,) + rel_parts)
@@ -491,6 +500,10 @@ def _walk_tree(root: Path, prefix: str, out: list, warnings: list, skipped: list
                 is_link = entry.is_symlink()
             except OSError:
                 is_dir, is_link = False, entry.is_symlink()
+            if is_link and not _inside(os.path.realpath(path), real_root):
+                # `ln -s /etc d/x` must not put /etc/shadow into the prompt
+                skipped.append(f"{display}{'/' if is_dir else ''} (symlink out of {prefix}/, not followed)")
+                continue
             if is_dir:
                 if _skip_dir_name(name):
                     continue  # build/cache/VCS dirs: silently, they are expected

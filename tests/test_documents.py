@@ -327,6 +327,32 @@ def test_symlinked_file_keeps_its_own_name(tmp_path):
     assert ds.text == "=== alias.txt ===\ncontent\n\n"
 
 
+def test_symlinks_out_of_a_directory_are_not_followed(tmp_path):
+    """`ln -s /etc d/x; --document d` must not read the target: links that leave the tree are
+    skipped and listed; links within the tree are followed; a link named directly is read."""
+    outside = tmp_path / "outside"
+    _write(outside / "shadow", "root:SECRET-HASH:19000:0:99999:7:::\n")
+    _write(outside / "sub" / "deep.txt", "SECRET-DEEP\n")
+    d = tmp_path / "d"
+    _write(d / "a.txt", "in the tree\n")
+    _write(d / "inner" / "b.txt", "also in the tree\n")
+    os.symlink(outside, d / "x")  # a directory out of the tree
+    os.symlink(outside / "shadow", d / "f.txt")  # a file out of the tree
+    os.symlink("../../outside/sub/deep.txt", d / "inner" / "rel.txt")  # relative, climbing out
+    os.symlink("../d/inner", d / "z_chain")  # in the tree through its parent: fine
+    os.symlink("a.txt", d / "alias.txt")  # in the tree
+    ds = load_documents([d])
+    assert "SECRET" not in ds.text
+    assert [f.path for f in ds.files] == ["d/a.txt", "d/inner/b.txt"]
+    assert {"d/x/ (symlink out of d/, not followed)", "d/f.txt (symlink out of d/, not followed)",
+            "d/inner/rel.txt (symlink out of d/, not followed)"} <= set(ds.skipped)
+    assert "d/alias.txt (same file as d/a.txt)" in ds.skipped
+    assert "d/z_chain/ (symlink to a directory already read)" in ds.skipped  # reached again as d/z_chain
+    # named directly: the user's choice
+    assert "SECRET-HASH" in load_documents([d / "f.txt"]).text
+    assert "SECRET-DEEP" in load_documents([d / "x"]).text
+
+
 def test_limits_and_encodings(tmp_path):
     big = _write(tmp_path / "big.txt", "x" * 1000)
     small = _write(tmp_path / "small.txt", "ok\n")
