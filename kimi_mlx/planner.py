@@ -468,8 +468,19 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return (self.weights_bytes + self.cache_bytes + self.prefill_bytes + self.dequant_bytes
-                + self.overhead_bytes)
+        return sum(v for _, v in self.parts())
+
+    def parts(self) -> "list[tuple[str, int]]":
+        """Every term of total_bytes, named; they sum to it exactly."""
+        rows = [("weights", self.weights_bytes), ("cache", self.cache_bytes), ("prefill", self.prefill_bytes)]
+        if self.dequant_bytes:
+            rows.append(("dequantized MLA pages", self.dequant_bytes))
+        rows.append(("runtime", self.overhead_bytes))
+        return rows
+
+    def breakdown(self) -> str:
+        """One line of every part: 'weights 4.9 MB + cache 0.9 MB + prefill 0.13 GB + runtime 1.07 GB'."""
+        return " + ".join(f"{name} {format_bytes(v)}" for name, v in self.parts())
 
     @property
     def fits(self) -> bool:
@@ -624,9 +635,7 @@ def check_fits(cfg: Any, context_tokens: int, **kwargs: Any) -> Plan:
     if p.fits:
         return p
     msg = [
-        f"{context_tokens:,} tokens of context need about {format_bytes(p.total_bytes)} "
-        f"(weights {format_bytes(p.weights_bytes)} + cache {format_bytes(p.cache_bytes)} "
-        f"+ prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)} + runtime {format_bytes(p.overhead_bytes)}), "
+        f"{context_tokens:,} tokens of context need about {format_bytes(p.total_bytes)} ({p.breakdown()}), "
         f"but only {format_bytes(p.machine_bytes)} is usable on this machine.",
     ]
     if p.max_context_tokens:
@@ -737,11 +746,14 @@ SPEED_MIN_TOKENS = 1024  # shorter prefills are dominated by warm-up
 
 
 def _speed_file():
+    """$KIMI_MLX_HOME/prefill_speed.json when set (it moves everything the user keeps, as in the
+    chat app), else in the cache root (KIMI_MLX_CACHE or the user cache dir)."""
     from pathlib import Path
 
     from ._native import cache_root
 
-    return Path(cache_root()) / "prefill_speed.json"
+    home = os.environ.get("KIMI_MLX_HOME")
+    return (Path(home).expanduser() if home else Path(cache_root())) / "prefill_speed.json"
 
 
 def _read_speeds() -> dict:
@@ -764,14 +776,22 @@ def record_prefill_speed(key: str, tokens: int, seconds: float) -> None:
     data = _read_speeds()
     data[key] = {"tokens_per_second": tokens / seconds, "tokens": int(tokens)}
     path = _speed_file()
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speed-")
         with os.fdopen(fd, "w") as fp:
             json.dump(data, fp)
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def known_prefill_speed(key: str) -> Optional[float]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -179,6 +181,25 @@ def test_max_context_is_exact_boundary():
     assert plan(PUBLISHED, 10, bits=4, machine_bytes=budget).max_context_tokens == n
 
 
+@pytest.mark.parametrize("mla_bits", [16, 8])
+def test_breakdown_shows_every_part_of_the_total(mla_bits):
+    """'about 1.21 GB (weights 4.9 MB, cache 0.9 MB, prefill 0.13 GB)' hid the 1 GiB runtime: the
+    line shows every term, and the shown terms add up to the shown total."""
+    import re
+
+    from helpers import MODELS
+
+    cfg = json.loads((MODELS / "tiny_grouped" / "config.json").read_text())
+    p = plan(cfg, 300_000, mla_bits=mla_bits, machine_bytes=64 * 10**9)
+    assert sum(v for _, v in p.parts()) == p.total_bytes
+    line = p.breakdown()
+    assert f"runtime {planner.format_bytes(planner.RUNTIME_OVERHEAD_BYTES)}" in line
+    assert ("dequantized MLA pages" in line) == (mla_bits == 8)
+    shown = sum(float(n) * (1e6 if u == "MB" else 1e9) for n, u in re.findall(r"([\d.]+) (MB|GB)", line))
+    assert abs(shown - p.total_bytes) <= 0.05e6 * len(p.parts()) + 0.005e9  # display rounding only
+    assert line.count(" + ") == len(p.parts()) - 1
+
+
 def test_check_fits_refusal_gives_numbers():
     assert check_fits(PUBLISHED, 100_000, bits=4, machine_bytes=48 * 10**9).fits
     with pytest.raises(PlanError) as ei:
@@ -260,6 +281,7 @@ def test_prefill_speed_is_remembered(tmp_path, monkeypatch):
     from kimi_mlx import planner
 
     monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path))
+    monkeypatch.delenv("KIMI_MLX_HOME", raising=False)
     assert planner.known_prefill_speed("m:cpu") is None
     planner.record_prefill_speed("m:cpu", 100, 1.0)  # too short to say anything
     assert planner.known_prefill_speed("m:cpu") is None
@@ -270,6 +292,26 @@ def test_prefill_speed_is_remembered(tmp_path, monkeypatch):
     assert planner.known_prefill_speed("m:cpu") is None
     planner.record_prefill_speed("m:cpu", 2048, 4.0)
     assert planner.known_prefill_speed("m:cpu") == 512.0
+
+
+def test_prefill_speed_moves_with_kimi_mlx_home(tmp_path, monkeypatch):
+    """KIMI_MLX_HOME (the chat app's data dir) keeps the remembered speeds too; written atomically."""
+    from kimi_mlx import planner
+
+    monkeypatch.setenv("KIMI_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KIMI_MLX_HOME", str(tmp_path / "home"))
+    planner.record_prefill_speed("m:cpu", 4096, 2.0)
+    assert json.loads((tmp_path / "home" / "prefill_speed.json").read_text())["m:cpu"]["tokens"] == 4096
+    assert not (tmp_path / "cache").exists()
+    assert os.listdir(tmp_path / "home") == ["prefill_speed.json"]  # no temp file left behind
+
+    def torn(*a, **k):  # a failed write leaves the old file as it was, and no temp file
+        raise OSError("disk full")
+
+    monkeypatch.setattr(planner.os, "replace", torn)
+    planner.record_prefill_speed("m:cpu", 8192, 2.0)
+    assert planner.known_prefill_speed("m:cpu") == 2048.0
+    assert os.listdir(tmp_path / "home") == ["prefill_speed.json"]
 
 
 def test_session_prefill_records_speed_for_the_next_estimate(tmp_path, monkeypatch):
