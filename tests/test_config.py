@@ -67,3 +67,47 @@ def test_missing_field_and_bad_json(tmp_path):
         ModelConfig.from_file(tmp_path)
     with pytest.raises(ConfigError, match="not found"):
         ModelConfig.from_file(tmp_path / "nope")
+
+
+# every field the config loader reads; "lac." marks linear_attn_config
+_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+           "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+           "num_experts", "num_experts_per_token", "num_shared_experts", "num_expert_group", "topk_group",
+           "first_k_dense_replace", "moe_layer_freq", "routed_scaling_factor", "moe_renormalize", "rms_norm_eps",
+           "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "model_max_length",
+           "quantization", "q_lora_rank", "mla_use_nope", "model_type", "linear_attn_config",
+           "lac.num_heads", "lac.head_dim", "lac.short_conv_kernel_size", "lac.kda_layers", "lac.full_attn_layers"]
+_BAD = ["x", "", None, 0, -1, -(10**12), 10**12, 2**63, 10**100, 1.5, float("nan"), float("inf"), True, False,
+        [], [1], {}, {"a": 1}, "4"]
+
+
+@pytest.mark.parametrize("field", _FIELDS)
+def test_fuzzed_fields_give_config_error_or_a_working_model(field):
+    """Each field set to wrong types, 0, negatives, huge values, strings, null: ConfigError naming the file,
+    or (a value that is valid, e.g. null for an optional field) a model that builds and runs."""
+    import mlx.core as mx
+
+    from kimi_mlx.model.kimi_linear import Model
+
+    for bad in _BAD:
+        d = copy.deepcopy(BASE)
+        target, key = (d["linear_attn_config"], field[4:]) if field.startswith("lac.") else (d, field)
+        target[key] = bad
+        try:
+            cfg = ModelConfig.from_dict(d, where="/m/config.json")
+        except ConfigError as e:
+            assert str(e).startswith("/m/config.json") and "\n" not in str(e), (field, bad, str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{field}={bad!r}: {type(e).__name__}: {e}")
+        try:
+            model = Model(cfg)
+            mx.eval(model(mx.array([[1, 2, 3]])))
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"{field}={bad!r} was accepted but the model fails: {type(e).__name__}: {e}")
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_size": 0}))
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/config.json: field 'hidden_size' is 0"):
+        ModelConfig.from_file(tmp_path)
