@@ -1,4 +1,11 @@
-"""Exactness against the transformers oracle (golden fixtures made by fixtures/make_reference.py)."""
+"""Exactness against the transformers oracle (golden fixtures made by fixtures/make_reference.py).
+
+Tolerances come from fp32 rounding, not from one machine: two correct fp32 computations of the
+same logits in a different order (another BLAS, another CPU's kernels, batch or chunk shapes)
+differ by about eps * sqrt(n) relative per summation of n terms, compounding over the layers.
+"""
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -6,7 +13,18 @@ import pytest
 from kimi_mlx import load_model
 from helpers import MODEL_NAMES, MODELS, golden, max_abs
 
-TOL = 1e-4
+EPS32 = float(np.finfo(np.float32).eps)
+# Norms, softmax and the exp gates amplify rounding by a small constant factor: measured errors stay
+# below 0.85 x rounding_tol()/SAFETY with Debian's OpenBLAS, scipy-openblas32 and the reference
+# BLAS under several OpenBLAS core types, so 4 leaves room for other CPUs.
+SAFETY = 4.0
+
+
+def rounding_tol(cfg, ref, length: int) -> float:
+    """How far fp32 rounding alone can move logits `ref` of a `length`-token pass through `cfg`."""
+    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size, cfg.kv_lora_rank, length)
+    depth = cfg.num_hidden_layers + 1  # the layers and the head
+    return SAFETY * EPS32 * math.sqrt(n) * depth * float(np.abs(np.asarray(ref)).max())
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
@@ -14,12 +32,20 @@ def fixture(request):
     return load_model(MODELS / request.param), golden(request.param)
 
 
+def test_rounding_tol_covers_other_blas_builds():
+    """scipy-openblas32 on another machine put tiny_grouped's batched and lone passes 1.13e-5 apart
+    (issue 15): within rounding, so it must pass; a real batching bug is orders of magnitude above."""
+    model, g = load_model(MODELS / "tiny_grouped"), golden("tiny_grouped")
+    tol = rounding_tol(model.config, g["logits_batch2_65"], 65)
+    assert 1.13e-5 < tol < 1e-3
+
+
 @pytest.mark.parametrize("T", [1, 63, 65, 200])
 def test_full_forward_matches_reference(fixture, T):
     model, g = fixture
     out = model(mx.array(g["ids"][:1, :T]))
     assert out.shape == (1, T, model.config.vocab_size)
-    assert max_abs(out[0], g[f"logits_{T}"]) < TOL
+    assert max_abs(out[0], g[f"logits_{T}"]) < rounding_tol(model.config, g[f"logits_{T}"], T)
 
 
 @pytest.mark.parametrize("steps", [[64, 64, 1, 1, 1, 69], [1, 1, 1, 62, 135], [17, 100, 1, 82]])
@@ -32,7 +58,7 @@ def test_chunked_prefill_then_decode_matches_reference(fixture, steps):
         outs.append(model(ids[:, pos:pos + n], cache=cache))
         pos += n
     assert cache.offset == 200
-    assert max_abs(mx.concatenate(outs, axis=1)[0], g["logits_200"]) < TOL
+    assert max_abs(mx.concatenate(outs, axis=1)[0], g["logits_200"]) < rounding_tol(model.config, g["logits_200"], 200)
 
 
 def test_greedy_continuation_identical(fixture):
@@ -53,10 +79,11 @@ def test_batch_of_two_equals_each_alone(fixture):
     ids = mx.array(g["ids"][:, :65])
     cache = model.make_cache()
     both = mx.concatenate([model(ids[:, :30], cache=cache), model(ids[:, 30:], cache=cache)], axis=1)
-    assert max_abs(both, g["logits_batch2_65"]) < TOL
+    tol = rounding_tol(model.config, g["logits_batch2_65"], 65)
+    assert max_abs(both, g["logits_batch2_65"]) < tol
     for b in range(2):
         alone = model(ids[b:b + 1])
-        assert max_abs(both[b], alone[0]) < 1e-5
+        assert max_abs(both[b], alone[0]) < tol
 
 
 def test_cache_copy_is_a_snapshot(fixture):
@@ -67,7 +94,7 @@ def test_cache_copy_is_a_snapshot(fixture):
     snap = cache.copy()
     a = model(ids[:, 50:70], cache=cache)
     b = model(ids[:, 50:70], cache=snap)  # continues from the snapshot, unaffected by the first branch
-    assert max_abs(a, b) < 1e-6
+    assert max_abs(a, b) < rounding_tol(model.config, a, 70)  # same ops: only threading could differ
     assert cache.offset == snap.offset == 70
 
 
@@ -80,7 +107,8 @@ def test_expanded_mla_prefill_matches_reference(fixture, threshold, monkeypatch)
     monkeypatch.setattr(mla, "EXPAND_MIN_T", threshold)
     model, g = fixture
     ids = mx.array(g["ids"][:1, :200])
-    assert max_abs(model(ids)[0], g["logits_200"]) < TOL
+    tol = rounding_tol(model.config, g["logits_200"], 200)
+    assert max_abs(model(ids)[0], g["logits_200"]) < tol
     cache = model.make_cache()
     parts = [model(ids[:, a:b], cache=cache)[0] for a, b in ((0, 64), (64, 129), (129, 200))]
-    assert max_abs(mx.concatenate(parts, axis=0), g["logits_200"]) < TOL
+    assert max_abs(mx.concatenate(parts, axis=0), g["logits_200"]) < tol
