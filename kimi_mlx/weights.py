@@ -4,14 +4,17 @@ Checkpoint-name plumbing lives here, never in the layers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import ConfigError, ModelConfig
 
@@ -60,29 +63,160 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def _check_inside(model_dir: Path, shard: Path, what: str) -> None:
+    """Refuse a shard that is not in the model directory (absolute, `..`, or a symlink out of it).
+
+    A Hugging Face cache snapshot links its files to ../../blobs/<hash> of the same repo: allowed."""
+    root = model_dir.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    target = shard.resolve()
+    if not any(r in target.parents for r in roots):
+        raise WeightsError(f"{what}: shard '{shard.name}' resolves to {target}, outside the model directory "
+                           f"{model_dir}; refusing to read it")
+
+
 def find_shards(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         try:
             wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            files = sorted(set(wm.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise WeightsError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        files = sorted(set(wm.values()))
+        for f in files:
+            if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+                raise WeightsError(f"{index}: shard {f!r} is not a file name inside the model directory")
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
             raise WeightsError(f"{index}: shard(s) listed but missing: {', '.join(missing)}")
-        return [model_dir / f for f in files]
+        shards = [model_dir / f for f in files]
+        for shard in shards:
+            _check_inside(model_dir, shard, str(index))
+        return shards
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise WeightsError(f"{model_dir}: no *.safetensors files found")
+    for shard in shards:
+        _check_inside(model_dir, shard, str(model_dir))
     return shards
 
 
+# ---------------------------------------------------------------------------
+# file scan: a digest of the bytes and the tensors holding NaN/inf, once per file
+# ---------------------------------------------------------------------------
+# exponent bits of each float format (all ones: inf or NaN), read through an unsigned view
+_FLOAT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+               "F64": (np.uint64, 0x7FF0000000000000)}
+_SCAN_VERSION = 1
+_SCAN_BLOCK = 1 << 24
+_scans: dict[str, dict] = {}  # this process: file id -> scan
+
+
+def _scan_dir() -> Path | None:
+    """The remembered scans, in the user cache; None where it is not ours alone (a planted entry
+    could hide a corrupt file) or not writable."""
+    from ._native import cache_root
+
+    d = Path(cache_root()) / "weights"
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(d)
+    except OSError:
+        return None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return None
+    return d
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _scan_bytes(path: Path, header: dict) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(0)
+        while block := f.read(_SCAN_BLOCK):
+            h.update(block)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    bad = []
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in _FLOAT_BITS:
+            continue
+        kind, mask = _FLOAT_BITS[info["dtype"]]
+        mask = kind(mask)
+        start, end = (8 + n + o for o in info["data_offsets"])
+        step = _SCAN_BLOCK // mask.itemsize * mask.itemsize  # blocks: bounded temporaries
+        for a in range(start, end, step):
+            if ((data[a:min(a + step, end)].view(kind) & mask) == mask).any():
+                bad.append(name)
+                break
+    del data
+    return {"sha256": h.hexdigest(), "nonfinite": sorted(bad)}
+
+
+def scan_file(path: Path, header: dict | None = None) -> dict:
+    """{"sha256": digest of the file's bytes, "nonfinite": tensors holding NaN or inf} of a safetensors
+    file. Computed once per file: remembered in the user cache by resolved path, size and mtime."""
+    from ._native import file_id
+
+    fid = file_id(str(path))
+    if fid in _scans:
+        return _scans[fid]
+    d = _scan_dir()
+    entry = d / f"{hashlib.sha256(fid.encode()).hexdigest()[:32]}.json" if d is not None else None
+    if entry is not None:
+        try:
+            got = json.loads(entry.read_text())
+            if got.get("version") == _SCAN_VERSION and got.get("file") == fid:
+                _scans[fid] = scan = {"sha256": got["sha256"], "nonfinite": list(got["nonfinite"])}
+                return scan
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # none yet, or damaged: scan again
+    scan = _scan_bytes(path, header if header is not None else read_safetensors_header(path))
+    if file_id(str(path)) != fid:  # changed while we read it: don't remember a mix
+        raise WeightsError(f"{path}: changed while it was being read; try again")
+    _scans[fid] = scan
+    if entry is not None:
+        try:
+            _write_atomic(entry, json.dumps({"version": _SCAN_VERSION, "file": fid, **scan}).encode())
+        except OSError:
+            pass  # remembering is an optimisation
+    return scan
+
+
+def weights_identity(model_dir: Path, cfg: ModelConfig) -> str:
+    """Identity of a checkpoint: the digest of every weight file's bytes, the config (the
+    quantization block included) and nothing else; two directories with the same bytes agree."""
+    h = hashlib.sha256(b"kimi-mlx-weights-v1\0")
+    keep = {k: v for k, v in cfg.raw.items() if k not in ("transformers_version", "_name_or_path")}
+    h.update(json.dumps(keep, sort_keys=True, default=str).encode())
+    h.update(json.dumps(cfg.quantization, sort_keys=True, default=str).encode())
+    for digest in sorted(scan_file(s)["sha256"] for s in find_shards(model_dir)):
+        h.update(b"\0" + digest.encode())
+    return h.hexdigest()[:32]
+
+
 def load_raw(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
-    """All tensors of all shards, lazily (mx.load maps tensors on demand), with their source file."""
+    """All tensors of all shards, lazily (mx.load maps tensors on demand), with their source file.
+
+    Every shard is scanned first (once per file, see scan_file): a tensor holding NaN or inf is refused."""
     weights, source = {}, {}
     for shard in find_shards(model_dir):
-        read_safetensors_header(shard)
+        header = read_safetensors_header(shard)
+        bad = scan_file(shard, header)["nonfinite"]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise WeightsError(f"{shard}: tensor '{bad[0]}'{more} holds NaN or infinite values; "
+                               "the file is corrupt")
         try:
             tensors = mx.load(str(shard))
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
@@ -93,6 +227,25 @@ def load_raw(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
             weights[k] = v
             source[k] = shard
     return weights, source
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def check_dtypes(weights: dict[str, mx.array], source: dict[str, Path], cfg: ModelConfig, where: Path) -> None:
+    """Refuse stored dtypes that don't fit the checkpoint: every tensor is floating point, except, in a
+    quantized checkpoint, packed weights (uint32) and fp-mode scales (uint8)."""
+    for k, v in weights.items():
+        if mx.issubdtype(v.dtype, mx.floating):
+            continue
+        if cfg.quantization and ((k.endswith(".weight") and v.dtype == mx.uint32)
+                                 or (k.endswith(".scales") and v.dtype == mx.uint8)):
+            continue
+        why = ("the config has a quantization block: only packed weights (uint32) and scales (uint8) may be "
+               "integers" if cfg.quantization else "the config has no quantization block: every tensor is "
+               "floating point")
+        raise WeightsError(f"{source.get(k, where)}: tensor '{k}' is stored as {_dtype_name(v.dtype)}; {why}")
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +400,12 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], source: di
         if v.shape != expected[k].shape:
             raise WeightsError(
                 f"{source.get(k, where)}: tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        want = expected[k].dtype
+        if mx.issubdtype(want, mx.floating) != mx.issubdtype(v.dtype, mx.floating) or (
+                not mx.issubdtype(want, mx.floating) and v.dtype != want):
+            kind = "floating point" if mx.issubdtype(want, mx.floating) else _dtype_name(want)
+            raise WeightsError(f"{source.get(k, where)}: tensor '{k}' is stored as {_dtype_name(v.dtype)}, "
+                               f"expected {kind} (from config.json and its quantization block)")
     fixed = []
     for k, v in weights.items():
         if k.endswith(_KEEP_FP32) and v.dtype != mx.float32:
@@ -273,6 +432,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
 
         check_fits(cfg, context_tokens, weights_bytes=sum(s.stat().st_size for s in find_shards(model_dir)))
     weights, source = load_raw(model_dir)
+    check_dtypes(weights, source, cfg, model_dir)
     weights, source = sanitize(weights, cfg, source)
     model = build_model(cfg)
     if cfg.quantization:
@@ -285,6 +445,7 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
         mx.eval(model.parameters())
     model.eval()
     model.model_dir = model_dir
+    model.weights_identity = weights_identity(model_dir, cfg)  # scans are remembered: no second read
     from .ops import cpu_fast
 
     if cpu_fast_path is None:
@@ -295,4 +456,4 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
 
 
 __all__ = ["load_model", "WeightsError", "ConfigError", "sanitize", "find_shards", "read_safetensors_header",
-           "infer_quant_params"]
+           "infer_quant_params", "scan_file", "weights_identity", "check_dtypes"]
