@@ -293,7 +293,7 @@ async def test_send_streams_reply_incrementally(tmp_path, monkeypatch):
         assert reply.content.startswith("You asked: *Write hello world*") and reply.content.endswith("Done.")
         # streamed by appending fragments, never by re-rendering the whole reply
         assert len(appended) >= 2 and "".join(appended) == reply.content
-        assert replaced == ["Write hello world"]  # only the user's message was set in one go
+        assert replaced == []  # never re-rendered whole (the user's own message is plain text)
         # the code block is rendered (and highlighted) as a fence
         assert reply.body.query("MarkdownFence")
         assert engine.last_messages[0].role == "system" and engine.last_messages[-1].content == "Write hello world"
@@ -524,8 +524,10 @@ async def test_attach_document_shows_progress_chip_and_is_reused(tmp_path, doc):
         assert len(chat(app2).query(DocumentChip)) == 1
         await send(pilot, "one more")
         assert "notes.md" in messages(app2)[-1].content and engine2.prefill_count == 0
-        # a new system prompt is part of the document prefix: it re-prefills
+        # a new system prompt is part of the document prefix: it re-prefills, once confirmed
         await send(pilot, "/system You are terse.", wait=False)
+        await wait_until(pilot, lambda: type(app2.screen).__name__ == "ConfirmDialog", what="confirm")
+        await pilot.press("y")
         await wait_until(pilot, lambda: engine2.prefill_count == 1 and chat(app2).doc_job is None, what="re-prefill")
         await send(pilot, "terse now?")
         assert engine2.last_messages[0].content == "You are terse." and messages(app2)[-1].status == "ok"
@@ -630,7 +632,8 @@ async def test_no_model_screen_instead_of_crash(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, NoModelScreen), what="no-model screen")
         assert "No model found" in screen_text()
         md = app.screen.query_one("Markdown").source
-        assert "huggingface-cli download moonshotai/Kimi-Linear-48B-A3B-Instruct" in md and "convert.py" in md
+        assert "hf download moonshotai/Kimi-Linear-48B-A3B-Instruct" in md and "convert.py" in md
+        assert "huggingface-cli" not in md  # current huggingface_hub installs `hf` only
         # a model path typed on the screen is loaded; this one fails to load
         app.screen.query_one("#model-path").value = "broken"
         await pilot.press("enter")
@@ -697,11 +700,22 @@ async def test_chat_settings_dialog_and_set_command(tmp_path):
         dialog.query_one("#set-temperature", Input).value = "hot"
         await pilot.press("ctrl+s")
         await settle(pilot)
-        assert "not a number" in str(dialog.query_one("#settings-error").render())  # stays open
+        assert "temperature must be a number" in str(dialog.query_one("#settings-error").render())  # stays open
+        for field, bad in (("temperature", "nan"), ("temperature", "inf"), ("max_tokens", "0"), ("top_p", "0")):
+            dialog.query_one(f"#set-{field}", Input).value = bad
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            assert app.screen is dialog and f"{field} must be" in str(dialog.query_one("#settings-error").render())
+            dialog.query_one(f"#set-{field}", Input).value = str(getattr(SamplingSettings(), field))
         dialog.query_one("#set-temperature", Input).value = "0.25"
         dialog.query_one("#set-seed", Input).value = "42"
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: isinstance(app.screen, ChatScreen), what="dialog closed")
+        for bad in ("max_tokens 0", "temperature nan", "temperature -1", "top_k 1.5", "seed -3"):
+            await send(pilot, f"/set {bad}", wait=False)
+            await note(pilot, lambda n: n.startswith(f"Not changed: {bad.split()[0]} must be"))
+            app.clear_notifications()
+        assert app.store.get_chat(chat(app).chat.id).settings.max_tokens == SamplingSettings().max_tokens
         await send(pilot, "/set max_tokens 5", wait=False)
         await settle(pilot)
         await send(pilot, "bonjour")

@@ -45,8 +45,13 @@ def main(argv=None) -> int:
     factory = make_engine_factory(fake)
 
     from .app import KimiChatApp
+    from .store import StoreError
 
-    app = KimiChatApp(engine=factory(args.model), data_dir=args.data_dir, engine_factory=factory)
+    try:
+        app = KimiChatApp(engine=factory(args.model), data_dir=args.data_dir, engine_factory=factory)
+    except StoreError as e:  # locked, unreadable, read-only: one line, nothing touched
+        print(f"kimi-chat: {e}", file=sys.stderr)
+        return 1
     app.run()
     return app.return_code or 0
 

@@ -1,6 +1,7 @@
 """The kimi-chat application: model loading, screens, global keys, command palette."""
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -12,21 +13,27 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.markup import escape
 from textual.message import Message
 
-from .engine import Engine, EngineError, ModelNotFoundError
+from .engine import Engine
 from .screens.chat import ChatScreen
+from .screens.dialogs import ModelDialog
 from .screens.help import HelpScreen
 from .screens.no_model import NoModelScreen
 from .store import Store, StoreTooNewError
 
 
 class EngineLoaded(Message):
-    pass
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
 
 
 class EngineFailed(Message):
-    def __init__(self, error: BaseException):
+    def __init__(self, engine: Engine, error: BaseException):
         super().__init__()
-        self.error = error
+        self.engine, self.error = engine, error
+
+
+RECENT_MODELS = 8
 
 
 class KimiCommands(Provider):
@@ -41,6 +48,10 @@ class KimiCommands(Provider):
             ("Rename chat", "Rename the current chat (F2)", partial(app.run_action, "screen.rename_chat")),
             ("Delete chat", "Delete the current chat (F8)", partial(app.run_action, "screen.delete_chat")),
             ("Chat settings", "System prompt, temperature, top-p, max tokens… (F3)", partial(app.run_action, "screen.settings")),
+            ("Switch model", "Load another model (F4)", app.action_switch_model),
+            ("Search chats", "Find a chat by its title or messages (Ctrl+F)", partial(app.run_action, "screen.search")),
+            ("Export chat to Markdown", "Write this chat to a .md file (Ctrl+S)", partial(app.run_action, "screen.export")),
+            ("Focus chat list", "Move to the list of chats (Ctrl+L)", partial(app.run_action, "screen.focus_chat_list")),
             ("Regenerate reply", "Generate the last reply again (Ctrl+R)", partial(app.run_action, "screen.regenerate")),
             ("Edit last message", "Edit your last message and resend it (Up)", chat.edit_last if chat else None),
             ("Stop", "Stop the reply or the document prefill (Esc)", partial(app.run_action, "screen.interrupt")),
@@ -83,6 +94,7 @@ class KimiChatApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("f1", "help", "Help"),
     ]
+    THEME_KEY = "theme"
 
     def __init__(
         self,
@@ -96,6 +108,7 @@ class KimiChatApp(App):
         self.engine = engine
         self.engine_factory = engine_factory
         self.engine_state = "loading"  # "loading" | "ready" | "failed"
+        self.load_error: Optional[BaseException] = None
         self.start_dir = start_dir or os.getcwd()
         self.startup_notices: list = []
         if store is None:
@@ -116,14 +129,25 @@ class KimiChatApp(App):
         return None
 
     def on_mount(self) -> None:
+        saved = self.store.get_setting(self.THEME_KEY)
+        if saved in self.available_themes:
+            self.theme = saved
+        self.theme_changed_signal.subscribe(self, lambda theme: self.store.set_setting(self.THEME_KEY, theme.name))
         self.push_screen(ChatScreen())
         for notice in self.startup_notices:
             self.notify(notice, severity="warning", timeout=20, markup=False)
         self.load_engine()
 
     def on_unmount(self) -> None:
-        # Worker threads must end before the process can exit (asyncio waits for them).
-        close = getattr(self.engine, "close", None)
+        # After the chat screen's unmount (which cancels its jobs): join the
+        # engine's threads (MLX's must end before the interpreter does), then
+        # fold the WAL into the database file.
+        self._close_engine(self.engine)
+        self.store.close()
+
+    @staticmethod
+    def _close_engine(engine: Engine) -> None:
+        close = getattr(engine, "close", None)
         if close is not None:
             close()
 
@@ -139,14 +163,18 @@ class KimiChatApp(App):
             try:
                 engine.load()
             except BaseException as e:
-                self.post_message(EngineFailed(e))
+                self.post_message(EngineFailed(engine, e))
             else:
-                self.post_message(EngineLoaded())
+                self.post_message(EngineLoaded(engine))
 
         self.run_worker(work, thread=True, group="load", exit_on_error=False, name="load-model")
 
-    def on_engine_loaded(self, _: EngineLoaded) -> None:
+    def on_engine_loaded(self, event: EngineLoaded) -> None:
+        if event.engine is not self.engine:
+            return  # replaced by another model meanwhile
         self.engine_state = "ready"
+        self.load_error = None
+        self._remember_model(getattr(self.engine, "model_path", self.engine.model_name))
         if isinstance(self.screen, NoModelScreen):
             self.pop_screen()
         if self.chat_screen:
@@ -154,21 +182,55 @@ class KimiChatApp(App):
         self.notify(f"Model {self.engine.model_name} loaded.", markup=False)
 
     def on_engine_failed(self, event: EngineFailed) -> None:
+        if event.engine is not self.engine:
+            return
         self.engine_state = "failed"
+        self.load_error = event.error
         if self.chat_screen:
             self.chat_screen.refresh_engine_state()
-        err = event.error
-        reason = str(err) if isinstance(err, EngineError) else f"{type(err).__name__}: {err}"
+        self.show_no_model()
+
+    def show_no_model(self) -> None:
         if isinstance(self.screen, NoModelScreen):
             self.pop_screen()
         model = getattr(self.engine, "model_path", self.engine.model_name)
-        self.push_screen(NoModelScreen(model, reason, missing=isinstance(err, ModelNotFoundError)))
+        self.push_screen(NoModelScreen(model, self.load_error))
+
+    def recent_models(self) -> list:
+        try:
+            recent = json.loads(self.store.get_setting("recent_models", "[]"))
+        except ValueError:
+            return []
+        return [m for m in recent if isinstance(m, str)] if isinstance(recent, list) else []
+
+    def _remember_model(self, model: str) -> None:
+        recent = [model] + [m for m in self.recent_models() if m != model]
+        self.store.set_setting("recent_models", json.dumps(recent[:RECENT_MODELS]))
+
+    def action_switch_model(self) -> None:
+        """F4: back to the no-model screen if loading failed, else the model dialog."""
+        if self.engine_state == "failed" and self.load_error is not None:
+            self.show_no_model()
+            return
+        current = getattr(self.engine, "model_path", self.engine.model_name)
+
+        def done(model: Optional[str]) -> None:
+            if model:
+                self.switch_model(model)
+
+        self.push_screen(ModelDialog(current, self.recent_models()), done)
 
     def switch_model(self, model: str) -> None:
         if self.engine_factory is None:
             self.notify("Restart with --model PATH to use another model.", severity="warning", markup=False)
             return
-        self.engine = self.engine_factory(model)
+        chat = self.chat_screen
+        if chat is not None and chat._refuse_if_busy():
+            return
+        old, self.engine = self.engine, self.engine_factory(model)
+        self._close_engine(old)  # frees its memory and threads before the next load
+        if chat is not None and chat.docs is not None:
+            chat.docs.handle = None  # the old model's snapshot: restored (or re-read) for the new one
         self.notify(f"Loading {model}…", markup=False)
         self.load_engine()
 

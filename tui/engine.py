@@ -12,6 +12,7 @@ the UI thread, and never two of them at once.  Cancellation is cooperative via a
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -67,6 +68,31 @@ class SamplingSettings:
     max_tokens: int = 4096
     seed: Optional[int] = None
 
+    # name -> (type, check, what is allowed); the one place settings are validated
+    LIMITS = {
+        "temperature": (float, lambda v: 0 <= v <= 100, "a number from 0 to 100 (0 = greedy)"),
+        "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (int, lambda v: v >= 0, "a whole number ≥ 0 (0 = off)"),
+        "min_p": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)"),
+        "max_tokens": (int, lambda v: 1 <= v <= 1_048_576, "a whole number from 1 to 1,048,576"),
+        "seed": (int, lambda v: 0 <= v < 2**63, "a whole number ≥ 0, or empty / none for random"),
+    }
+
+    @classmethod
+    def parse(cls, name: str, raw: str):
+        """``raw`` typed by the user as the value of ``name``; ValueError says what is allowed."""
+        typ, ok, allowed = cls.LIMITS[name]
+        raw = raw.strip()
+        if name == "seed" and raw.lower() in ("", "none", "random", "-"):
+            return None
+        try:
+            value = typ(raw)
+        except ValueError:
+            value = None
+        if value is None or (typ is float and not math.isfinite(value)) or not ok(value):
+            raise ValueError(f"{name} must be {allowed}, not {raw!r}")
+        return value
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -116,6 +142,9 @@ class PrefillProgress:
     stage: str  # "reading" | "prefill" | "saving"
     done: int
     total: int
+    # The engine's estimate (kimi_mlx.session's ProgressFn), when it has one.
+    tokens_per_s: float = 0.0
+    eta_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +185,10 @@ class EngineError(Exception):
 
 
 class ModelNotFoundError(EngineError):
-    pass
+    # What is wrong, for the advice shown: "no_path" | "not_model_dir" | "not_downloaded"
+    def __init__(self, message: str, kind: str = "no_path"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ModelLoadError(EngineError):
@@ -241,8 +273,8 @@ def short_label(path: str) -> str:
     return name + "/" if p.is_dir() else name
 
 
-def _write_atomic(path: str, data: str) -> None:
-    # Write-then-rename so a crash or cancel never leaves a half-written session.
+def write_atomic(path: str, data: str) -> None:
+    # Write-then-rename so a crash or cancel never leaves a half-written file.
     tmp = f"{path}.tmp-{os.getpid()}"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
@@ -347,17 +379,19 @@ class FakeEngine:
             raise DocumentTooLargeError(total, self.max_context)
         done = 0
         progress(PrefillProgress("prefill", 0, total))
+        t0 = time.monotonic()
         while done < total:
             if cancel.is_set():
                 raise PrefillCancelled(done, total)
             time.sleep(self.prefill_delay)
             done = min(total, done + self.prefill_step)
-            progress(PrefillProgress("prefill", done, total))
+            tps = done / max(time.monotonic() - t0, 1e-9)
+            progress(PrefillProgress("prefill", done, total, tps, (total - done) / tps))
         if cancel.is_set():
             raise PrefillCancelled(done, total)
         progress(PrefillProgress("saving", total, total))
         payload = {"fake_session": 1, "model": self.model_name, "tokens": total, "system_prompt": system_prompt}
-        _write_atomic(session_path, json.dumps(payload))
+        write_atomic(session_path, json.dumps(payload))
         self.prefill_count += 1
         return DocumentInfo(sources, total, session_path, [], system_prompt=system_prompt, handle=payload)
 
@@ -453,7 +487,7 @@ def resolve_model_path(model: str) -> str:
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise ModelNotFoundError(f"{p} has no config.json; is it a model directory?")
+            raise ModelNotFoundError(f"{p} has no config.json; is it a model directory?", "not_model_dir")
         return str(p)
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"No model directory at {model}.")
@@ -462,7 +496,7 @@ def resolve_model_path(model: str) -> str:
 
         return snapshot_download(model, local_files_only=True)
     except Exception:
-        raise ModelNotFoundError(f"{model} is not in the local Hugging Face cache.") from None
+        raise ModelNotFoundError(f"{model} is not in the local Hugging Face cache.", "not_downloaded") from None
 
 
 class _MLXThread:
@@ -486,12 +520,31 @@ class _MLXThread:
         stream = mx.new_thread_local_stream(mx.default_device())
         with mx.stream(stream):
             while True:
-                fn, box, done = self._jobs.get()
+                job = self._jobs.get()
+                if job is None:  # close(): end the thread (and its stream) cleanly
+                    return
+                fn, box, done = job
                 try:
                     box["result"] = fn()
                 except BaseException as e:  # handed back to the caller's thread
                     box["error"] = e
                 done.set()
+
+    def should_stop(self, cancel: threading.Event) -> Callable[[], bool]:
+        """For kimi_mlx's should_stop: the caller's cancel, or the app quitting."""
+        return lambda: cancel.is_set() or self.closing.is_set()
+
+    def close(self) -> None:
+        """Stop the running job at its next step and join the thread.
+
+        MLX's threads must have ended before the interpreter shuts down, or the
+        process aborts ("terminate called without an active exception").
+        A model load can't be interrupted: this waits for it.
+        """
+        self.closing.set()
+        self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     def call(self, fn):
         box: dict = {}
@@ -516,7 +569,7 @@ class _MLXThread:
             try:
                 for item in make_iter():
                     out.put(item)
-                    if cancel.is_set() or stop.is_set():
+                    if cancel.is_set() or stop.is_set() or self.closing.is_set():
                         break
             except BaseException as e:
                 out.put(_Failure(e))
@@ -625,7 +678,8 @@ class KimiEngine:
 
     def close(self) -> None:
         if self._mlx is not None:
-            self._mlx.closing.set()
+            self._mlx.close()
+            self._mlx = None
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
@@ -634,6 +688,7 @@ class KimiEngine:
         from kimi_mlx.documents import DocumentError, load_documents
         from kimi_mlx import session as S
 
+        mlx = self._mlx
         sources, texts, warnings = [], [], []
         for i, path in enumerate(paths):
             progress(PrefillProgress("reading", i, len(paths)))
@@ -657,9 +712,9 @@ class KimiEngine:
                 self._model,
                 self._tokenizer,
                 ids,
-                progress=lambda done, total, tps, eta: progress(PrefillProgress("prefill", done, total)),
+                progress=lambda done, total, tps, eta: progress(PrefillProgress("prefill", done, total, tps, eta)),
                 step=self.prefill_step_size,
-                should_stop=cancel.is_set,
+                should_stop=mlx.should_stop(cancel),
             )
             progress(PrefillProgress("saving", len(ids), len(ids)))
             session.save(session_path)  # atomic (temp file + rename)
@@ -667,7 +722,7 @@ class KimiEngine:
 
         progress(PrefillProgress("prefill", 0, len(ids)))
         try:
-            session = self._mlx.call(_prefill)
+            session = mlx.call(_prefill)
         except S.PrefillCancelled as e:
             raise PrefillCancelled(e.done, e.total) from None
         return DocumentInfo(sources, len(ids), session_path, warnings, handle=session, system_prompt=system_prompt)
@@ -675,11 +730,13 @@ class KimiEngine:
     def open_documents(self, info: DocumentInfo) -> DocumentInfo:
         from kimi_mlx.session import DocumentSession
 
+        mlx = self._mlx
+
         def _open():
             return DocumentSession.load(info.session_path, self._model, self._tokenizer)
 
         try:
-            session = self._mlx.call(_open)
+            session = mlx.call(_open)
         except Exception as e:  # SessionError, OSError: stale or damaged
             raise SessionUnavailableError(str(e)) from e
         return replace(info, handle=session)
@@ -691,6 +748,7 @@ class KimiEngine:
             messages = [m for m in messages if m.role != "system"]
         prompt = conversation_ids(self._tokenizer, messages, after_documents=with_docs)
         doc_tokens = documents.token_count if with_docs else 0
+        mlx = self._mlx
 
         def make_iter():
             from kimi_mlx.generate import stream_generate
@@ -707,11 +765,11 @@ class KimiEngine:
                 seed=settings.seed,
                 prompt_cache=documents.handle.fork() if with_docs else None,
                 prefill_step_size=self.prefill_step_size,
-                should_stop=cancel.is_set,
+                should_stop=mlx.should_stop(cancel),
             )
 
         try:
-            for r in self._mlx.iterate(make_iter, cancel):
+            for r in mlx.iterate(make_iter, cancel):
                 d = Delta(
                     text=r.text,
                     prompt_tokens=r.prompt_tokens,

@@ -5,16 +5,25 @@
   together with the version bump, so a crash mid-migration changes nothing.
 * Every write is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) with
   ``synchronous=FULL`` in WAL mode: a committed message survives a crash.
-* A database SQLite can't read is moved aside to ``<name>.corrupt-<timestamp>``
-  and a fresh one started; ``Store.notices`` tells the app what happened.
+* Only a database that SQLite reports as damaged (not a database, or failing
+  ``PRAGMA integrity_check``) is moved aside, to a new
+  ``<name>.corrupt-<timestamp>[-n]`` (never over an earlier backup), and a fresh
+  one started; ``Store.notices`` tells the app what happened.  One that is
+  locked by another process, unreadable, or in a directory we can't write
+  raises :class:`StoreUnavailableError` and nothing is touched.
+* The data directory is 0700 and the database files 0600 (chats are private).
 
 All calls are made from the UI thread (sqlite3's default same-thread check).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import sqlite3
+import stat
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,6 +99,53 @@ class StoreTooNewError(StoreError):
     """The database was written by a newer release; we don't touch it."""
 
 
+class StoreUnavailableError(StoreError):
+    """Locked by another process, unreadable, or not writable: left as it is."""
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """integrity_check found damage."""
+
+
+# SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xff).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+_SUFFIXES = ("", "-wal", "-shm")
+
+
+def _private(path: Union[str, Path], mode: int) -> None:
+    """Take away group/other access (never add any: a read-only file stays read-only)."""
+    try:
+        st = os.stat(path)
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & ~mode:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+    except FileNotFoundError:
+        pass
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created (with parents) and made 0700; raises StoreUnavailableError."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(path, 0o700)
+    except OSError as e:
+        raise StoreUnavailableError(f"Cannot create the data directory {path}: {e.strerror or e}.") from None
+    return path
+
+
+def _rename_no_replace(src: str, dst: str) -> None:
+    """Rename that fails with FileExistsError instead of replacing ``dst``."""
+    try:
+        os.link(src, dst)  # atomic, and refuses an existing dst
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this filesystem
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
 @dataclass
 class Chat:
     id: int
@@ -111,17 +167,20 @@ class Message:
 
 
 class Store:
+    # Seconds to wait for another process's lock before giving up (SQLite busy timeout).
+    BUSY_TIMEOUT = 10.0
+
     def __init__(self, path: Union[str, Path] = ":memory:"):
         self.path = str(path)
         self.notices: list = []
-        self.conn = self._open()
+        self._temp_sessions: Optional[str] = None
+        self.conn: Optional[sqlite3.Connection] = self._open()
 
     # -- opening, corruption, migrations ----------------------------------
 
     @classmethod
     def open_default(cls, data_dir: Optional[Path] = None) -> "Store":
-        data_dir = Path(data_dir) if data_dir else default_data_dir()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = private_dir(Path(data_dir) if data_dir else default_data_dir())
         return cls(data_dir / DB_NAME)
 
     @property
@@ -130,40 +189,79 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx).
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys = ON")
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.BUSY_TIMEOUT)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                rows = conn.execute("PRAGMA integrity_check").fetchall()
+                if [r[0] for r in rows] != ["ok"]:
+                    raise _Damaged("integrity check failed: " + "; ".join(str(r[0]) for r in rows[:3]))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
+    def _create_private(self) -> None:
+        # SQLite gives -wal and -shm the mode of the database file: make that 0600 first.
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            for suffix in _SUFFIXES:
+                _private(self.path + suffix, 0o600)
+        except OSError as e:
+            raise StoreUnavailableError(f"Cannot create the chat database {self.path}: {e.strerror or e}.") from None
+
     def _open(self) -> sqlite3.Connection:
+        if self.path == ":memory:":
+            conn = self._connect()
+            self._migrate(conn)
+            return conn
+        self._create_private()
         try:
             conn = self._connect()
-            row = conn.execute("PRAGMA quick_check").fetchone()
-            if row is None or row[0] != "ok":
-                conn.close()
-                raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else '?'}")
         except sqlite3.DatabaseError as e:
-            if self.path == ":memory:":
-                raise
-            backup = self._move_corrupt()
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise StoreUnavailableError(
+                    f"The chat database {self.path} is locked by another process "
+                    f"(waited {self.BUSY_TIMEOUT:g} s). Close it and start kimi-chat again; nothing was changed."
+                ) from None
+            if not isinstance(e, _Damaged) and code not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                raise StoreUnavailableError(f"Cannot open the chat database {self.path} ({e}); nothing was changed.") from None
+            try:
+                backup = self._move_corrupt()
+            except OSError as err:
+                raise StoreUnavailableError(
+                    f"The chat database {self.path} is damaged ({e}) and could not be moved aside "
+                    f"({err.strerror or err}); nothing was changed."
+                ) from None
             self.notices.append(
                 f"The chat database could not be read ({e}). It was moved to {backup} "
                 "and a new, empty one was started."
             )
+            self._create_private()
             conn = self._connect()
         self._migrate(conn)
         return conn
 
     def _move_corrupt(self) -> str:
+        """Move the database and its journals to a backup name no file has yet."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = f"{self.path}.corrupt-{stamp}"
-        os.replace(self.path, backup)
-        for suffix in ("-wal", "-shm"):  # stale journals belong to the old file
-            if os.path.exists(self.path + suffix):
-                os.replace(self.path + suffix, backup + suffix)
+        for n in itertools.count():
+            backup = f"{self.path}.corrupt-{stamp}" + (f"-{n}" if n else "")
+            if any(os.path.lexists(backup + s) for s in _SUFFIXES):
+                continue
+            try:
+                _rename_no_replace(self.path, backup)
+            except FileExistsError:  # taken meanwhile
+                continue
+            break
+        for suffix in _SUFFIXES[1:]:  # stale journals belong to the old file
+            if os.path.lexists(self.path + suffix):
+                _rename_no_replace(self.path + suffix, backup + suffix)
         return backup
 
     @staticmethod
@@ -202,7 +300,17 @@ class Store:
             self.conn.execute("COMMIT")
 
     def close(self) -> None:
-        self.conn.close()
+        """Checkpoint the WAL into the database file, then close (idempotent)."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            if self.path != ":memory:":
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # busy with another process's reader: the WAL is still valid
+        finally:
+            conn.close()
 
     @property
     def schema_version(self) -> int:
@@ -304,13 +412,37 @@ class Store:
 
     # -- documents ---------------------------------------------------------
 
-    def session_path_for(self, chat_id: int) -> str:
-        base = self.data_dir
-        if base is None:  # in-memory store: keep sessions in a temp dir
-            import tempfile
+    @property
+    def sessions_dir(self) -> Path:
+        """Where document sessions are saved (0700); the only place we delete from."""
+        if self.data_dir is not None:
+            return private_dir(self.data_dir / "sessions")
+        if self._temp_sessions is None:  # in-memory store: a private temp dir, not a shared path
+            self._temp_sessions = tempfile.mkdtemp(prefix=f"{APP_NAME}-sessions-")
+        return Path(self._temp_sessions)
 
-            base = Path(tempfile.gettempdir()) / APP_NAME
-        return str(base / "sessions" / f"chat-{chat_id}.session")
+    def session_path_for(self, chat_id: int) -> str:
+        return str(self.sessions_dir / f"chat-{chat_id}.session")
+
+    def remove_session(self, path: Optional[str]) -> bool:
+        """Delete a document session, only if it is directly inside ``sessions_dir``
+        (a row may name any path).  Returns False if refused."""
+        if not path:
+            return True
+        p = Path(path)
+        real = p.parent.resolve() / p.name  # the entry itself, not what a symlink points to
+        if real.parent != self.sessions_dir.resolve() or p.name in ("", ".", ".."):
+            return False
+        try:
+            if real.is_dir() and not real.is_symlink():  # an engine may save a session as a directory
+                shutil.rmtree(real)
+            else:
+                real.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
 
     def set_documents(self, chat_id: int, info: DocumentInfo, model: str = "") -> None:
         sources = json.dumps([s.to_dict() for s in info.sources])
@@ -338,6 +470,24 @@ class Store:
             c.execute("DELETE FROM documents WHERE chat_id = ?", (chat_id,))
         return docs.session_path if docs else None
 
+    # -- search --------------------------------------------------------------
+
+    def search(self, query: str, limit: int = 50) -> list:
+        """Chats whose title or any message contains ``query`` (case-insensitive
+        for ASCII, as SQLite's LIKE), newest first: [SearchHit]."""
+        query = query.strip()
+        if not query:
+            return []
+        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.conn.execute(
+            "SELECT c.*, (SELECT m.content FROM messages m WHERE m.chat_id = c.id"
+            "  AND m.content LIKE :p ESCAPE '\\' ORDER BY m.id LIMIT 1) AS hit"
+            " FROM chats c WHERE c.title LIKE :p ESCAPE '\\' OR hit IS NOT NULL"
+            " ORDER BY c.updated_at DESC, c.id DESC LIMIT :n",
+            {"p": pattern, "n": limit},
+        ).fetchall()
+        return [SearchHit(self._chat(r), _snippet(r["hit"], query) if r["hit"] else "") for r in rows]
+
     # -- small app settings -------------------------------------------------
 
     def get_setting(self, key: str, default: Optional[str] = None) -> Optional[str]:
@@ -347,6 +497,20 @@ class Store:
     def set_setting(self, key: str, value: str) -> None:
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+
+@dataclass
+class SearchHit:
+    chat: Chat
+    snippet: str  # the first matching message around the match; "" if only the title matched
+
+
+def _snippet(text: str, query: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    at = max(0, flat.lower().find(query.lower()))
+    start = max(0, at - width // 3)
+    out = flat[start : start + width]
+    return ("…" if start else "") + out + ("…" if start + width < len(flat) else "")
 
 
 def _split_sql(script: str) -> list:

@@ -9,6 +9,7 @@ import itertools
 import os
 import shlex
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,8 +21,10 @@ from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Label
 
+from ..export import chat_markdown, slug, unique_path
 from ..engine import (
     ChatMessage,
     Delta,
@@ -31,6 +34,7 @@ from ..engine import (
     PrefillCancelled,
     PrefillProgress,
     SamplingSettings,
+    write_atomic,
 )
 from ..widgets.chat_view import ChatView, GeneratingIndicator
 from ..widgets.documents import DocumentBar
@@ -39,7 +43,7 @@ from ..widgets.progress import PrefillPanel
 from ..widgets.prompt import PromptInput
 from ..widgets.sidebar import Sidebar
 from ..widgets.status_bar import StatusBar
-from .dialogs import ConfirmDialog, FilePickerDialog, SettingsDialog, TextPromptDialog
+from .dialogs import ConfirmDialog, FilePickerDialog, SearchDialog, SettingsDialog, TextPromptDialog
 
 _ids = itertools.count(1)
 NEW_CHAT_TITLE = "New chat"
@@ -48,10 +52,12 @@ NEW_CHAT_TITLE = "New chat"
 # -- messages from workers ----------------------------------------------------
 
 
-class ReplyDelta(Message):
-    def __init__(self, gen_id: int, delta: Delta):
+class ReplyFlush(Message):
+    """Time to show what the worker has streamed since the last flush."""
+
+    def __init__(self, gen_id: int):
         super().__init__()
-        self.gen_id, self.delta = gen_id, delta
+        self.gen_id = gen_id
 
 
 class ReplyDone(Message):
@@ -78,6 +84,12 @@ class DocsRestored(Message):
         self.job_id, self.info, self.error = job_id, info, error
 
 
+# Seconds between screen updates while a reply streams: one Markdown append and
+# one status update per interval, however fast tokens come (rendering each token
+# made the app ~5x slower than the engine).
+RENDER_INTERVAL = 0.05
+
+
 @dataclass
 class _Generation:
     id: int
@@ -85,7 +97,15 @@ class _Generation:
     widget: MessageWidget
     cancel: threading.Event = field(default_factory=threading.Event)
     last: Optional[Delta] = None
-    got_first: bool = False
+    # Deltas streamed by the worker, not shown yet (deque: append/popleft are thread-safe).
+    pending: deque = field(default_factory=deque)
+    timer: Optional[Timer] = None
+
+    def take(self) -> list:
+        out = []
+        while self.pending:
+            out.append(self.pending.popleft())
+        return out
 
 
 @dataclass
@@ -95,6 +115,8 @@ class _DocJob:
     kind: str  # "prefill" | "restore"
     cancel: threading.Event = field(default_factory=threading.Event)
     last: Optional[PrefillProgress] = None
+    # A re-prefill for a new system prompt: the one to go back to if it is cancelled or fails.
+    previous_system_prompt: Optional[str] = None
 
 
 class ChatScreen(Screen):
@@ -105,8 +127,12 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "attach", "Attach", priority=True),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+b", "toggle_sidebar", "Chats", show=False),
+        Binding("ctrl+l", "focus_chat_list", "Chat list", show=False),
+        Binding("ctrl+f", "search", "Search", show=False),
+        Binding("ctrl+s", "export", "Export", show=False),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f3", "settings", "Settings", show=False),
+        Binding("f4", "app.switch_model", "Model", show=False),
         Binding("f8", "delete_chat", "Delete", show=False),
     ]
 
@@ -181,8 +207,10 @@ class ChatScreen(Screen):
         if gen is not None:
             gen.cancel.set()
             self.generation = None
+            content = gen.widget.content + "".join(d.text for d in gen.take())
             try:
-                self.store.add_message(gen.chat_id, "assistant", gen.widget.content, "cancelled")
+                if content:
+                    self.store.add_message(gen.chat_id, "assistant", content, "cancelled")
             except Exception:
                 pass  # never block quitting
         if self.doc_job is not None:
@@ -312,8 +340,7 @@ class ChatScreen(Screen):
         self.app.push_screen(ConfirmDialog(f"Delete the chat “{chat.title}”? This cannot be undone."), done)
 
     async def delete_chat(self, chat_id: int) -> None:
-        session = self.store.delete_chat(chat_id)
-        _remove_file(session)
+        self._remove_session(self.store.delete_chat(chat_id))
         if self.chat and self.chat.id == chat_id:
             chats = self.store.list_chats()
             chat = chats[0] if chats else self.store.create_chat()
@@ -321,6 +348,15 @@ class ChatScreen(Screen):
         else:
             await self.refresh_sidebar()
         self.notify("Chat deleted.")
+
+    def _remove_session(self, path: Optional[str]) -> None:
+        if not self.store.remove_session(path):
+            self.notify(f"Left {path} in place: it is not a session file of kimi-chat.", severity="warning", timeout=12)
+
+    def action_focus_chat_list(self) -> None:
+        sidebar = self.query_one(Sidebar)
+        sidebar.display = True
+        sidebar.list_view.focus()
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(Sidebar)
@@ -338,13 +374,46 @@ class ChatScreen(Screen):
         def done(result) -> None:
             if result:
                 system_prompt, settings = result
-                self.store.update_chat_settings(chat.id, system_prompt, settings)
-                if self.chat and self.chat.id == chat.id:
-                    self.chat = self.store.get_chat(chat.id)
-                    self._reprefill_if_system_changed()
-                self.notify("Chat settings saved.")
+                self.change_settings(system_prompt, settings, "Chat settings saved.")
 
         self.app.push_screen(SettingsDialog(chat.system_prompt, chat.settings), done)
+
+    def change_settings(self, system_prompt: str, settings: SamplingSettings, saved: str) -> None:
+        """Save the open chat's settings.  The system prompt is part of the
+        documents' snapshot, so changing it in a document chat asks first."""
+        chat_id = self.chat.id
+        docs = self.docs
+        if docs is None or system_prompt == docs.system_prompt:
+            self._save_settings(chat_id, system_prompt, settings)
+            self.notify(saved)
+            return
+
+        def answered(yes: Optional[bool]) -> None:
+            if self.chat is None or self.chat.id != chat_id:
+                return
+            if not yes:  # keep the prompt the documents were read with; the rest is saved
+                self._save_settings(chat_id, docs.system_prompt, settings)
+                self.notify("The system prompt was not changed.")
+                return
+            if self._refuse_if_busy():
+                return
+            self._save_settings(chat_id, system_prompt, settings)
+            self.notify(saved + " Prefilling the documents again with the new system prompt.")
+            self._start_prefill([s.path for s in docs.sources], previous_system_prompt=docs.system_prompt)
+
+        self.app.push_screen(
+            ConfirmDialog(
+                f"The system prompt is part of the documents' snapshot: changing it reads and "
+                f"prefills the documents ({docs.token_count:,} tokens) again. Change it?",
+                yes="Change and prefill",
+            ),
+            answered,
+        )
+
+    def _save_settings(self, chat_id: int, system_prompt: str, settings: SamplingSettings) -> None:
+        self.store.update_chat_settings(chat_id, system_prompt, settings)
+        if self.chat and self.chat.id == chat_id:
+            self.chat = self.store.get_chat(chat_id)
 
     # -- sending ---------------------------------------------------------------
 
@@ -353,9 +422,12 @@ class ChatScreen(Screen):
         text = event.text.strip()
         if not text:
             return
-        if text.startswith("/"):
-            self.prompt.clear()
-            await self.run_command(text)
+        if text.startswith("//"):  # a message that starts with "/"
+            text = text[1:]
+        elif text.startswith("/"):
+            # An unknown or malformed command keeps the input, to fix or send with "//".
+            if await self.run_command(text):
+                self.prompt.clear()
             return
         if await self.send(text):
             self.prompt.clear()
@@ -373,16 +445,10 @@ class ChatScreen(Screen):
         if self.docs is not None and self.docs.handle is None:
             self.notify("The documents are not ready yet (being restored).", severity="warning")
             return False
-        if self._reprefill_if_system_changed():
+        if self.docs is not None and self.docs.system_prompt != self.chat.system_prompt:
+            # Only from an older release's data: settle which prompt to use first.
+            self.change_settings(self.chat.system_prompt, self.chat.settings, "System prompt kept.")
             return False
-        return True
-
-    def _reprefill_if_system_changed(self) -> bool:
-        """The system prompt is part of the documents' snapshot: a new one needs a new prefill."""
-        if self.docs is None or self.docs.system_prompt == self.chat.system_prompt or self.busy:
-            return False
-        self.notify("The system prompt changed, and it is part of the documents' snapshot: prefilling them again.")
-        self._start_prefill([s.path for s in self.docs.sources])
         return True
 
     async def send(self, text: str) -> bool:
@@ -447,7 +513,7 @@ class ChatScreen(Screen):
         def work() -> None:
             try:
                 for delta in engine.stream_reply(history, settings, docs, gen.cancel):
-                    self.post_message(ReplyDelta(gen.id, delta))
+                    gen.pending.append(delta)  # shown by the next flush, not per token
                     if gen.cancel.is_set():
                         break
             except BaseException as e:  # reported on the UI thread
@@ -455,19 +521,26 @@ class ChatScreen(Screen):
             else:
                 self.post_message(ReplyDone(gen.id, None))
 
+        # The flush runs as a message so it is ordered with ReplyDone.
+        gen.timer = self.set_interval(
+            RENDER_INTERVAL, lambda: gen.pending and self.post_message(ReplyFlush(gen.id)), name="reply-flush"
+        )
         self.run_worker(work, thread=True, group="generate", exit_on_error=False, name="generate")
 
-    @on(ReplyDelta)
-    async def _reply_delta(self, event: ReplyDelta) -> None:
+    @on(ReplyFlush)
+    async def _reply_flush(self, event: ReplyFlush) -> None:
         gen = self.generation
-        if gen is None or gen.id != event.gen_id:
+        if gen is not None and gen.id == event.gen_id:
+            await self._show_pending(gen)
+
+    async def _show_pending(self, gen: _Generation) -> None:
+        deltas = gen.take()
+        if not deltas:
             return
-        d = event.delta
-        gen.last = d
-        if d.text:
-            await gen.widget.append(d.text)
-        if not gen.got_first:
-            gen.got_first = True
+        d = gen.last = deltas[-1]
+        text = "".join(x.text for x in deltas)
+        if text:
+            await gen.widget.append(text)
         if not gen.cancel.is_set():
             self.indicator.set_text(f"Generating… {d.generation_tokens:,} tokens · {d.generation_tps:,.1f} tok/s · Esc stops")
         self.status_bar.update_from(d)
@@ -477,6 +550,9 @@ class ChatScreen(Screen):
         gen = self.generation
         if gen is None or gen.id != event.gen_id:
             return
+        if gen.timer is not None:
+            gen.timer.stop()
+        await self._show_pending(gen)
         if gen.cancel.is_set() or (gen.last is not None and gen.last.finish_reason == "cancelled"):
             status = "cancelled"
         elif event.error is not None:
@@ -499,6 +575,14 @@ class ChatScreen(Screen):
         if event.error is not None:
             meta["error"] = _describe(event.error)
         try:
+            if status == "cancelled" and not gen.widget.content:
+                # Stopped while thinking: nothing to keep, no empty bubble.
+                await gen.widget.finish(status)
+                await gen.widget.remove()
+                self.chat_view.refresh_empty()
+                self.indicator.stop()
+                self.notify("Stopped before the reply began.")
+                return
             # Saved first: whatever happens to the display, the reply is kept.
             msg = self.store.add_message(gen.chat_id, "assistant", gen.widget.content, status, meta)
             gen.widget.message_id = msg.id
@@ -630,8 +714,8 @@ class ChatScreen(Screen):
             return
         self._start_prefill(existing + new)
 
-    def _start_prefill(self, paths: list) -> None:
-        job = _DocJob(next(_ids), self.chat.id, "prefill")
+    def _start_prefill(self, paths: list, previous_system_prompt: Optional[str] = None) -> None:
+        job = _DocJob(next(_ids), self.chat.id, "prefill", previous_system_prompt=previous_system_prompt)
         self.doc_job = job
         session_path = self.store.session_path_for(self.chat.id)
         self.query_one(PrefillPanel).start("Reading documents…")
@@ -674,6 +758,11 @@ class ChatScreen(Screen):
                 self.docs = event.info
                 await self.query_one(DocumentBar).set_documents(event.info)
                 self._update_context_from_history()
+            elif event.error is not None and job.previous_system_prompt is not None:
+                # The old snapshot is still attached: go back to the prompt it was made with.
+                chat = self.store.get_chat(job.chat_id)
+                if chat is not None:
+                    self._save_settings(job.chat_id, job.previous_system_prompt, chat.settings)
         finally:
             # Cleared last, so "not busy" means the result is fully shown.
             if self.doc_job is job:
@@ -688,17 +777,21 @@ class ChatScreen(Screen):
             self.notify(f"{n} document source{'s' if n != 1 else ''} ready: {info.token_count:,} tokens in context.")
             for w in info.warnings[:5]:
                 self.notify(w, severity="warning", timeout=10)
-        elif isinstance(err, PrefillCancelled) or job.cancel.is_set():
-            last = job.last
-            if last is not None and last.stage == "prefill":
-                msg = f"Prefill cancelled at {last.done:,} / {last.total:,} tokens; documents not attached."
-            else:
-                msg = "Prefill cancelled; documents not attached."
-            self.notify(msg, severity="warning", timeout=10)
-        elif isinstance(err, DocumentTooLargeError):
-            self.notify(str(err), title="Too large for the context", severity="error", timeout=15)
         else:
-            self.notify(f"Could not attach: {_describe(err)}", severity="error", timeout=12)
+            if job.previous_system_prompt is not None:
+                outcome = "the documents stay attached with the previous system prompt."
+            elif self.docs is not None and self.chat and self.chat.id == job.chat_id:
+                outcome = "the new documents were not attached; the earlier ones stay."
+            else:
+                outcome = "documents not attached."
+            if isinstance(err, PrefillCancelled) or job.cancel.is_set():
+                last = job.last
+                at = f" at {last.done:,} / {last.total:,} tokens" if last is not None and last.stage == "prefill" else ""
+                self.notify(f"Prefill cancelled{at}; {outcome}", severity="warning", timeout=10)
+            elif isinstance(err, DocumentTooLargeError):
+                self.notify(f"{err} {outcome[0].upper()}{outcome[1:]}", title="Too large for the context", severity="error", timeout=15)
+            else:
+                self.notify(f"Could not attach: {_describe(err)}; {outcome}", severity="error", timeout=12)
 
     def _start_restore(self) -> None:
         job = _DocJob(next(_ids), self.chat.id, "restore")
@@ -759,7 +852,7 @@ class ChatScreen(Screen):
     async def clear_documents(self) -> None:
         if self._refuse_if_busy():
             return
-        _remove_file(self.store.clear_documents(self.chat.id))
+        self._remove_session(self.store.clear_documents(self.chat.id))
         self.docs = None
         await self.query_one(DocumentBar).set_documents(None)
         self._update_context_from_history()
@@ -785,12 +878,13 @@ class ChatScreen(Screen):
 
     # -- slash commands ----------------------------------------------------
 
-    async def run_command(self, line: str) -> None:
+    async def run_command(self, line: str) -> bool:
+        """Run a slash command; False (input kept) if it is not one."""
         try:
             parts = shlex.split(line)
         except ValueError as e:
-            self.notify(f"Could not parse the command: {e}", severity="error")
-            return
+            self.notify(f"Could not parse the command: {e}. To send it as a message, start it with //.", severity="error")
+            return False
         cmd, args = parts[0].lower(), parts[1:]
         rest = line[len(parts[0]):].strip()
         if cmd in ("/load", "/attach"):
@@ -816,12 +910,17 @@ class ChatScreen(Screen):
         elif cmd == "/delete":
             self.action_delete_chat()
         elif cmd == "/system":
-            if self._refuse_if_busy():
-                return
-            self.store.update_chat_settings(self.chat.id, rest, self.chat.settings)
-            self.chat = self.store.get_chat(self.chat.id)
-            self.notify("System prompt updated." if rest else "System prompt cleared.")
-            self._reprefill_if_system_changed()
+            if not self._refuse_if_busy():
+                self.change_settings(rest, self.chat.settings, "System prompt updated." if rest else "System prompt cleared.")
+        elif cmd == "/export":
+            self.export_chat(rest or None)
+        elif cmd == "/search":
+            self.action_search(rest)
+        elif cmd == "/model":
+            if rest:
+                self.app.switch_model(rest)
+            else:
+                self.app.action_switch_model()
         elif cmd == "/set":
             self._set_setting(args)
         elif cmd == "/settings":
@@ -833,7 +932,14 @@ class ChatScreen(Screen):
         elif cmd in ("/quit", "/exit"):
             self.app.exit()
         else:
-            self.notify(f"Unknown command {cmd}. F1 lists the commands.", severity="warning")
+            self.notify(
+                f"Unknown command {cmd}; your text is kept. To send a message that starts with /, "
+                "begin it with // (//usr/bin sends /usr/bin). F1 lists the commands.",
+                severity="warning",
+                timeout=10,
+            )
+            return False
+        return True
 
     def _set_setting(self, args: list) -> None:
         s = self.chat.settings.to_dict()
@@ -841,16 +947,54 @@ class ChatScreen(Screen):
             self.notify(f"Usage: /set NAME VALUE with NAME one of {', '.join(s)}.", severity="warning")
             return
         name, raw = args
-        current = SamplingSettings()
-        typ = int if name in ("top_k", "max_tokens", "seed") else type(getattr(current, name))
         try:
-            s[name] = None if (name == "seed" and raw.lower() in ("none", "random", "-")) else typ(raw)
-        except ValueError:
-            self.notify(f"{name}: {raw!r} is not a number.", severity="error")
+            s[name] = SamplingSettings.parse(name, raw)
+        except ValueError as e:
+            self.notify(f"Not changed: {e}.", severity="error")
             return
-        self.store.update_chat_settings(self.chat.id, self.chat.system_prompt, SamplingSettings.from_dict(s))
-        self.chat = self.store.get_chat(self.chat.id)
+        self._save_settings(self.chat.id, self.chat.system_prompt, SamplingSettings.from_dict(s))
         self.notify(f"{name} = {s[name]}")
+
+    # -- search, export --------------------------------------------------------
+
+    def action_search(self, query: str = "") -> None:
+        async def done(chat_id: Optional[int]) -> None:
+            if chat_id is None:
+                return
+            if chat_id != (self.chat.id if self.chat else None) and self._refuse_if_busy():
+                return
+            await self.open_chat(chat_id)
+            self.prompt.focus()
+
+        self.app.push_screen(SearchDialog(self.store, query), done)
+
+    def action_export(self) -> None:
+        self.export_chat()
+
+    def export_chat(self, path: Optional[str] = None) -> Optional[Path]:
+        """Write the open chat as Markdown: to ``path``, or a new file named after the
+        chat in the start directory (never over an existing one)."""
+        chat = self.chat
+        messages = self.store.list_messages(chat.id)
+        if not messages:
+            self.notify("Nothing to export yet.", severity="warning")
+            return None
+        if path:
+            target = Path(os.path.expanduser(path))
+            if not target.is_absolute():
+                target = Path(self.app.start_dir) / target
+            if target.is_dir():
+                target = unique_path(target / f"{slug(chat.title)}.md")
+        else:
+            target = unique_path(Path(self.app.start_dir) / f"{slug(chat.title)}.md")
+        text = chat_markdown(chat, messages, self.docs, self.engine.model_name)
+        try:
+            write_atomic(str(target), text)
+        except OSError as e:
+            self.notify(f"Could not export to {target}: {e.strerror or e}.", severity="error", timeout=12)
+            return None
+        self.notify(f"Chat exported to {target}.", timeout=10)
+        return target
 
 
 def _title_from(text: str) -> str:
@@ -864,16 +1008,4 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
-def _remove_file(path: Optional[str]) -> None:
-    if not path:
-        return
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:  # an engine may save a session as a directory
-        import shutil
 
-        shutil.rmtree(path, ignore_errors=True)
-    except OSError:
-        pass

@@ -1,4 +1,4 @@
-"""Small modal dialogs: confirm, text prompt, chat settings, file picker."""
+"""Small modal dialogs: confirm, text prompt, chat settings, file picker, search, model."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DirectoryTree, Input, Label, TextArea
+from textual.widgets import Button, DirectoryTree, Input, Label, ListItem, ListView, TextArea
 
 from ..engine import SamplingSettings
 
@@ -66,12 +66,12 @@ class SettingsDialog(ModalScreen[Optional[tuple]]):
     ]
 
     FIELDS = [
-        ("temperature", "Temperature", float),
-        ("top_p", "Top-p", float),
-        ("top_k", "Top-k (0 = off)", int),
-        ("min_p", "Min-p (0 = off)", float),
-        ("max_tokens", "Max reply tokens", int),
-        ("seed", "Seed (empty = random)", int),
+        ("temperature", "Temperature"),
+        ("top_p", "Top-p"),
+        ("top_k", "Top-k (0 = off)"),
+        ("min_p", "Min-p (0 = off)"),
+        ("max_tokens", "Max reply tokens"),
+        ("seed", "Seed (empty = random)"),
     ]
 
     def __init__(self, system_prompt: str, settings: SamplingSettings):
@@ -80,12 +80,13 @@ class SettingsDialog(ModalScreen[Optional[tuple]]):
         self.settings = settings
 
     def compose(self):
-        with Vertical(classes="dialog settings-dialog"):
+        # Scrolls, so a small terminal (60x20) still reaches every field and the buttons.
+        with VerticalScroll(classes="dialog settings-dialog"):
             yield Label("Chat settings", classes="dialog-title")
             yield Label("System prompt")
             yield TextArea(self.system_prompt, id="system-prompt", soft_wrap=True)
             with Grid(classes="settings-grid"):
-                for name, label, _ in self.FIELDS:
+                for name, label in self.FIELDS:
                     value = getattr(self.settings, name)
                     yield Label(label)
                     yield Input("" if value is None else str(value), id=f"set-{name}")
@@ -104,28 +105,16 @@ class SettingsDialog(ModalScreen[Optional[tuple]]):
         self.action_save()
 
     def action_save(self) -> None:
-        values = {}
-        for name, label, typ in self.FIELDS:
-            raw = self.query_one(f"#set-{name}", Input).value.strip()
-            if name == "seed" and not raw:
-                values[name] = None
-                continue
+        values, problems = {}, []
+        for name, _ in self.FIELDS:
             try:
-                values[name] = typ(raw)
-            except ValueError:
-                self.query_one("#settings-error", Label).update(f"{label}: {raw!r} is not a number")
-                return
-        problems = []
-        if values["temperature"] < 0:
-            problems.append("temperature must be ≥ 0")
-        if not 0 < values["top_p"] <= 1:
-            problems.append("top-p must be in (0, 1]")
-        if values["top_k"] < 0 or not 0 <= values["min_p"] < 1:
-            problems.append("top-k must be ≥ 0 and min-p in [0, 1)")
-        if values["max_tokens"] < 1:
-            problems.append("max tokens must be ≥ 1")
+                values[name] = SamplingSettings.parse(name, self.query_one(f"#set-{name}", Input).value)
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
-            self.query_one("#settings-error", Label).update("; ".join(problems))
+            error = self.query_one("#settings-error", Label)
+            error.update("; ".join(problems))
+            error.scroll_visible()
             return
         prompt = self.query_one("#system-prompt", TextArea).text
         self.dismiss((prompt, SamplingSettings(**values)))
@@ -185,3 +174,91 @@ class FilePickerDialog(ModalScreen[Optional[list]]):
             paths = [event.value]
         if paths:
             self.dismiss(paths)
+
+
+class SearchDialog(ModalScreen[Optional[int]]):
+    """Search chat titles and messages; Enter opens the chosen chat."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, store, query: str = ""):
+        super().__init__(classes="dialog-screen")
+        self.store = store
+        self.query_text = query
+
+    def compose(self):
+        with Vertical(classes="dialog search-dialog"):
+            yield Label("Search chats", classes="dialog-title")
+            yield Input(self.query_text, placeholder="Words in a chat title or message", id="search-query")
+            yield ListView(id="search-results")
+            yield Label("", id="search-count", classes="dialog-hint", markup=False)
+            yield Label("Type to search · Down/Enter opens a chat · Esc cancels", classes="dialog-hint")
+
+    async def on_mount(self) -> None:
+        self.query_one("#search-query", Input).focus()
+        await self._search(self.query_text)
+
+    async def on_input_changed(self, event: Input.Changed) -> None:
+        await self._search(event.value)
+
+    async def _search(self, query: str) -> None:
+        hits = self.store.search(query) if query.strip() else []
+        results = self.query_one("#search-results", ListView)
+        await results.clear()
+        items = []
+        for hit in hits:
+            lines = [Label(hit.chat.title, classes="search-title", markup=False)]
+            if hit.snippet:
+                lines.append(Label(hit.snippet, classes="search-snippet", markup=False))
+            item = ListItem(*lines)
+            item.chat_id = hit.chat.id
+            items.append(item)
+        if items:
+            await results.extend(items)
+            results.index = 0
+        count = self.query_one("#search-count", Label)
+        count.update(f"{len(hits)} chat{'s' if len(hits) != 1 else ''}" if query.strip() else "")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        results = self.query_one("#search-results", ListView)
+        if results.highlighted_child is not None:
+            self.dismiss(results.highlighted_child.chat_id)
+
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        self.dismiss(event.item.chat_id)
+
+    def key_down(self) -> None:
+        results = self.query_one("#search-results", ListView)
+        if self.query_one("#search-query", Input).has_focus and results.children:
+            results.focus()
+
+
+class ModelDialog(ModalScreen[Optional[str]]):
+    """Switch the model: type a path or repo id, or pick a recent one."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, current: str, recent: list):
+        super().__init__(classes="dialog-screen")
+        self.current = current
+        self.recent = [m for m in recent if m != current]
+
+    def compose(self):
+        with Vertical(classes="dialog model-dialog"):
+            yield Label("Switch the model", classes="dialog-title")
+            yield Label(f"Now: {self.current}", classes="dialog-hint", markup=False)
+            yield Input(placeholder="Model directory or Hugging Face repo id", id="model-path")
+            if self.recent:
+                yield Label("Recent models")
+                yield ListView(*[ListItem(Label(m, markup=False), name=m) for m in self.recent], id="model-recent")
+            yield Label("Enter loads it · Esc cancels", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#model-path", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        value = event.value.strip()
+        self.dismiss(value or None)
+
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        self.dismiss(event.item.name)

@@ -1,29 +1,72 @@
 """Shown instead of the chat when the model is missing or failed to load."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 from textual.binding import Binding
-from textual.containers import Center, Vertical
+from textual.containers import Center, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Markdown
 
-from ..engine import DEFAULT_MODEL
+from ..engine import DEFAULT_MODEL, EngineError, ModelNotFoundError
 
-INSTRUCTIONS = f"""\
-Download the model from Hugging Face:
-
-```
-huggingface-cli download {DEFAULT_MODEL}
-```
-
+CONVERT = """\
 Convert and quantize it for MLX (much smaller and faster):
 
 ```
-python convert.py --hf-path {DEFAULT_MODEL} \\
+python convert.py --hf-path {repo} \\
     --mlx-path ~/models/kimi-linear-4bit -q
 ```
 
 Then start `kimi-chat --model ~/models/kimi-linear-4bit`, or type the path below.
 """
+
+
+def _repo(model: str) -> str:
+    """``model`` if it reads as a Hugging Face repo id, else the default one."""
+    return model if model.count("/") == 1 and not model.startswith((".", "/", "~")) else DEFAULT_MODEL
+
+
+def describe(error: Optional[BaseException]) -> str:
+    if error is None:
+        return ""
+    if isinstance(error, EngineError):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def advice(model: str, error: Optional[BaseException]) -> tuple:
+    """(title, Markdown advice) that fit what went wrong."""
+    repo = _repo(model)
+    download = f"```\nhf download {repo}\n```\n\n(`hf` comes with `pip install -U huggingface_hub`.)\n\n"
+    if isinstance(error, ModelNotFoundError):
+        if error.kind == "not_model_dir":
+            return "Not a model directory", (
+                "A model directory holds `config.json`, the `*.safetensors` weights, `tiktoken.model` "
+                "and `tokenizer_config.json`: the output of `convert.py`, or a Hugging Face snapshot. "
+                "Type the path of such a directory below.\n\nTo get one, download the model:\n\n" + download
+                + CONVERT.format(repo=repo)
+            )
+        return "No model found", "Download the model from Hugging Face:\n\n" + download + CONVERT.format(repo=repo)
+    text = describe(error)
+    cause = getattr(error, "__cause__", None)
+    if isinstance(cause, FileNotFoundError) or "missing" in text or "No such file" in text:
+        where = Path(model).expanduser()
+        return "The model is incomplete", (
+            f"A file the model needs is missing from `{where}` (named above). "
+            "If it is a Hugging Face download, fetch it again; this downloads only what is missing:\n\n"
+            + download
+            + "If it came from `convert.py`, convert again: it copies the tokenizer files next to the weights."
+        )
+    if "download" in text.lower():
+        return "The model could not be downloaded", (
+            "Check the network connection and the free disk space, then download it again:\n\n" + download
+        )
+    return "The model failed to load", (
+        "The files may be damaged, or made for another model or release. Download or convert the model "
+        "again:\n\n" + download + CONVERT.format(repo=repo)
+    )
 
 
 class NoModelScreen(Screen[None]):
@@ -32,22 +75,22 @@ class NoModelScreen(Screen[None]):
         Binding("ctrl+q", "app.quit", "Quit", priority=True),
     ]
 
-    def __init__(self, model: str, reason: str, missing: bool = True):
+    def __init__(self, model: str, error: Optional[BaseException]):
         super().__init__()
         self.model = model
-        self.reason = reason
-        self.missing = missing
+        self.error = error
+        self.title_text, self.advice = advice(model, error)
 
     def compose(self):
-        title = "No model found" if self.missing else "The model failed to load"
         with Center():
-            with Vertical(classes="no-model-box"):
-                yield Label(f"kimi-chat · {title}", classes="no-model-title")
+            # Scrolls: a long error and its advice still fit a small terminal.
+            with VerticalScroll(classes="no-model-box"):
+                yield Label(f"kimi-chat · {self.title_text}", classes="no-model-title")
                 yield Label(f"Model: {self.model}", classes="no-model-line", markup=False)
-                yield Label(self.reason, classes="no-model-reason", markup=False)
-                yield Markdown(INSTRUCTIONS)
+                yield Label(describe(self.error), classes="no-model-reason", markup=False)
+                yield Markdown(self.advice)
                 yield Input(placeholder="Model directory or Hugging Face repo id", id="model-path")
-                yield Label("Enter loads it · Esc browses old chats · Ctrl+Q quits", classes="no-model-hint")
+                yield Label("Enter loads it · Esc browses old chats (F4 comes back here) · Ctrl+Q quits", classes="no-model-hint")
         yield Footer()
 
     def on_mount(self) -> None:

@@ -28,7 +28,7 @@ class ChatView(VerticalScroll, can_focus=False):
     def messages(self) -> list:
         return list(self.query(MessageWidget))
 
-    def _update_empty(self) -> None:
+    def refresh_empty(self) -> None:
         self.query_one(".empty-chat").display = not self.query(MessageWidget)
 
     async def set_messages(self, messages) -> None:
@@ -36,14 +36,14 @@ class ChatView(VerticalScroll, can_focus=False):
         widgets = [MessageWidget(m.role, m.content, m.status, m.id) for m in messages]
         if widgets:
             await self.mount_all(widgets)
-        self._update_empty()
+        self.refresh_empty()
         self.scroll_end(animate=False)
         self.anchor()
 
     async def add_message(self, role: str, content: str = "", status: str = "ok", message_id: Optional[int] = None) -> MessageWidget:
         w = MessageWidget(role, content, status, message_id)
         await self.mount(w)
-        self._update_empty()
+        self.refresh_empty()
         self.scroll_end(animate=False)
         self.anchor()
         return w
@@ -53,7 +53,7 @@ class ChatView(VerticalScroll, can_focus=False):
         msgs = self.messages
         if widget in msgs:
             await self.remove_children(msgs[msgs.index(widget):])
-        self._update_empty()
+        self.refresh_empty()
 
 
 class GeneratingIndicator(Static):

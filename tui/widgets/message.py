@@ -1,4 +1,5 @@
-"""One chat message: a header line and a Markdown body that can be streamed into."""
+"""One chat message: a header line and a body.  Replies are Markdown (streamed
+into); the user's own text is shown as typed, line breaks and all."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Label, Markdown
+from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 ROLE_NAMES = {"user": "You", "assistant": "Kimi", "system": "System"}
@@ -61,11 +62,14 @@ class MessageWidget(Vertical, can_focus=True):
 
     def compose(self):
         yield Label(self._header_text(), classes="message-header", markup=False)
-        yield Markdown(self.content, classes="message-body")
+        if self.role == "user":
+            yield Static(self.content, classes="message-body", markup=False)
+        else:
+            yield Markdown(self.content, classes="message-body")
 
     @property
-    def body(self) -> Markdown:
-        return self.query_one(Markdown)
+    def body(self):
+        return self.query_one(".message-body")
 
     def _header_text(self) -> str:
         note = STATUS_NOTES.get(self.status, "")

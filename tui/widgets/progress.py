@@ -1,6 +1,7 @@
 """Prefill progress: a bar plus tokens, tokens/s and ETA; Esc cancels."""
 from __future__ import annotations
 
+import math
 import time
 
 from textual.containers import Vertical
@@ -51,9 +52,17 @@ class PrefillPanel(Vertical):
             return f"{p.total:,} tokens · saving the snapshot…"
         t0, d0 = self._prefill_start or (now, p.done)
         elapsed = now - t0
-        rate = (p.done - d0) / elapsed if elapsed > 0 and p.done > d0 else 0.0
-        eta = fmt_eta((p.total - p.done) / rate) if rate > 0 else "–"
-        return f"{p.done:,} / {p.total:,} tokens · {rate:,.0f} tok/s · ETA {eta} · Esc cancels"
+        # The engine's figures when it gives them (it knows how the cost grows with depth).
+        rate = p.tokens_per_s or ((p.done - d0) / elapsed if elapsed > 0 and p.done > d0 else 0.0)
+        eta = p.eta_s if p.eta_s is not None else ((p.total - p.done) / rate if rate > 0 else None)
+        if p.done >= p.total:
+            eta_text = "0:00"
+        elif eta is None or not math.isfinite(eta) or p.done == 0:
+            eta_text = "estimating…"
+        else:
+            eta_text = fmt_eta(eta)
+        speed = f"{rate:,.0f} tok/s" if rate > 0 else "– tok/s"
+        return f"{p.done:,} / {p.total:,} tokens · {speed} · ETA {eta_text} · Esc cancels"
 
     def update_progress(self, p: PrefillProgress) -> None:
         if p.stage == "prefill" and self._prefill_start is None:
