@@ -128,6 +128,31 @@ def _scan_dir() -> Path | None:
     return d
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts: it may still be writing)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, not ours
+        return True
+    return True
+
+
+def stale_temporaries(parent: Path, pattern: str) -> list[Path]:
+    """Entries of `parent` whose whole name matches `pattern` (a regex whose group 'pid' is the
+    writer's process id) and whose writer is gone: what a killed run left behind."""
+    rx = re.compile(pattern)
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    return [parent / n for n in names
+            if (m := rx.fullmatch(n)) and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid")))]
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -456,4 +481,4 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
 
 
 __all__ = ["load_model", "WeightsError", "ConfigError", "sanitize", "find_shards", "read_safetensors_header",
-           "infer_quant_params", "scan_file", "weights_identity", "check_dtypes"]
+           "infer_quant_params", "scan_file", "weights_identity", "check_dtypes", "pid_alive", "stale_temporaries"]
