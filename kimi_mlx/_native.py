@@ -21,6 +21,22 @@ import subprocess
 import tempfile
 
 
+def shadowed_package() -> str | None:
+    """Why `kimi_mlx` is not this package, or None. Run from the folder that contains a clone
+    named kimi_mlx, Python takes the clone's folder for the package (a namespace package, found
+    before the installed one): its __init__ never runs (no `kimi_mlx.load`, no BLAS preload),
+    while submodules still import. Entry points call this to say so instead of failing oddly."""
+    import sys
+
+    pkg = sys.modules.get("kimi_mlx")
+    if pkg is None or getattr(pkg, "__file__", None):
+        return None
+    where = ", ".join(getattr(pkg, "__path__", [])) or "a folder"
+    return (f"Python imported {where} as the kimi_mlx package (a folder without __init__.py), not the "
+            "package inside it: the current directory contains a clone named kimi_mlx. Run from inside "
+            "the clone or from another directory, or rename the clone (e.g. kimi-mlx).")
+
+
 def user_cache_dir() -> str:
     """kimi_mlx's directory in the user cache (BLAS probes and shim, compiled kernels, remembered speeds)."""
     try:
