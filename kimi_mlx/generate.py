@@ -504,6 +504,8 @@ def _run(args, stop: _Interrupt) -> int:
             print(f"warning: {w}", file=sys.stderr)
     if args.session:
         S.DocumentSession.read_meta(args.session)  # fail fast on a missing or foreign file
+    if args.save_session:
+        S.check_save_path(args.save_session)  # an unwritable path fails now, not after the prefill
 
     model, tok = load(args.model)
     stop.arm()
@@ -521,6 +523,11 @@ def _run(args, stop: _Interrupt) -> int:
             raise ValueError(f"the documents and prompt are {len(doc_ids) + len(q_ids):,} tokens, longer than "
                              f"the model's context of {limit:,} tokens")
         _plan_report(model, len(doc_ids), args, "documents", extra=len(q_ids))
+        if args.save_session:
+            from .planner import cache_bytes
+
+            S.check_save_path(args.save_session, cache_bytes(model.config, len(doc_ids), mla_bits=bits or 16,
+                                                             page_tokens=0))
         with long_prefill(len(doc_ids), "documents") as bar:
             if args.save_session:
                 sess = S.DocumentSession.create(model, tok, doc_ids, progress=bar, step=args.prefill_step_size,

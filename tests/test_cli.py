@@ -241,3 +241,40 @@ def test_ctrl_c_during_generation_keeps_the_text(model_dir, capsys, monkeypatch)
     if d["finish_reason"] != "stop":  # the tiny model may end its turn first
         assert rc == 130 and d["finish_reason"] == "cancelled" and d["generation_tokens"] == 3
         assert "interrupted" in err and "Traceback" not in err
+
+
+def test_unwritable_save_session_fails_before_the_prefill(model_dir, doc, tmp_path, capsys, monkeypatch):
+    from kimi_mlx import session as S
+
+    monkeypatch.setattr(S, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    (tmp_path / "afile").write_text("x")
+    for target, msg in ((tmp_path / "afile" / "s.kimisession", "cannot create its directory"),
+                        (tmp_path, "is a directory")):
+        rc, _, err = _cli(["--model", model_dir, "--document", doc, "--save-session", target], capsys)
+        assert msg in _assert_one_line_error(rc, err)
+
+
+def test_no_disk_space_for_the_session_fails_before_the_prefill(model_dir, doc, tmp_path, capsys, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from kimi_mlx import session as S
+
+    monkeypatch.setattr(S, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    monkeypatch.setattr(sh, "disk_usage", lambda p: namedtuple("u", "total used free")(10**9, 10**9, 100))
+    rc, _, err = _cli(["--model", model_dir, "--document", doc, "--save-session", tmp_path / "s.kimisession"],
+                      capsys)
+    assert "not enough disk space for the session" in _assert_one_line_error(rc, err)
+
+
+def test_disk_full_while_saving_is_one_line(model_dir, doc, tmp_path, capsys, monkeypatch):
+    import mlx.core as mx
+
+    def full(*a, **k):
+        raise RuntimeError("[write] Unable to write 4096 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    rc, _, err = _cli(["--model", model_dir, "--document", doc, "--save-session", tmp_path / "s.kimisession"],
+                      capsys)
+    assert "cannot write the session" in _assert_one_line_error(rc, err)
+    assert list(tmp_path.iterdir()) == []
