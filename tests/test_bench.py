@@ -34,9 +34,11 @@ def test_model_bench_json(model_json):
     d = json.loads(model_json.read_text())
     assert {"machine", "config", "args", "runs", "checks", "results"} <= set(d)
     assert d["machine"]["cores"] and "blas" in d["machine"]
-    # both implementations hold the same weights: fp32 logits agree to rounding
-    fp32 = d["checks"]["fp32"]["mlx-lm"]
-    assert fp32["rel_diff"] < 1e-4 and fp32["argmax_agree"] == 1.0
+    # both implementations hold the same weights: fp32 logits agree to rounding (CPU: fp32 check)
+    sw = d["checks"]["same_weights"]
+    assert sw["dtype"] == "fp32" and sw["experts"] == 16 and sw["layers"] == 5
+    assert sw["ok"] and sw["rel_diff"] < 1e-4 and sw["argmax_agree"] == 1.0
+    assert d["config"]["linear_attn_config"]["full_attn_layers"] == [4]  # MLA at index 3, a KDA layer after it
     assert set(d["checks"]["q4"]) == {"ours", "mlx-lm", "mlx-lm+fast"}
     rows = {(r["impl"], r["length"]): r for r in d["results"]}
     assert set(rows) == {(i, n) for i in ("ours", "mlx-lm", "mlx-lm+fast") for n in (32, 64)}
@@ -117,3 +119,147 @@ def test_plots_and_markdown(model_json, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert plots.main(["--kda", str(kda), "--model", str(model_json), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench_kda.png").exists() and (tmp_path / "bench_model_q4.png").exists()
+
+
+def test_check_plan_on_cuda(monkeypatch):
+    """MLX-CUDA: the same-weights check runs in bf16 with a bf16 tolerance (fp32 gather_mm faults there)."""
+    from kimi_mlx.bench.model import check_plan
+
+    assert check_plan()["dtype"] == ("bf16" if mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
+                                     else "fp32")
+    gpu = type("Dev", (), {"type": mx.DeviceType.gpu})()
+    monkeypatch.setattr(mx, "default_device", lambda: gpu)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    plan = check_plan()
+    assert plan["dtype"] == "bf16" and 1e-2 <= plan["rel_tol"] <= 1e-1 and "CUDA" in plan["why"]
+    assert check_plan("fp32") == {"dtype": "fp32", "rel_tol": 1e-4, "why": "requested"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ours():
+    from kimi_mlx.bench import model as mb
+
+    c = mb.slice_config(tiny=True)
+    return c, mb.build("ours", c, mb.random_weights(c), "fp32")
+
+
+def test_prefill_chunks_run_every_layer(tiny_ours, monkeypatch):
+    """Each chunk's last-position logits are evaluated: the chunked prefill's output is the full
+    forward's (so the MLA layer, not the last, and the layers after it run in prefill)."""
+    from kimi_mlx.bench import model as mb
+
+    c, model = tiny_ours
+    seen = []
+    real = mb.prefill_chunk
+    monkeypatch.setattr(mb, "prefill_chunk", lambda impl, m, ids, cache: seen.append(
+        (cache.offset, ids.shape[1])) or real(impl, m, ids, cache))
+    stats, cache, tok = mb.prefill_one("ours", model, 80, 32, c["vocab_size"], seed=3)
+    assert seen == [(0, 32), (32, 32), (64, 16)] and cache.offset == 80
+    ids = mx.random.randint(0, c["vocab_size"], (1, 80), key=mx.random.key(3))
+    full = model(ids)[:, -1]
+    assert tok.item() == mx.argmax(full).item() and stats["finite"]
+
+
+def test_warm_up_runs_every_variant(tiny_ours, monkeypatch):
+    """Two prefill chunks (the second from a state) and two decode steps before any timing."""
+    from kimi_mlx.bench import model as mb
+
+    c, model = tiny_ours
+    chunks, steps = [], []
+    real_chunk, real_step = mb.prefill_chunk, mb.greedy_step
+    monkeypatch.setattr(mb, "prefill_chunk", lambda impl, m, ids, cache: chunks.append(
+        (cache.offset, ids.shape[1])) or real_chunk(impl, m, ids, cache))
+    monkeypatch.setattr(mb, "greedy_step", lambda impl, m, cache, tok: steps.append(cache.offset) or
+                        real_step(impl, m, cache, tok))
+    mb.warm_up("ours", model, 24, c["vocab_size"])
+    assert chunks == [(0, 24), (24, 24)] and steps == [48, 49]
+    assert mb.warmup_chunk(2048) == (256 if mx.default_device().type == mx.DeviceType.cpu else 2048)
+
+
+def test_time_runs():
+    from kimi_mlx.bench import Timing, best_seconds, time_runs
+
+    calls = []
+    t = time_runs(lambda: calls.append(1) or mx.ones(4) * len(calls), reps=4, warmup=2)
+    assert len(calls) == 6 and len(t.times) == 4 and t.out.tolist() == [6.0] * 4
+    assert t.min <= t.median <= t.max and t.ms()["repeats"] == 4
+    assert Timing([3.0, 1.0, 2.0]).median == 2.0
+    prepared = []
+    time_runs(lambda: None, reps=3, warmup=1, prepare=lambda: prepared.append(1))
+    assert len(prepared) == 4
+    assert best_seconds(lambda: mx.ones(2), reps=2) > 0
+
+
+def test_step_bench_json(tmp_path):
+    out = tmp_path / "step.json"
+    assert bench_main(["step", "--tiny", "--depth", "100,300", "--dtypes", "q4", "--experts", "16",
+                       "--repeats", "2", "--warmup", "1", "--short-tokens", "16", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [r["depth"] for r in d["results"]] == [100, 300]
+    for r in d["results"]:
+        assert "errors" not in r, r
+        parts = {p["part"]: p for p in r["parts"]}
+        assert all("error" not in p and 0 < p["ms_min"] <= p["ms_median"] <= p["ms_max"] for p in parts.values())
+        kinds = [p["kind"] for p in r["parts"]]
+        # 5 layers: dense MLP first, MLA at index 3, the rest KDA; one MoE per sparse layer
+        assert kinds.count("kda") == 4 and kinds.count("mla") == 1 and kinds.count("moe") == 4
+        assert {"embedding", "final norm + lm_head", "sampling", "L3 MLA cache append",
+                "L3 attention (MLA)"} <= set(parts)
+        assert set(r["whole_step"]) == {"ours", "mlx-lm"} and r["ours_over_mlx_lm_time"] > 0
+        assert r["sum_of_parts_ms"] > 0 and r["graph"]["ours"]["primitives"] > 50
+        assert r["graph"]["mlx-lm"]["build_ms_median"] > 0
+
+
+def test_mla_bench_missing_functions(tmp_path, capsys, monkeypatch):
+    """Without the MLA functions the bench says so (and exits cleanly); --fallback uses the adapters."""
+    from kimi_mlx.bench import mla
+    from kimi_mlx.ops import attention
+
+    monkeypatch.delattr(attention, "mla_decode_attention", raising=False)
+    monkeypatch.delattr(attention, "mla_prefill_attention", raising=False)
+    assert mla.lookup("mla_decode_attention", False)[0] is None
+    assert mla.lookup("mla_prefill_attention", True)[0] is mla.prefill_adapter
+    out = tmp_path / "mla.json"
+    assert bench_main(["mla", "--tiny", "--depths", "64", "--prefill", "64", "--copy-mib", "1",
+                       "--json", str(out)]) == 0
+    assert capsys.readouterr().out.count("not available") >= 2
+    d = json.loads(out.read_text())
+    assert "not available" in d["decode"][0]["error"] and "not available" in d["prefill"][0]["error"]
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_mla_bench_json(tmp_path, monkeypatch, fallback):
+    """Decode and prefill through the lead's functions (fallback=False: fails while they are missing)
+    and through the adapters over the reference ops (fallback=True)."""
+    from kimi_mlx.ops import attention
+
+    if fallback:
+        monkeypatch.delattr(attention, "mla_decode_attention", raising=False)
+        monkeypatch.delattr(attention, "mla_prefill_attention", raising=False)
+    else:
+        assert hasattr(attention, "mla_decode_attention") and hasattr(attention, "mla_prefill_attention"), \
+            "the MLA dispatch functions haven't landed in kimi_mlx.ops.attention (the fallback case covers the harness)"
+    out = tmp_path / "mla.json"
+    args = ["mla", "--tiny", "--depths", "300,5000", "--prefill", "600", "--chunk", "256", "--copy-mib", "4",
+            "--decode-repeats", "2", "--repeats", "1", "--warmup", "1", "--json", str(out)]
+    assert bench_main(args + (["--fallback"] if fallback else [])) == 0
+    d = json.loads(out.read_text())
+    assert d["copy"]["GBps_median"] > 0 and d["copy"]["bytes"] == 2 * 4 * 2**20
+    dec = {(r["impl"], r["depth"]): r for r in d["decode"]}
+    assert set(dec) == {(i, n) for i in ("kernel", "reference") for n in (300, 5000)}
+    for (impl, n), r in dec.items():
+        assert "error" not in r, r
+        assert r["bytes_read"] == n * (64 + 16) * 2 and r["GBps"] > 0 and r["fraction_of_copy"] > 0
+        assert r["max_abs_diff_vs_reference"] < 2e-2  # bf16 outputs of two paths
+    assert all(("adapter" in r["function"]) == fallback for r in d["decode"])
+    pre = [r for r in d["prefill"] if r["mode"] == "prefill"]
+    check = next(r for r in d["prefill"] if r["mode"] == "prefill-check")
+    assert all(isinstance(x, float) and x < 5e-2 for x in check["max_abs_diff"].values()), check
+    assert {r["impl"] for r in pre} == {"kernel", "reference"}
+    for r in pre:
+        assert "error" not in r, r
+        assert [c["q_offset"] for c in r["chunks"]] == [0, 256, 512] and r["TFLOPs"] > 0
+        # causal pairs of 600 queries from depth 0, 2 * H * (nope + rope + v) FLOPs each
+        assert r["flops"] == 2 * 4 * (32 + 16 + 32) * (600 * 601 // 2)
+        assert r["TFLOPs_with_expand"] > r["TFLOPs"]
+        assert r["torch"].get("skipped") or r["torch"]["default"]["TFLOPs"] > 0

@@ -7,6 +7,8 @@ import sys
 BENCHES = {
     "kda": "KDA operator: prefill and decode step, ours vs MLX builtin vs mlx-lm",
     "model": "model slice: prefill/decode, ours vs mlx-lm",
+    "step": "one decode step of the slice, part by part (embedding, attention, MoE, head, sampling, cache)",
+    "mla": "MLA attention kernels: decode cache-read bandwidth, prefill TFLOP/s (vs torch SDPA on CUDA)",
     "roofline": "memory-bandwidth / compute roofline of the device",
 }
 

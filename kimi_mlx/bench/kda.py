@@ -44,7 +44,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
@@ -54,6 +53,8 @@ from kimi_mlx.ops.kda import kda_gates, l2norm
 from kimi_mlx.ops.kda_chunked import kda_chunked
 from kimi_mlx.ops.kda_cpu import available as kda_cpu_available, kda_cpu, kda_cpu_info
 from kimi_mlx.ops.kda_reference import kda_recurrent, kda_step
+
+from . import time_runs, time_torch_cuda
 
 OURS = "ours-chunked"
 OURS_CPU = "ours-cpu"
@@ -139,16 +140,8 @@ def implementations(chunk_size: int):
 
 def timed(fn, repeat: int, budget: float) -> tuple[list[float], list[float]]:
     """Wall and process CPU seconds per run (CPU time helps on a shared machine)."""
-    times, cpu = [], []
-    start = time.perf_counter()
-    for _ in range(max(1, repeat)):
-        t, c = time.perf_counter(), time.process_time()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        if time.perf_counter() - start > budget:
-            break
-    return times, cpu
+    t = time_runs(fn, repeat, warmup=0, budget=budget)
+    return t.times, t.cpu
 
 
 def check(impls, H, K, V, T=96) -> dict:
@@ -328,18 +321,8 @@ def _fla_gates(r, torch):
 
 
 def timed_torch(fn, torch, repeat: int, budget: float) -> tuple[list[float], list[float]]:
-    times, cpu = [], []
-    start = time.perf_counter()
-    for _ in range(max(1, repeat)):
-        torch.cuda.synchronize()
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        if time.perf_counter() - start > budget:
-            break
-    return times, cpu
+    t = time_torch_cuda(fn, torch, repeat, warmup=0, budget=budget)
+    return t.times, t.cpu
 
 
 def run_kernels(args, rows, record) -> dict:

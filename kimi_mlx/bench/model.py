@@ -2,7 +2,8 @@
 
 The slice has the real per-layer widths of Kimi-Linear-48B-A3B (hidden 2304, 32 KDA heads of
 128, MLA 32 heads with kv_lora_rank 512, experts of width 1024 with 8 active + a shared one,
-a dense first layer of 9216) but few layers and experts, and random weights. Both models get
+a dense first layer of 9216) but few layers (default 5: KDA, KDA, KDA, MLA, KDA, as the real
+model starts) and experts, and random weights. Both models get
 the identical tensors (generated under the published names, then each implementation's own
 sanitize). `bf16` is the published dtype; `q4` is 4-bit / group 64 made from the bf16 weights
 (bf16 scales, like an mlx-lm conversion), the router at 8 bits, for both; `fp32` for reference.
@@ -12,13 +13,14 @@ is ours without it.
     python -m kimi_mlx.bench model                       # quick: 1K,4K; q4 and bf16
     python -m kimi_mlx.bench model --lengths 1K,8K,32K --dtypes q4 --json docs/bench_model.json --plot-dir docs
 
-Prefill runs in chunks of --step tokens (2048, mlx-lm's default too), evaluating the cache
-after each chunk. Decode times --decode-tokens greedy steps at that depth (median), with the
+Prefill runs in chunks of --step tokens (2048, mlx-lm's default too), evaluating each chunk's
+last-position logits and the cache (so every layer runs). Before anything is timed, every model
+runs a two-chunk prefill and two decode steps (kernel compiles, the initial-state variants). Decode times --decode-tokens greedy steps at that depth (median), with the
 implementations' steps interleaved so that load from other processes hits them alike. Peak
 memory = the model's weights + the largest extra active memory during its prefill.
 
-Before timing, both models are built in fp32 and their logits compared (`checks` in the JSON: the
-same weights give ~1e-6 relative). Where a full prefill is too slow (--max-prefill impl=N) or would
+Before timing, both models are built in fp32 and their logits compared (`checks.same_weights` in the
+JSON: the same weights give ~1e-6 relative); on MLX-CUDA in bf16 instead (check_plan says why). Where a full prefill is too slow (--max-prefill impl=N) or would
 not fit in memory, decode is measured on a synthetic cache of that depth (a short real prefill, then
 random latent rows: decode cost doesn't depend on their values) and the prefill is estimated
 (`estimate()`: a real --probe-tokens chunk timed at the full depth, a fit through measured lengths, or
@@ -42,15 +44,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import time_runs
+
 # ours-plain: ours without the CPU fast path; mlx-lm+fast: mlx-lm with our CPU fast path swapped in
 # (isolates what the model code does, e.g. attention memory, from the CPU matmul kernels)
 IMPLS = ("ours", "ours-plain", "mlx-lm", "mlx-lm+fast")
 DTYPES = ("fp32", "bf16", "q4")
 
 
-def slice_config(layers: int = 4, experts: int = 16, vocab: int = 8192, tiny: bool = False) -> dict:
-    """Published-style config.json of the slice: MLA every 4th layer (as in the real model), the
-    rest KDA, layer 0 dense. tiny: small widths (hidden 128, 2 heads of 64) for smoke tests."""
+def slice_config(layers: int = 5, experts: int = 16, vocab: int = 8192, tiny: bool = False) -> dict:
+    """Published-style config.json of the slice: MLA every 4th layer (as in the real model: 5 layers
+    put it at index 3, with a KDA layer after it), the rest KDA, layer 0 dense. tiny: small widths
+    (hidden 128, 2 heads of 64) for smoke tests."""
     c = _slice_config(layers, experts, vocab)
     if tiny:
         c.update(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2,
@@ -235,13 +240,45 @@ def agreement(models: dict, vocab: int, tokens: int = 24, seed: int = 5) -> dict
     return res
 
 
+def check_plan(dtype: str = "auto") -> dict:
+    """The dtype of the same-weights check and its tolerance on max |diff| / max |logit|. fp32 shows
+    identical weights to rounding (~1e-6), but on MLX-CUDA (0.32.4) an fp32 model with 256 experts
+    dies in gather_mm ("illegal memory access", ours and mlx-lm alike; bf16 works), so auto = bf16 there."""
+    cuda = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+    why = "requested"
+    if dtype == "auto":
+        dtype = "bf16" if cuda else "fp32"
+        why = ("MLX-CUDA: fp32 gather_mm with many experts faults, bf16 doesn't" if cuda
+               else "fp32: the same weights agree to rounding")
+    # bf16: different op orders round differently through every layer (~1e-2 of the logit range)
+    return {"dtype": dtype, "rel_tol": 1e-4 if dtype == "fp32" else 5e-2, "why": why}
+
+
+def same_weights_check(c: dict, base: dict, vocab: int, plan: dict) -> dict:
+    """Logits of ours and mlx-lm built from the same tensors in plan's dtype; `ok` when mlx-lm's
+    max |diff| relative to the logit range is within plan's tolerance."""
+    res = {**plan, "experts": c["num_experts"], "layers": c["num_hidden_layers"]}
+    try:
+        ms = {i: build(i, c, base, plan["dtype"]) for i in ("ours", "mlx-lm")}
+        res.update(agreement(ms, vocab)["mlx-lm"])
+        res["ok"] = res["finite"] and res["rel_diff"] <= plan["rel_tol"]
+        del ms
+        print(f"same-weights check ({plan['dtype']}, {c['num_experts']} experts, 24 tokens): mlx-lm logits vs "
+              f"ours: max |diff| {res['max_abs_diff']:.2e} (rel {res['rel_diff']:.1e}, tolerance {plan['rel_tol']:.0e}: "
+              f"{'ok' if res['ok'] else 'FAILED'}), argmax agree {res['argmax_agree']:.0%}", flush=True)
+    except Exception as e:
+        res.update(ok=False, error=f"{type(e).__name__}: {e}"[:200])
+        print(f"same-weights check ({plan['dtype']}): {res['error']}", flush=True)
+    return res
+
+
 def _cache_bytes(cache) -> int:
     """Bytes held by a cache (ours or mlx-lm's)."""
+    if hasattr(cache, "nbytes"):  # ours
+        return int(cache.nbytes)
     arrs = []
     for c in cache:
-        if hasattr(c, "pages"):
-            arrs += [p for p in c.pages if isinstance(p, mx.array)]
-        elif hasattr(c, "arrays"):
+        if hasattr(c, "arrays"):
             arrs += list(c.arrays().values())
         elif hasattr(c, "keys") and c.keys is not None:
             arrs += [c.keys, c.values]
@@ -264,13 +301,13 @@ def fill_synthetic(impl: str, model, cache, depth: int, seed: int = 0) -> None:
     step = 4096
     for c in cache:
         if impl.startswith("ours"):
-            if hasattr(c, "pages"):
-                dt = c.pages[0].dtype
-                D = c.pages[0].shape[-1]
+            if getattr(c, "kind", None) == "mla":  # through append(): whatever layout the cache keeps
+                cfg = model.config
+                D, dt = cfg.kv_lora_rank + cfg.qk_rope_head_dim, model.model.embed_tokens.weight.dtype
                 for s in range(0, n, step):
                     m = min(step, n - s)
                     c.append(mx.array(rng.standard_normal((1, m, D), dtype=np.float32)).astype(dt))
-                    mx.eval(c.pages[-1])
+                    cache.eval()
             else:
                 c.offset += n
         elif hasattr(c, "keys"):  # mlx-lm KVCache: keys = normed latent, values = k_pe
@@ -301,51 +338,93 @@ def _forward_hidden(impl: str, model, chunk, cache):
     return model.model(chunk, cache)
 
 
+def lm_head(model, h):
+    """Logits of final (normed) hidden states, ours or mlx-lm's (either may tie the embeddings)."""
+    head = getattr(model, "lm_head", None)
+    return head(h) if head is not None else model.model.embed_tokens.as_linear(h)
+
+
+def prefill_chunk(impl: str, model, ids, cache):
+    """One prefill chunk; returns the last position's logits [B, V], evaluated with the cache.
+    Evaluating the output (not only the cache) makes every layer run: the cache alone doesn't
+    need the attention of an MLA layer, nor anything after the last KDA layer's state."""
+    logits = lm_head(model, _forward_hidden(impl, model, ids, cache)[:, -1])
+    mx.eval(logits)
+    _eval_cache(impl, cache)
+    return logits
+
+
+def _done(_) -> None:  # for time_runs: the timed function evaluates what it needs itself
+    pass
+
+
 def _logits_last(impl: str, model, tok, cache):
     if impl.startswith("ours"):
         return model(tok, cache=cache, last_n=1)[:, -1]
     return model(tok, cache=cache)[:, -1]
 
 
-def prefill_one(impl: str, model, n: int, step: int, vocab: int, seed: int = 0):
+def prefill_one(impl: str, model, n: int, step: int, vocab: int, seed: int = 0, reserve: int | None = None):
     """Prefill n random tokens in chunks; returns (stats, cache, next token). Peak memory is the
-    model's own weights plus the largest extra memory during this prefill."""
+    model's own weights plus the largest extra memory during this prefill. reserve: tokens the
+    cache will hold in all (default n + 256: a reply), told to the cache as generation does."""
     ids = mx.random.randint(0, vocab, (1, n), key=mx.random.key(seed))
     mx.eval(ids)
     cache = _make_cache(impl, model)
+    if hasattr(cache, "reserve"):
+        cache.reserve(reserve or n + 256)
     gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    for s in range(0, n - 1, step):  # the last token goes through the logits path
-        _forward_hidden(impl, model, ids[:, s:min(s + step, n - 1)], cache)
-        _eval_cache(impl, cache)
-        mx.clear_cache()
-    logits = _logits_last(impl, model, ids[:, n - 1:], cache)
-    tok = mx.argmax(logits, axis=-1)[:, None]
-    mx.eval(tok, logits)
-    _eval_cache(impl, cache)
-    t = time.perf_counter() - t0
+
+    def run():
+        for s in range(0, n, step):
+            logits = prefill_chunk(impl, model, ids[:, s:s + step], cache)
+            mx.clear_cache()
+        tok = mx.argmax(logits, axis=-1)[:, None]
+        mx.eval(tok)
+        return logits, tok
+
+    timing = time_runs(run, reps=1, warmup=0, finish=_done)
+    (logits, tok), t = timing.out, timing.times[0]
     extra = mx.get_peak_memory() - base
     stats = {"prefill_s": t, "prefill_tok_s": n / t, "peak_extra_bytes": int(extra),
              "peak_mem_bytes": int(extra + weights_bytes(model)), "finite": bool(mx.isfinite(logits).all().item())}
     return stats, cache, tok
 
 
+def greedy_step(impl: str, model, cache, tok):
+    """One greedy decode step, evaluated (next token and the cache); returns the next token."""
+    nxt = mx.argmax(_logits_last(impl, model, tok, cache), axis=-1)[:, None]
+    mx.eval(nxt)
+    _eval_cache(impl, cache)
+    return nxt
+
+
 def decode_step(impl: str, model, cache, tok):
     """One greedy decode step; returns (next token, seconds)."""
-    t = time.perf_counter()
-    logits = _logits_last(impl, model, tok, cache)
-    tok = mx.argmax(logits, axis=-1)[:, None]
-    mx.eval(tok)
-    _eval_cache(impl, cache)
-    return tok, time.perf_counter() - t
+    t = time_runs(lambda: greedy_step(impl, model, cache, tok), reps=1, warmup=0, finish=_done)
+    return t.out, t.times[0]
 
 
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2] if xs else None
+
+
+def warmup_chunk(step: int) -> int:
+    """Chunk of the warm-up prefill: the timed one on a GPU (kernels may be compiled per shape),
+    a short one on the CPU (nothing is compiled there, and plain mlx-lm's prefill is slow)."""
+    return step if mx.default_device().type != mx.DeviceType.cpu else min(step, 256)
+
+
+def warm_up(impl: str, model, chunk: int, vocab: int, seed: int = 0) -> None:
+    """Run every kernel variant once before anything is timed: a prefill of two chunks (the second
+    starts from a state: KDA's initial-state variant, MLA at depth) and two decode steps."""
+    _, cache, tok = prefill_one(impl, model, 2 * chunk, chunk, vocab, seed)
+    for _ in range(2):
+        tok = greedy_step(impl, model, cache, tok)
 
 
 def run_length(impl: str, model, n: int, step: int, decode_tokens: int, vocab: int, seed: int = 0) -> dict:
@@ -385,19 +464,16 @@ def profile(impl: str, model, depth: int, tokens: int, step: int, vocab: int) ->
 
     def timed(name, fn):
         def run(*a, **k):
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            mx.eval(out)
-            times[name] = times.get(name, 0.0) + time.perf_counter() - t
+            t = time_runs(lambda: fn(*a, **k), reps=1, warmup=0)
+            times[name] = times.get(name, 0.0) + t.times[0]
             calls[name] = calls.get(name, 0) + 1
-            return out
+            return t.out
         return run
 
     ids = mx.random.randint(0, vocab, (1, depth + tokens), key=mx.random.key(3))
     cache = _make_cache(impl, model)
     for s in range(0, depth, step):
-        _forward_hidden(impl, model, ids[:, s:min(s + step, depth)], cache)
-        _eval_cache(impl, cache)
+        prefill_chunk(impl, model, ids[:, s:min(s + step, depth)], cache)
     # wrap: module classes (swap to a timed subclass) and module-level functions
     swapped, patched, subclasses = [], [], {}
     for _, m in model.named_modules():
@@ -417,14 +493,9 @@ def profile(impl: str, model, depth: int, tokens: int, step: int, vocab: int) ->
         patched.append((module, fname, fn))
         setattr(module, fname, timed(f"{fname}()", fn))
     try:
-        t = time.perf_counter()
-        if tokens > 1:
-            _forward_hidden(impl, model, ids[:, depth:depth + tokens], cache)
-            _eval_cache(impl, cache)
-        else:
-            mx.eval(_logits_last(impl, model, ids[:, depth:depth + 1], cache))
-            _eval_cache(impl, cache)
-        times["total"] = time.perf_counter() - t
+        chunk = ids[:, depth:depth + tokens]
+        times["total"] = time_runs(lambda: prefill_chunk(impl, model, chunk, cache), reps=1, warmup=0,
+                                   finish=_done).times[0]
     finally:
         for m, cls in swapped:
             m.__class__ = cls
@@ -735,7 +806,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="1K,4K", help="context lengths, e.g. 1K,8K,32K")
     ap.add_argument("--dtypes", default="q4,bf16", help=f"comma list of {','.join(DTYPES)}")
     ap.add_argument("--impls", default="ours,mlx-lm", help=f"comma list of {','.join(IMPLS)}")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=5, help="5: the MLA layer at index 3, as in the real model")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke tests), not the real ones")
@@ -753,6 +824,11 @@ def main(argv=None) -> int:
     ap.add_argument("--short-tokens", type=int, default=64,
                     help="skipped prefill: tokens of the short real prefill (timed, and through the sibling impl)")
     ap.add_argument("--no-check", action="store_true", help="skip the same-weights logits check")
+    ap.add_argument("--check-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="dtype of the same-weights check; auto: fp32, bf16 on MLX-CUDA (see check_plan)")
+    ap.add_argument("--warmup-chunk", type=int, default=None,
+                    help="chunk of the warm-up prefill (two chunks, then two decode steps; default: --step on a "
+                         "GPU, min(--step, 256) on the CPU)")
     ap.add_argument("--profile", action="store_true",
                     help="also time each module class / op for one prefill chunk and one decode step")
     ap.add_argument("--profile-tokens", type=int, default=512)
@@ -802,25 +878,16 @@ def main(argv=None) -> int:
         return allr
 
     if not a.no_check and "ours" in impls and any(i.startswith("mlx-lm") for i in impls):
-        # the same random tensors in both, in fp32 (no rounding): the logits must match closely
-        try:
-            ms = {i: build(i, c, base, "fp32") for i in ("ours", "mlx-lm")}
-            checks["fp32"] = agreement(ms, a.vocab)
-            del ms
-        except Exception as e:
-            checks["fp32"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        checks["same_weights"] = same_weights_check(c, base, a.vocab, check_plan(a.check_dtype))
         gc.collect()
         mx.clear_cache()
-        ch = checks["fp32"].get("mlx-lm", checks["fp32"])
-        print(f"same-weights check (fp32, 24 tokens): mlx-lm logits vs ours: "
-              + (f"max |diff| {ch['max_abs_diff']:.2e} (rel {ch['rel_diff']:.1e}), argmax agree {ch['argmax_agree']:.0%}"
-                 if "error" not in ch else ch["error"]), flush=True)
+    wchunk = a.warmup_chunk or warmup_chunk(a.step)
     for dt in dtypes:
         models, failed = {}, {}
         for impl in impls:  # all implementations side by side, so decode steps can interleave
             try:
                 models[impl] = build(impl, c, base, dt)
-                run_length(impl, models[impl], 16, a.step, 1, a.vocab, a.seed + 1)  # warm-up (compiles)
+                warm_up(impl, models[impl], wchunk, a.vocab, a.seed + 1)
             except Exception as e:  # report, keep going (mlx-lm can't run bf16 experts on the CPU)
                 failed[impl] = f"{type(e).__name__}: {e}"[:200]
                 models.pop(impl, None)
@@ -863,7 +930,8 @@ def main(argv=None) -> int:
                         if a.no_synthetic:
                             continue
                         if impl not in synth:  # one short real prefill per impl, then synthetic rows
-                            st, cache, tok = prefill_one(impl, models[impl], a.short_tokens, a.step, a.vocab, a.seed)
+                            st, cache, tok = prefill_one(impl, models[impl], a.short_tokens, a.step, a.vocab, a.seed,
+                                                         reserve=max(lengths) + 256)
                             short = {"tokens": a.short_tokens, "s": st["prefill_s"]}
                             sib = _SIBLING.get(impl)
                             if sib in models:  # the same short prefill through the sibling, for estimate()
@@ -886,10 +954,9 @@ def main(argv=None) -> int:
                                 mx.clear_cache()
                                 base_mem = mx.get_active_memory()
                                 mx.reset_peak_memory()
-                                t0 = time.perf_counter()
-                                _forward_hidden(impl, models[impl], ids, cache)
-                                _eval_cache(impl, cache)
-                                r["probe"] = {"tokens": N, "depth": n - N, "s": time.perf_counter() - t0,
+                                probe_s = time_runs(lambda: prefill_chunk(impl, models[impl], ids, cache),
+                                                    reps=1, warmup=0, finish=_done).times[0]
+                                r["probe"] = {"tokens": N, "depth": n - N, "s": probe_s,
                                               "peak_extra_bytes": int(mx.get_peak_memory() - base_mem),
                                               "cache_bytes": _cache_bytes(cache)}
                                 mx.clear_cache()

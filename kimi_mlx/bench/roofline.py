@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from . import best_seconds
+from . import best_seconds, time_runs
 
 # bytes per weight: 4-bit with a bf16 scale and bias per 64 values; the router at 8 bits; MLA's
 # kv_b stays bf16 in q4 (bench/model.py keeps it dense so both implementations hold the same weights)
@@ -92,12 +91,22 @@ def _raw_sgemv_GBps(m: np.ndarray, x: np.ndarray) -> float | None:
     rows, cols = m.shape
     y = np.zeros(rows, np.float32)
     xs = np.ascontiguousarray(x.reshape(-1))
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        fn(101, 111, rows, cols, 1.0, m.ctypes.data, cols, xs.ctypes.data, 1, 0.0, y.ctypes.data, 1)
-        ts.append(time.perf_counter() - t)
-    return m.nbytes / min(ts) / 1e9
+    t = time_runs(lambda: fn(101, 111, rows, cols, 1.0, m.ctypes.data, cols, xs.ctypes.data, 1, 0.0, y.ctypes.data, 1),
+                  reps=5, warmup=0)
+    return m.nbytes / t.min / 1e9
+
+
+def copy_bandwidth(mib: int, dtype=mx.float32, reps: int = 5) -> dict:
+    """Read + write bandwidth of an elementwise op over `mib` MiB (a true copy: every byte read
+    once and written once): 2 * nbytes / time, median and best."""
+    a = mx.random.uniform(shape=(mib * 2**20 // dtype.size,)).astype(dtype)
+    mx.eval(a)
+    t = time_runs(lambda: a + 1, reps)
+    out = {"op": f"x + 1 over {a.nbytes / 2**30:.2f} GiB of {str(dtype).split('.')[-1]}", "bytes": 2 * a.nbytes,
+           "GBps_median": 2 * a.nbytes / t.median / 1e9, "GBps_best": 2 * a.nbytes / t.min / 1e9, **t.ms()}
+    del a
+    mx.clear_cache()
+    return out
 
 
 def measure_limits(mib: int = 512, n: int = 2048) -> dict:
@@ -106,16 +115,11 @@ def measure_limits(mib: int = 512, n: int = 2048) -> dict:
     a = mx.random.uniform(shape=(mib * 2**20 // 4,))
     mx.eval(a)
     nbytes = a.nbytes
-    out["mlx_copy_GBps"] = 2 * nbytes / _best(lambda: a * 1.0001) / 1e9
+    out["mlx_copy_GBps"] = copy_bandwidth(mib)["GBps_best"]
     out["mlx_reduce_GBps"] = nbytes / _best(lambda: a.sum()) / 1e9
     an = np.asarray(a)
     bn = np.empty_like(an)
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(bn, an)
-        ts.append(time.perf_counter() - t)
-    out["numpy_copy_GBps"] = 2 * nbytes / min(ts) / 1e9
+    out["numpy_copy_GBps"] = 2 * nbytes / time_runs(lambda: np.copyto(bn, an), reps=5, warmup=0).min / 1e9
     side = int(np.sqrt(a.size))
     m = a[: side * side].reshape(side, side)
     x = mx.random.uniform(shape=(side, 1))
@@ -227,7 +231,7 @@ def quick_results(length: int = 1024, dtype: str = "q4", tiny: bool = False) -> 
     base = mb.random_weights(c)
     model = mb.build("ours", c, base, dtype)
     del base
-    mb.run_length("ours", model, 64, 2048, 1, c["vocab_size"], 1)
+    mb.warm_up("ours", model, mb.warmup_chunk(2048), c["vocab_size"], 1)
     r = {"dtype": dtype, "impl": "ours", "length": length, **model_costs(c, dtype, length)}
     r.update(mb.run_length("ours", model, length, 2048, 4, c["vocab_size"]))
     return [r]
