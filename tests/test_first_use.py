@@ -3,6 +3,7 @@ confuses Python (running it from the parent of a clone named kimi_mlx)."""
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shlex
 import subprocess
@@ -38,6 +39,8 @@ def test_tiny_chat_is_what_its_script_makes(tmp_path):
     """tests/fixtures/make_tiny_chat.py's recipe: tiny_grouped's weights plus the tiny tokenizer."""
     chat = MODELS / "tiny_chat"
     assert filecmp.cmp(chat / "model.safetensors", MODELS / "tiny_grouped" / "model.safetensors", shallow=False)
+    config = json.loads((chat / "config.json").read_text())
+    assert config == json.loads((MODELS / "tiny_grouped" / "config.json").read_text())
     write_tiny_tokenizer(tmp_path)
     for name in ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja"):
         assert filecmp.cmp(chat / name, tmp_path / name, shallow=False), name
