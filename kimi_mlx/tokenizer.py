@@ -18,10 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -167,7 +170,13 @@ def _token_name(value: Any) -> str | None:
     return None
 
 
-def _special_tokens(cfg: dict, cfg_path: Path, n_base: int) -> dict[str, int]:
+def _special_tokens(cfg: dict, cfg_path: Path, n_base: int, vocab_size: int | None = None) -> dict[str, int]:
+    """Special names -> ids from base..; `vocab_size` (config.json's), when known, bounds the ids
+    (else the NUM_RESERVED_SPECIAL reserved ids after the base ranks do)."""
+    if vocab_size is not None and vocab_size > n_base:
+        limit, where = vocab_size, "vocab_size in config.json"
+    else:
+        limit, where = n_base + NUM_RESERVED_SPECIAL, f"{NUM_RESERVED_SPECIAL} special ids after the base ranks"
     decoder = cfg.get("added_tokens_decoder", {}) or {}
     if not isinstance(decoder, Mapping):
         raise TokenizerError(f"{cfg_path}: added_tokens_decoder must be an object")
@@ -183,6 +192,9 @@ def _special_tokens(cfg: dict, cfg_path: Path, n_base: int) -> dict[str, int]:
         if tid < n_base:
             raise TokenizerError(f"{cfg_path}: special token {name!r} has id {tid}, inside the "
                                  f"{n_base} base ranks of tiktoken.model")
+        if tid >= limit:
+            raise TokenizerError(f"{cfg_path}: special token {name!r} has id {tid:,}, beyond the vocabulary "
+                                 f"(ids 0..{limit - 1:,}, {where})")
         named[tid] = name
     n_special = max([NUM_RESERVED_SPECIAL] + [t - n_base + 1 for t in named])
     specials: dict[str, int] = {}
@@ -193,6 +205,15 @@ def _special_tokens(cfg: dict, cfg_path: Path, n_base: int) -> dict[str, int]:
                                  f"(ids {specials[name]} and {tid})")
         specials[name] = tid
     return specials
+
+
+def _model_vocab_size(model_dir: Path) -> int | None:
+    """config.json's vocab_size, when present (best effort, as _model_eos_ids)."""
+    try:
+        v = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _model_eos_ids(model_dir: Path) -> set[int]:
@@ -237,10 +258,103 @@ def _find_template(model_dir: Path, cfg: dict, cfg_path: Path) -> tuple[str, str
     return DEFAULT_CHAT_TEMPLATE, "built-in Kimi K2 template"
 
 
+# Limits of one chat-template rendering. A template is code shipped with the checkpoint: the
+# sandbox keeps it away from Python, these keep it from running forever or filling memory.
+MAX_TEMPLATE_ITERATIONS = 1_000_000  # items of range() over one rendering
+MAX_TEMPLATE_SECONDS = 10.0
+MAX_TEMPLATE_NUMBER = 1 << 24  # largest int argument of a call, filter, repetition or power
+TEMPLATE_OUTPUT_CHARS = 1 << 20  # output allowed beyond 4x the input's characters
+
+_render_limits: ContextVar["_RenderLimits | None"] = ContextVar("kimi_template_limits", default=None)
+
+
+class _RenderLimits:
+    def __init__(self, max_chars: int):
+        self.iterations = MAX_TEMPLATE_ITERATIONS
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+        self.max_chars = max_chars
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"rendering took more than {MAX_TEMPLATE_SECONDS:g} s")
+
+
+class TemplateLimitError(Exception):
+    """A chat template went past one of the rendering limits."""
+
+
+def _limits() -> _RenderLimits:
+    lim = _render_limits.get()
+    return lim if lim is not None else _RenderLimits(TEMPLATE_OUTPUT_CHARS)  # outside apply_chat_template
+
+
+def _check_number(x: Any) -> None:
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_TEMPLATE_NUMBER:
+        raise TemplateLimitError(f"number {x} is too large (limit {MAX_TEMPLATE_NUMBER:,})")
+
+
+class _CountedRange:
+    """range() whose iteration is charged to the rendering's iteration budget."""
+
+    def __init__(self, r: range):
+        self._r = r
+
+    def __iter__(self):
+        lim = _limits()
+        for i, x in enumerate(self._r):
+            lim.iterations -= 1
+            if lim.iterations < 0:
+                raise TemplateLimitError(f"loops ran more than {MAX_TEMPLATE_ITERATIONS:,} iterations")
+            if not i & 1023:
+                lim.check_time()
+            yield x
+
+    def __reversed__(self):
+        return iter(_CountedRange(self._r[::-1]))
+
+    def __len__(self):
+        return len(self._r)
+
+    def __getitem__(self, i):
+        r = self._r[i]
+        return _CountedRange(r) if isinstance(r, range) else r
+
+    def __contains__(self, x):
+        return x in self._r
+
+
 def _jinja_env():
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        # intercepted: also kept out of compile-time constant folding
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_number(left)
+            _check_number(right)
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024 and left not in (0, 1, -1):
+                raise TemplateLimitError(f"power {right} is too large")
+            if operator == "*" and (isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))):
+                n, seq = (right, left) if isinstance(left, (str, list, tuple)) else (left, right)
+                if isinstance(n, int) and len(seq) * n > _limits().max_chars:
+                    raise TemplateLimitError(f"repetition of {len(seq):,} x {n:,} is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            for a in (*args, *kwargs.values()):
+                _check_number(a)
+            return super().call(__context, __obj, *args, **kwargs)
+
+    def bounded_filter(f):
+        @functools.wraps(f)  # keeps jinja's pass_context / pass_eval_context marks
+        def g(*args, **kwargs):
+            for a in (*args[1:], *kwargs.values()):
+                _check_number(a)
+            return f(*args, **kwargs)
+        return g
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -252,12 +366,30 @@ def _jinja_env():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
+    def bounded_range(*args):
+        for a in args:
+            _check_number(a)
+        return _CountedRange(range(*args))
+
     # the same settings transformers renders chat templates with
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["range"] = bounded_range
     return env
+
+
+def _text_size(value: Any) -> int:
+    """Characters of the strings in a template argument (nested lists and dicts)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_text_size(k) + _text_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) for v in value)
+    return 0
 
 
 def load_tokenizer(model_dir) -> "KimiTokenizer":
@@ -270,7 +402,7 @@ def load_tokenizer(model_dir) -> "KimiTokenizer":
     if not cfg_path.is_file():
         raise TokenizerError(f"{cfg_path}: missing (it names the special tokens)")
     cfg = _read_json(cfg_path)
-    specials = _special_tokens(cfg, cfg_path, len(ranks))
+    specials = _special_tokens(cfg, cfg_path, len(ranks), _model_vocab_size(model_dir))
     template, template_source = _find_template(model_dir, cfg, cfg_path)
     return KimiTokenizer(ranks, specials, cfg, template, template_source=template_source,
                          name_or_path=str(model_dir), extra_eos_ids=_model_eos_ids(model_dir),
@@ -485,10 +617,27 @@ class KimiTokenizer:
             bos_token=self._name(self._bos), eos_token=self._name(self._eos),
             pad_token=self._name(self._pad), unk_token=self._name(self._unk),
         )
+        limits = _RenderLimits(4 * _text_size(ctx) + TEMPLATE_OUTPUT_CHARS)
+        token = _render_limits.set(limits)
+        parts, size = [], 0
         try:
-            rendered = self._template.render(**ctx)
+            for piece in self._template.generate(**ctx):
+                parts.append(piece)
+                size += len(piece)
+                if size > limits.max_chars:
+                    raise TemplateLimitError(f"output exceeded {limits.max_chars:,} characters")
+                limits.check_time()
+            rendered = "".join(parts)
+        except TemplateLimitError as e:
+            raise TokenizerError(f"{self._template_source}: chat template stopped: {e}") from None
         except jinja2.TemplateError as e:
             raise TokenizerError(f"{self._template_source}: chat template error: {e}") from None
+        except (RecursionError, MemoryError, OverflowError, ArithmeticError, TypeError, ValueError, LookupError,
+                AttributeError) as e:  # the template's own bugs: `1 + 'a'`, a recursive macro, ...
+            raise TokenizerError(f"{self._template_source}: chat template error: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]}") from None
+        finally:
+            _render_limits.reset(token)
         if not tokenize:
             return self._unescape(rendered)
         # specials found in the escaped rendering are the template's own

@@ -568,3 +568,68 @@ def test_template_syntax_error(tmp_path, tok_dir):
 
 def test_tokenizer_error_is_value_error():
     assert issubclass(TokenizerError, ValueError)
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_special_token_id_beyond_the_vocabulary(tmp_path, tok_dir, with_config):
+    d = _copy(tok_dir, tmp_path)
+    if with_config:
+        (d / "config.json").write_text(json.dumps({"vocab_size": 700}))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"]["99999999"] = {"content": "<|huge|>"}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    limit = "699, vocab_size in config.json" if with_config else "639, 256 special ids after the base ranks"
+    with pytest.raises(TokenizerError, match=rf"tokenizer_config\.json: special token '<\|huge\|>' has id 99,999,999, "
+                                             rf"beyond the vocabulary \(ids 0\.\.{limit}\)"):
+        load_tokenizer(d)
+    if with_config:  # below the model's vocabulary: fine
+        del cfg["added_tokens_decoder"]["99999999"]
+        cfg["added_tokens_decoder"]["690"] = {"content": "<|late|>"}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert load_tokenizer(d).special_tokens["<|late|>"] == 690
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "loops ran more than 1,000,000 iterations"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+     "output exceeded|loops ran more than"),
+    ("{{ 'ab' * 1000000000 }}", "too large"),
+    ("{{ [1] * 100000000 }}", "too large"),
+    ("{{ 'x' | center(10000000000) }}", "number 10000000000 is too large"),
+    ("{{ 'x'.ljust(10000000000) }}", "number 10000000000 is too large"),
+    ("{{ 7 ** 100000000 }}", "too large"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{{ raise_exception('no') }}", "error: no"),
+])
+def test_chat_template_rendering_is_bounded(tmp_path, tok_dir, template, match):
+    import time
+
+    d = _copy(tok_dir, tmp_path)
+    (d / "chat_template.jinja").write_text(template)
+    tok = load_tokenizer(d)
+    t0 = time.monotonic()
+    with pytest.raises(TokenizerError, match=rf"chat_template\.jinja: chat template .*({match})"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert time.monotonic() - t0 < 10
+
+
+def test_chat_template_time_limit(tmp_path, tok_dir, monkeypatch):
+    from kimi_mlx import tokenizer as T
+
+    monkeypatch.setattr(T, "MAX_TEMPLATE_SECONDS", 0.0)
+    d = _copy(tok_dir, tmp_path)
+    (d / "chat_template.jinja").write_text("{% for i in range(5000) %}{{ i }}{% endfor %}")
+    with pytest.raises(TokenizerError, match=r"rendering took more than 0 s"):
+        load_tokenizer(d).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_bounded_template_still_renders_long_documents_and_ranges(tmp_path, tok_dir):
+    d = _copy(tok_dir, tmp_path)
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% for i in range(3)|reverse %}{{ i }}{% endfor %}"
+        "{{ range(5)|length }}{{ 2 ** 10 }}{{ '-' * 3 }}")
+    doc = "word " * 400_000  # 2 MB of documents: far above the fixed output allowance
+    out = load_tokenizer(d).apply_chat_template([{"role": "user", "content": doc}], tokenize=False)
+    assert out == doc + "21051024---"
