@@ -36,7 +36,8 @@ import numpy as np
 
 from . import quant as Q
 from .config import ConfigError, ModelConfig
-from .weights import WeightsError, _KEEP_FP32, build_model, find_shards, read_safetensors_header, sanitize
+from .weights import (WeightsError, _KEEP_FP32, build_model, find_shards, read_safetensors_header, sanitize,
+                      stale_temporaries)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_CONTEXT_TOKENS = 32768
@@ -84,14 +85,82 @@ def resolve_source(hf_path: str) -> Path:
             f"({name}: {first}). Check the network, or download it elsewhere and pass the local directory.") from None
 
 
-def _check_destination(src: Path, dst: Path, force: bool) -> None:
+def _is_model_dir(d: Path) -> bool:
+    return (d / "config.json").is_file() or any(d.glob("*.safetensors"))
+
+
+def _check_destination(src: Path, dst: Path, force: int) -> None:
+    """force: 0 keeps a non-empty DST, 1 replaces a model directory, 2 replaces any directory."""
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"{dst}: exists and is not a directory")
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ConvertError(f"{dst}: DST must not be SRC, inside it, or contain it")
-    if dst.exists() and any(dst.iterdir()) and not force:
+    entries = sorted(p.name for p in dst.iterdir()) if dst.exists() else []
+    if entries and not force:
         raise ConvertError(f"{dst}: exists and is not empty (pass --force to replace it)")
+    if entries and force < 2 and not _is_model_dir(dst):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ConvertError(f"{dst}: is not a model directory (no config.json or *.safetensors) and --force would "
+                           f"delete what it holds ({shown}); pass --force twice to replace it anyway")
+
+
+# Beside DST: ".DST.partial-PID" (a conversion being written) and ".DST.old-PID" (the model that
+# --force is replacing, between its two renames). A killed run leaves them behind.
+def _side_dirs(dst: Path, kind: str, stale: bool) -> list[Path]:
+    pattern = rf"\.{re.escape(dst.name)}\.{kind}-(?P<pid>\d+)"
+    if stale:
+        return stale_temporaries(dst.parent, pattern)
+    try:
+        return sorted(p for p in dst.parent.iterdir() if re.fullmatch(pattern, p.name))
+    except OSError:
+        return []
+
+
+def _dir_size(d: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _recover(dst: Path, log: Callable[[str], None]) -> None:
+    """Undo what killed runs left beside DST: their partial outputs are removed, and a model that an
+    interrupted --force had moved aside is put back (or removed, if the new one was already in place)."""
+    for old in _side_dirs(dst, "old", stale=True):
+        if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+            if dst.exists():
+                dst.rmdir()
+            old.rename(dst)
+            log(f"restored {dst} from {old.name}, left by an interrupted --force")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"removed {old.name}, the replaced model of an interrupted --force")
+    for part in _side_dirs(dst, "partial", stale=True):
+        size = _dir_size(part)
+        shutil.rmtree(part, ignore_errors=True)
+        log(f"removed {part.name} ({_fmt(size)}), the partial output of an interrupted conversion")
+    busy = [p for p in _side_dirs(dst, "partial", stale=False) if not p.name.endswith(f"-{os.getpid()}")]
+    if busy:
+        pid = busy[0].name.rsplit("-", 1)[1]
+        raise ConvertError(f"{dst}: another conversion (pid {pid}) is writing it ({busy[0]}); wait for it, or "
+                           "stop it and run again")
+
+
+def _partials_note(parent: Path) -> str:
+    """Partial outputs in `parent` (of running conversions), named for a disk-space error."""
+    try:
+        parts = sorted(p for p in parent.iterdir() if re.fullmatch(r"\..+\.(partial|old)-\d+", p.name))
+    except OSError:
+        return ""
+    if not parts:
+        return ""
+    return "; in that directory " + ", ".join(f"{p.name} ({_fmt(_dir_size(p))})" for p in parts) + \
+        " belong to other conversions (they are removed once their process has ended)"
 
 
 def parse_size(text: str | int) -> int:
@@ -428,7 +497,8 @@ def _copy_aux(src: Path, tmp: Path) -> list[str]:
 
 
 def _finalize(tmp: Path, dst: Path) -> None:
-    """Move the finished directory into place; an old DST (--force) is removed only after that."""
+    """Move the finished directory into place; an old DST (--force) is removed only after that.
+    A kill between the two renames leaves .DST.old-PID, which the next run puts back (_recover)."""
     if dst.exists():
         if any(dst.iterdir()):
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -466,11 +536,13 @@ def _dtype_of(name: str | None, cfg: ModelConfig) -> tuple[str, object]:
 
 def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize: bool = False,
             q_bits: int | None = None, q_group_size: int | None = None, q_mode: str = "affine",
-            recipe: str | None = None, dtype: str | None = None, force: bool = False,
+            recipe: str | None = None, dtype: str | None = None, force: int = 0,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
             context_tokens: int = DEFAULT_CONTEXT_TOKENS, check_memory: bool = True,
             log: Callable[[str], None] | None = None) -> ConvertResult:
-    """Convert SRC (directory or Hub repo id) into DST. Raises ConvertError with a user-facing message."""
+    """Convert SRC (directory or Hub repo id) into DST. Raises ConvertError with a user-facing message.
+
+    force: 1 (True) replaces a DST that holds a model, 2 any non-empty DST."""
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
     max_shard = parse_size(max_shard_size)
@@ -497,7 +569,8 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     except WeightsError as e:
         raise ConvertError(str(e)) from None
     dst = Path(mlx_path).expanduser()
-    _check_destination(src, dst, force)
+    _recover(dst, log)
+    _check_destination(src, dst, int(force))
     dtype_name, dt = _dtype_of(dtype, source.cfg)
     plan = _plan(source, settings, dt, max_shard)
 
@@ -529,7 +602,8 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     parent = next(p for p in (dst.parent.absolute(), *dst.parent.absolute().parents) if p.exists())
     free = shutil.disk_usage(parent).free
     if total > free:
-        raise ConvertError(f"not enough disk space at {parent}: the output needs {_fmt(total)}, {_fmt(free)} free")
+        raise ConvertError(f"not enough disk space at {parent}: the output needs {_fmt(total)}, {_fmt(free)} free"
+                           + _partials_note(dst.parent))
 
     # --- write into a temporary directory beside DST, then rename
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +622,8 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConvertError(f"disk full while writing {dst} (needed {_fmt(total)}); nothing was left behind") from None
+            raise ConvertError(f"disk full while writing {dst} (needed {_fmt(total)}); nothing was left behind"
+                               + _partials_note(dst.parent)) from None
         raise ConvertError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -579,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="bytes per shard (e.g. 5GB, 500MB)")
     p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
                    help="context length for the printed run-memory estimate")
-    p.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--force", action="count", default=0,
+                   help="replace a DST that holds a model; twice (--force --force) replaces any non-empty DST")
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     return p
 

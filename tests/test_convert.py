@@ -495,8 +495,14 @@ def test_existing_destination_needs_force(tmp_path):
     with pytest.raises(C.ConvertError, match="not empty.*--force"):
         C.convert(MODELS / "tiny_grouped", dst)
     assert (dst / "keep.txt").exists()
-    C.convert(MODELS / "tiny_grouped", dst, force=True)
+    # not a model directory: one --force is not enough, it says what would be deleted
+    with pytest.raises(C.ConvertError, match=r"is not a model directory .* \(keep\.txt\); pass --force twice"):
+        C.convert(MODELS / "tiny_grouped", dst, force=True)
+    assert (dst / "keep.txt").exists()
+    C.convert(MODELS / "tiny_grouped", dst, force=2)
     assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    C.convert(MODELS / "tiny_sharded", dst, force=True)  # a model directory: one --force replaces it
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 48
     with pytest.raises(C.ConvertError, match="must not be SRC"):
         C.convert(dst, dst, force=True)
 
@@ -505,7 +511,7 @@ def test_existing_destination_needs_force(tmp_path):
 def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, exc):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "old.txt").write_text("previous conversion")
+    (dst / "config.json").write_text("previous conversion")
     real = C._ShardWriter.write
     count = [0]
 
@@ -520,7 +526,7 @@ def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path, monkeypatch
     with pytest.raises(expect[0], match=expect[1]):
         C.convert(MODELS / "tiny_sharded", dst, quantize=True, q_group_size=32, force=True,
                   max_shard_size="100KB")
-    assert os.listdir(dst) == ["old.txt"]  # --force replaces DST only once the new one is complete
+    assert os.listdir(dst) == ["config.json"]  # --force replaces DST only once the new one is complete
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the temporary directory is gone
 
 
@@ -578,3 +584,107 @@ def test_convert_refuses_when_memory_clearly_short(tmp_path, monkeypatch):
     with pytest.raises(C.ConvertError, match="converting needs about .* but only 1.00 MB is usable"):
         C.convert(MODELS / "tiny_grouped", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# what killed runs leave behind
+# ---------------------------------------------------------------------------
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def live_pid():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+def test_partial_outputs_of_dead_runs_are_removed(tmp_path, live_pid):
+    dst = tmp_path / "out"
+    stale = tmp_path / f".out.partial-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 2_000_000)
+    other = tmp_path / f".other.partial-{_dead_pid()}"  # another DST's: not this run's business
+    other.mkdir()
+    said = []
+    C.convert(MODELS / "tiny_grouped", dst, log=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out"]
+    assert any(f"removed {stale.name} (2.00 MB), the partial output of an interrupted conversion" in m for m in said)
+    busy = tmp_path / f".again.partial-{live_pid}"  # a conversion that is still running
+    busy.mkdir()
+    with pytest.raises(C.ConvertError, match=rf"another conversion \(pid {live_pid}\) is writing it"):
+        C.convert(MODELS / "tiny_grouped", tmp_path / "again")
+    assert busy.exists()
+
+
+def test_disk_space_error_names_partial_outputs(tmp_path, live_pid, monkeypatch):
+    from collections import namedtuple
+
+    busy = tmp_path / f".big.partial-{live_pid}"
+    busy.mkdir()
+    (busy / "x.safetensors").write_bytes(b"\0" * 3_000_000)
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10**9, 10**9, 1000))
+    with pytest.raises(C.ConvertError, match=rf"not enough disk space .*{re.escape(busy.name)} \(3\.00 MB\) "
+                                             r"belong to other conversions"):
+        C.convert(MODELS / "tiny_grouped", tmp_path / "out")
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+import kimi_mlx
+from kimi_mlx import convert as C
+real = Path.rename
+def rename(self, target):
+    if ".partial-" in self.name:  # the second rename of --force: DST is already moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, target)
+Path.rename = rename
+C.convert(sys.argv[1], sys.argv[2], force=True)
+"""
+
+
+def test_kill_between_the_renames_of_force_is_recovered(tmp_path):
+    dst = tmp_path / "out"
+    C.convert(MODELS / "tiny_sharded", dst)  # the model that --force replaces
+    r = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(MODELS / "tiny_grouped"), str(dst)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not dst.exists() and any(".out.old-" in n for n in left) and any(".out.partial-" in n for n in left)
+    said = []
+    with pytest.raises(C.ConvertError, match="exists and is not empty"):  # no --force: the old model is back
+        C.convert(MODELS / "tiny_grouped", dst, log=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 48
+    assert any(m.startswith(f"restored {dst} from .out.old-") for m in said)
+    C.convert(MODELS / "tiny_grouped", dst, force=True)
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] != 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_old_model_left_after_a_finished_swap_is_removed(tmp_path):
+    dst = tmp_path / "out"
+    C.convert(MODELS / "tiny_grouped", dst)
+    old = tmp_path / f".out.old-{_dead_pid()}"
+    shutil.copytree(dst, old)
+    said = []
+    C.convert(MODELS / "tiny_grouped", dst, force=True, log=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert any(f"removed {old.name}" in m for m in said)
+
+
+def test_cli_force_twice(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    r = _cli(["--hf-path", str(MODELS / "tiny_grouped"), "--mlx-path", str(notes), "--force", "--quiet"])
+    assert r.returncode == 1 and "pass --force twice" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (notes / "notes.txt").read_text() == "mine"
+    r = _cli(["--hf-path", str(MODELS / "tiny_grouped"), "--mlx-path", str(notes), "--force", "--force", "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert not (notes / "notes.txt").exists() and (notes / "config.json").exists()
