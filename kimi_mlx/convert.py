@@ -263,6 +263,9 @@ class _Source:
                     continue
                 if k in self.shard_of:
                     raise ConvertError(f"{shard}: tensor '{k}' also appears in {self.shard_of[k]}")
+                if info["dtype"] not in ("BF16", "F16", "F32", "F64"):  # an unquantized checkpoint
+                    raise ConvertError(f"{shard}: tensor '{k}' is stored as {info['dtype']}; an unquantized "
+                                       "checkpoint holds floating-point tensors only")
                 self.shard_of[k] = shard
                 self.src_bytes += info["data_offsets"][1] - info["data_offsets"][0]
         groups: dict[tuple, list[str]] = {}

@@ -688,3 +688,17 @@ def test_cli_force_twice(tmp_path):
     r = _cli(["--hf-path", str(MODELS / "tiny_grouped"), "--mlx-path", str(notes), "--force", "--force", "--quiet"])
     assert r.returncode == 0, r.stderr
     assert not (notes / "notes.txt").exists() and (notes / "config.json").exists()
+
+
+def test_source_header_dtype_must_be_floating(tmp_path):
+    d = _copy("tiny_grouped", tmp_path)
+    p = d / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["model.norm.weight"]["dtype"] = "I32"  # same size: only the header lies
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    data[8:8 + n] = blob + b" " * (n - len(blob))
+    p.write_bytes(bytes(data))
+    with pytest.raises(C.ConvertError, match=r"model\.safetensors: tensor 'model\.norm\.weight' is stored as I32"):
+        C.convert(d, tmp_path / "out")
