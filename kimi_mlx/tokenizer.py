@@ -262,7 +262,7 @@ def _find_template(model_dir: Path, cfg: dict, cfg_path: Path) -> tuple[str, str
 # sandbox keeps it away from Python, these keep it from running forever or filling memory.
 MAX_TEMPLATE_ITERATIONS = 1_000_000  # items of range() over one rendering
 MAX_TEMPLATE_SECONDS = 10.0
-MAX_TEMPLATE_NUMBER = 1 << 24  # largest int argument of a call, filter, repetition or power
+MAX_TEMPLATE_NUMBER = 1 << 24  # largest int argument of a filter or a str/list method (a width, a count)
 TEMPLATE_OUTPUT_CHARS = 1 << 20  # output allowed beyond 4x the input's characters
 
 _render_limits: ContextVar["_RenderLimits | None"] = ContextVar("kimi_template_limits", default=None)
@@ -333,8 +333,6 @@ def _jinja_env():
         intercepted_binops = frozenset(["*", "**"])
 
         def call_binop(self, context, operator, left, right):
-            _check_number(left)
-            _check_number(right)
             if operator == "**" and isinstance(right, int) and abs(right) > 1024 and left not in (0, 1, -1):
                 raise TemplateLimitError(f"power {right} is too large")
             if operator == "*" and (isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))):
@@ -344,8 +342,9 @@ def _jinja_env():
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
-            for a in (*args, *kwargs.values()):
-                _check_number(a)
+            if isinstance(getattr(__obj, "__self__", None), (str, list, tuple)):  # e.g. 'x'.ljust(10**10)
+                for a in (*args, *kwargs.values()):
+                    _check_number(a)
             return super().call(__context, __obj, *args, **kwargs)
 
     def bounded_filter(f):

@@ -633,3 +633,10 @@ def test_bounded_template_still_renders_long_documents_and_ranges(tmp_path, tok_
     doc = "word " * 400_000  # 2 MB of documents: far above the fixed output allowance
     out = load_tokenizer(d).apply_chat_template([{"role": "user", "content": doc}], tokenize=False)
     assert out == doc + "21051024---"
+
+
+def test_bounded_template_keeps_large_numbers_in_arithmetic(tmp_path, tok_dir):
+    d = _copy(tok_dir, tmp_path)
+    (d / "chat_template.jinja").write_text("{{ 1700000000 * 1000 }} {{ dict(ts=1700000000000).ts }} {{ 2 ** 64 }}")
+    assert load_tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == \
+        "1700000000000 1700000000000 18446744073709551616"
