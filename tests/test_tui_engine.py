@@ -137,3 +137,35 @@ def test_app_end_to_end_with_tiny_model(engine, tmp_path):
             assert "tiny_grouped" in str(screen.status_bar.render())
 
     asyncio.run(run())
+
+
+def test_quit_during_prefill_cancels_and_joins_the_mlx_thread(engine, tmp_path):
+    """Ctrl+Q mid-prefill: MLX's thread must have ended before the interpreter
+    shuts down, or the process aborts ("terminate called without an active exception")."""
+    import asyncio
+
+    from tui.app import KimiChatApp
+    from tui.widgets.progress import PrefillPanel
+
+    (tmp_path / "big.txt").write_text("alpha beta gamma delta epsilon " * 4000)
+    eng = KimiEngine(engine.model_path)
+    eng.prefill_step_size = 32  # many steps: the quit lands mid-prefill
+    app = KimiChatApp(eng, data_dir=tmp_path / "data", start_dir=str(tmp_path))
+    seen = {}
+
+    async def run():
+        async with app.run_test(size=(100, 30)) as pilot:
+            while not (app.engine_state == "ready" and app.chat_screen and app.chat_screen.chat):
+                await asyncio.sleep(0.02)
+            screen = app.chat_screen
+            screen.attach([str(tmp_path / "big.txt")])
+            panel = screen.query_one(PrefillPanel)
+            while not (panel.last is not None and panel.last.stage == "prefill" and panel.last.done > 0):
+                await asyncio.sleep(0.02)
+            seen["thread"] = eng._mlx._thread
+            seen["total"] = panel.last.total
+            await pilot.press("ctrl+q")
+
+    asyncio.run(run())
+    assert not seen["thread"].is_alive()  # joined, not left running as a daemon
+    assert not list((tmp_path / "data").rglob("*.session"))  # cancelled: nothing saved

@@ -9,6 +9,7 @@ import itertools
 import os
 import shlex
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,12 @@ class DocsRestored(Message):
 
 # Seconds between screen updates while a reply streams: one Markdown append and
 # one status update per interval, however fast tokens come (rendering each token
-# made the app ~5x slower than the engine).
-RENDER_INTERVAL = 0.05
+# made the app ~5x slower than the engine: the UI thread held the GIL the model's
+# thread needs).  When updates get expensive (a long reply, a slow terminal) the
+# interval stretches so they take at most UI_BUDGET of the UI thread's time.
+RENDER_INTERVAL = 0.1
+MAX_RENDER_INTERVAL = 1.0
+UI_BUDGET = 0.1
 
 
 @dataclass
@@ -100,6 +105,19 @@ class _Generation:
     # Deltas streamed by the worker, not shown yet (deque: append/popleft are thread-safe).
     pending: deque = field(default_factory=deque)
     timer: Optional[Timer] = None
+    interval: float = RENDER_INTERVAL
+    mark: tuple = (0.0, 0.0)  # (monotonic, UI thread CPU) when the last flush began
+
+    def flush_due(self) -> bool:
+        return bool(self.pending) and time.monotonic() - self.mark[0] >= self.interval
+
+    def pace(self) -> None:
+        """Called as a flush begins: stretch or shrink the interval to the UI's CPU share since the last one."""
+        now, cpu = time.monotonic(), time.thread_time()
+        if self.mark[0]:
+            share = (cpu - self.mark[1]) / max(now - self.mark[0], 1e-3)
+            self.interval = min(MAX_RENDER_INTERVAL, max(RENDER_INTERVAL, self.interval * share / UI_BUDGET))
+        self.mark = (now, cpu)
 
     def take(self) -> list:
         out = []
@@ -513,9 +531,9 @@ class ChatScreen(Screen):
         def work() -> None:
             try:
                 for delta in engine.stream_reply(history, settings, docs, gen.cancel):
-                    gen.pending.append(delta)  # shown by the next flush, not per token
-                    if gen.cancel.is_set():
+                    if gen.cancel.is_set():  # stopped: what comes after Esc isn't shown
                         break
+                    gen.pending.append(delta)  # shown by the next flush, not per token
             except BaseException as e:  # reported on the UI thread
                 self.post_message(ReplyDone(gen.id, e))
             else:
@@ -523,7 +541,7 @@ class ChatScreen(Screen):
 
         # The flush runs as a message so it is ordered with ReplyDone.
         gen.timer = self.set_interval(
-            RENDER_INTERVAL, lambda: gen.pending and self.post_message(ReplyFlush(gen.id)), name="reply-flush"
+            RENDER_INTERVAL / 2, lambda: gen.flush_due() and self.post_message(ReplyFlush(gen.id)), name="reply-flush"
         )
         self.run_worker(work, thread=True, group="generate", exit_on_error=False, name="generate")
 
@@ -537,6 +555,7 @@ class ChatScreen(Screen):
         deltas = gen.take()
         if not deltas:
             return
+        gen.pace()
         d = gen.last = deltas[-1]
         text = "".join(x.text for x in deltas)
         if text:

@@ -98,4 +98,5 @@ class GeneratingIndicator(Static):
         self._render_line()
 
     def _render_line(self) -> None:
-        self.update(f"{self.FRAMES[self._frame]} {self._text}")
+        # One line of fixed height: no layout pass (a full-screen reflow per spinner tick).
+        self.update(f"{self.FRAMES[self._frame]} {self._text}", layout=False)
