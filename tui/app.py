@@ -109,6 +109,7 @@ class KimiChatApp(App):
         self.engine_factory = engine_factory
         self.engine_state = "loading"  # "loading" | "ready" | "failed"
         self.load_error: Optional[BaseException] = None
+        self._retired: list = []  # engines replaced by switch_model
         self.start_dir = start_dir or os.getcwd()
         self.startup_notices: list = []
         if store is None:
@@ -142,7 +143,8 @@ class KimiChatApp(App):
         # After the chat screen's unmount (which cancels its jobs): join the
         # engine's threads (MLX's must end before the interpreter does), then
         # fold the WAL into the database file.
-        self._close_engine(self.engine)
+        for engine in self._retired + [self.engine]:
+            self._close_engine(engine)  # closing twice is harmless
         self.store.close()
 
     @staticmethod
@@ -153,7 +155,7 @@ class KimiChatApp(App):
 
     # -- model ---------------------------------------------------------------
 
-    def load_engine(self) -> None:
+    def load_engine(self, previous: Optional[Engine] = None) -> None:
         self.engine_state = "loading"
         engine = self.engine
         if self.chat_screen:
@@ -161,6 +163,11 @@ class KimiChatApp(App):
 
         def work() -> None:
             try:
+                if previous is not None:
+                    # Off the UI thread (it may wait for a load in progress); its
+                    # memory is freed before the next model loads.
+                    self._close_engine(previous)
+                    self._retired.remove(previous)
                 engine.load()
             except BaseException as e:
                 self.post_message(EngineFailed(engine, e))
@@ -228,11 +235,11 @@ class KimiChatApp(App):
         if chat is not None and chat._refuse_if_busy():
             return
         old, self.engine = self.engine, self.engine_factory(model)
-        self._close_engine(old)  # frees its memory and threads before the next load
+        self._retired.append(old)
         if chat is not None and chat.docs is not None:
             chat.docs.handle = None  # the old model's snapshot: restored (or re-read) for the new one
         self.notify(f"Loading {model}…", markup=False)
-        self.load_engine()
+        self.load_engine(previous=old)
 
     # -- global actions --------------------------------------------------------
 

@@ -680,6 +680,7 @@ class KimiEngine:
         if self._mlx is not None:
             self._mlx.close()
             self._mlx = None
+        self._model = self._tokenizer = None  # the weights can be freed (switching models)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
