@@ -2,8 +2,8 @@
 
 KDA layers keep a fixed-size state (fp32 recurrent state + the short-conv tail).
 MLA layers keep only the compressed latent (kv_lora_rank) and the shared 64-dim key
-part per token, stored in fixed-size pages so that growing the cache never copies
-what is already there, and so that attention can walk it page by page.
+part per token, in a few large segments that appends write into and that are never
+copied to grow, so the attention kernels read the whole cache in one call per segment.
 
 All updates are functional (new arrays replace old ones), so `copy()` is cheap and a
 snapshot taken with it is never modified by later generation.
@@ -62,10 +62,19 @@ class KDACache:
 
 
 class MLACache:
-    """Latent cache: pages of [B, page_tokens, kv_lora_rank + rope_dim].
+    """Latent cache: segments of [B, capacity, kv_lora_rank + rope_dim] rows, in token order.
 
-    With `bits=8` each page is stored quantized per token (group = 64 channels), which
-    halves memory at a small accuracy cost; pages are dequantized one at a time when read.
+    A segment is one buffer that appends write into (in place when nothing else holds it), so
+    the attention kernels read a whole segment in one call; a full segment is never copied or
+    grown, the next one is allocated. `reserve(tokens)` sizes the next segment for a known total
+    (a prefill, a prompt plus its reply), so one segment usually holds everything; without it a
+    new segment takes max(page_tokens, 1/8 of what is cached), so capacity overshoots by at most
+    about an eighth. A snapshot (`copy()`) shares every segment; the first append after it copies
+    the last one only if that one still has room.
+
+    With `bits=8` rows are stored quantized per token (groups of `group_size` channels, affine,
+    as mx.quantize), which halves memory at a small accuracy cost; the kernels dequantize as they
+    read, the reference path one segment at a time.
     """
 
     kind = "mla"
@@ -76,53 +85,73 @@ class MLACache:
         self.page_tokens = page_tokens
         self.bits = bits
         self.group_size = group_size
-        self.pages: list = []  # full-precision pages, or quantize_rows() dicts when bits=8
+        # {"data": array [B, cap, D] (or {"wq", "scales", "biases"} when bits=8), "cap", "n",
+        #  "start": absolute position of its first row, "D", "dtype"}
+        self.segs: list[dict] = []
         self.offset = 0
-        # tokens not yet written to a quantized page (kept in full precision until a page fills)
-        self._tail: mx.array | None = None
+        self._reserve = 0
 
     def copy(self) -> "MLACache":
         c = MLACache(self.page_tokens, self.bits, self.group_size)
-        c.pages, c.offset, c._tail = list(self.pages), self.offset, self._tail
+        c.segs, c.offset, c._reserve = [dict(s) for s in self.segs], self.offset, self._reserve
         return c
 
+    def reserve(self, total_tokens: int) -> None:
+        """The cache will hold about `total_tokens` tokens: the next segment is sized for that."""
+        self._reserve = max(self._reserve, int(total_tokens))
+
     # -- writing -----------------------------------------------------------
+    def _new_segment(self, B: int, D: int, dtype, need: int) -> dict:
+        growth = -(-(self.offset // 8) // self.page_tokens) * self.page_tokens
+        cap = max(need, self._reserve - self.offset, self.page_tokens, growth)
+        if self.bits is None:
+            data = mx.zeros((B, cap, D), dtype=dtype)
+        else:
+            dq = -(-D // self.group_size) * self.group_size
+            data = {"wq": mx.zeros((B, cap, dq // 4), dtype=mx.uint32),
+                    "scales": mx.zeros((B, cap, dq // self.group_size), dtype=dtype),
+                    "biases": mx.zeros((B, cap, dq // self.group_size), dtype=dtype)}
+        return {"data": data, "cap": cap, "n": 0, "start": self.offset, "D": D, "dtype": dtype}
+
     def append(self, kv: mx.array) -> None:
         """kv: [B, T, D] new latent rows (normed latent | k_pe)."""
-        if self.bits is not None:
-            return self._append_quantized(kv)
         B, T, D = kv.shape
         pos = 0
         while pos < T:
-            used = self.offset % self.page_tokens
-            if used == 0:
-                self.pages.append(mx.zeros((B, self.page_tokens, D), dtype=kv.dtype))
-            n = min(self.page_tokens - used, T - pos)
-            self.pages[-1] = mx.slice_update(
-                self.pages[-1], kv[:, pos:pos + n], mx.array([0, used, 0]), axes=(0, 1, 2))
-            pos += n
-            self.offset += n
-
-    def _append_quantized(self, kv: mx.array) -> None:
-        tail = kv if self._tail is None else mx.concatenate([self._tail, kv], axis=1)
-        while tail.shape[1] >= self.page_tokens:
-            page, tail = tail[:, : self.page_tokens], tail[:, self.page_tokens:]
-            self.pages.append(quantize_rows(page, self.group_size))
-        self._tail = tail if tail.shape[1] else None
-        self.offset += kv.shape[1]
+            if not self.segs or self.segs[-1]["n"] == self.segs[-1]["cap"]:
+                self.segs.append(self._new_segment(B, D, kv.dtype, T - pos))
+            seg = self.segs[-1]
+            take = min(seg["cap"] - seg["n"], T - pos)
+            rows = kv[:, pos:pos + take]
+            at = mx.array([0, seg["n"], 0])
+            if self.bits is None:
+                seg["data"] = mx.slice_update(seg["data"], rows, at, axes=(0, 1, 2))
+            else:
+                q = quantize_rows(rows, self.group_size)
+                q = {"wq": q["wq"], "scales": q["scales"], "biases": q["biases"]}
+                seg["data"] = {k: mx.slice_update(seg["data"][k], q[k].reshape(B, take, -1), at, axes=(0, 1, 2))
+                               for k in q}
+            seg["n"] += take
+            pos += take
+            self.offset += take
 
     # -- reading -----------------------------------------------------------
+    def segments(self) -> list[dict]:
+        """The segments as the kernels take them: dicts with "data", "n" (rows in use), "start"."""
+        return [s for s in self.segs if s["n"]]
+
     def blocks(self) -> list[mx.array]:
-        """The cached rows as a list of [B, n, D] arrays in token order (views, no copy)."""
+        """The cached rows as a list of [B, n, D] arrays in token order (full precision)."""
         out = []
-        if self.bits is not None:
-            out = [dequantize_rows(q) for q in self.pages]
-            if self._tail is not None:
-                out.append(self._tail)
-            return out
-        for i, p in enumerate(self.pages):
-            n = min(self.page_tokens, self.offset - i * self.page_tokens)
-            out.append(p if n == self.page_tokens else p[:, :n])
+        for s in self.segments():
+            if self.bits is None:
+                d = s["data"]
+                out.append(d if s["n"] == s["cap"] else d[:, : s["n"]])
+            else:
+                B = s["data"]["wq"].shape[0]
+                q = {k: v[:, : s["n"]].reshape(B * s["n"], -1) for k, v in s["data"].items()}
+                out.append(dequantize_rows({**q, "shape": (B, s["n"], s["D"]), "dtype": s["dtype"],
+                                            "group_size": self.group_size, "bits": 8}))
         return out
 
     # -- persistence -------------------------------------------------------
@@ -134,18 +163,25 @@ class MLACache:
         return {"kv": mx.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]}
 
     def load_arrays(self, arrays: dict[str, mx.array], offset: int) -> None:
-        self.pages, self._tail, self.offset = [], None, 0
+        self.segs, self.offset = [], 0
         if "kv" in arrays:
+            self.reserve(arrays["kv"].shape[1])
             self.append(arrays["kv"])
         assert self.offset == offset, (self.offset, offset)
+
+    def eval_arrays(self) -> list[mx.array]:
+        """What generation evaluates to keep the graph short: the segment being written."""
+        if not self.segs:
+            return []
+        d = self.segs[-1]["data"]
+        return list(d.values()) if isinstance(d, dict) else [d]
 
     @property
     def nbytes(self) -> int:
         total = 0
-        for p in self.pages:
-            total += sum(p[k].nbytes for k in ("wq", "scales", "biases")) if isinstance(p, dict) else p.nbytes
-        if self._tail is not None:
-            total += self._tail.nbytes
+        for s in self.segs:
+            d = s["data"]
+            total += sum(v.nbytes for v in d.values()) if isinstance(d, dict) else d.nbytes
         return total
 
 
@@ -159,6 +195,12 @@ class KimiCache(list):
     def copy(self) -> "KimiCache":
         return KimiCache(c.copy() for c in self)
 
+    def reserve(self, total_tokens: int) -> None:
+        """Size the MLA caches' next segment for `total_tokens` tokens in all (see MLACache)."""
+        for c in self:
+            if isinstance(c, MLACache):
+                c.reserve(total_tokens)
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self)
@@ -166,10 +208,5 @@ class KimiCache(list):
     def eval(self) -> None:
         arrs = []
         for c in self:
-            if isinstance(c, MLACache):
-                arrs += [p["wq"] if isinstance(p, dict) else p for p in c.pages[-1:]]
-                if c._tail is not None:
-                    arrs.append(c._tail)
-            else:
-                arrs += list(c.arrays().values())
+            arrs += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
         mx.eval(arrs)

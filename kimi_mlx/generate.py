@@ -262,6 +262,8 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], mx.array
     ids = _prompt_ids(tokenizer, prompt)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     check_prompt_length(model, len(ids), cache.offset)
+    if hasattr(cache, "reserve"):  # the prompt and the reply in one MLA segment
+        cache.reserve(cache.offset + len(ids) + max_tokens)
     sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     processors = make_logits_processors(repetition_penalty)
     eos = set(int(t) for t in tokenizer.eos_token_ids)

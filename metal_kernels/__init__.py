@@ -23,6 +23,7 @@ import itertools
 import os
 
 from . import dialect as _dialect
+from . import sources as _sources
 from .kda_template import (DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs,
                            prefill_smem_floats, render, split_item_sizes)
 
@@ -56,12 +57,21 @@ def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_
     import mlx.core as mx
 
     d = _dialect.DIALECTS[be]
-    header, body = render(d, kind, prof, max_threads)
-    ins = PREFILL_INPUTS if kind == "prefill" else DECODE_INPUTS
-    outs = prefill_outputs(d, prof) if kind == "prefill" else DECODE_OUTPUTS
+    if kind.startswith("mla_"):
+        header, body = _sources.render(d, kind)
+        if be == "cuda" and max_threads:  # a register cap: MLX writes the signature
+            header += ("#undef __global__\n"
+                       f"#define __global__ __location__(global) __launch_bounds__({max_threads}, 2)\n")
+        ins, outs = _sources.io_names(kind, d)
+        name_kind = kind
+    else:
+        header, body = render(d, kind, prof, max_threads)
+        ins = PREFILL_INPUTS if kind == "prefill" else DECODE_INPUTS
+        outs = prefill_outputs(d, prof) if kind == "prefill" else DECODE_OUTPUTS
+        name_kind = f"kda_{kind}"
     # the source hash in the name keeps MLX's on-disk PTX cache from serving an older build
     tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
-    name = f"kda_{kind}_{tag}"
+    name = f"{name_kind}_{tag}"
     if be == "metal":
         return mx.fast.metal_kernel(name=name, input_names=ins, output_names=outs,
                                     source=body, header=header)

@@ -115,6 +115,36 @@ DFN void frag_mma(thread FragC& c, thread FragA<P>& a, thread FragB<P>& b) {
   simdgroup_multiply_accumulate(c.m[1], a.m[1], b.m, c.m[1]);
 }
 
+// Where a lane's elements sit in a 16x8 FragC (Apple's 8x8 layout, as in MLX's steel MMA):
+// rows frag_row and frag_row + 8, columns frag_col and frag_col + 1. Lanes of one row differ
+// in bits ROW_XOR_A and ROW_XOR_B.
+DFN int frag_row(int lane) { return ((lane >> 2) & 4) + ((lane >> 1) & 3); }
+DFN int frag_col(int lane) { return ((lane >> 2) & 2) * 2 + (lane & 1) * 2; }
+#define ROW_XOR_A 1
+#define ROW_XOR_B 8
+// element i of the lane: 0 (r, c), 1 (r, c+1), 2 (r+8, c), 3 (r+8, c+1)
+DFN float frag_get(thread FragC& c, int i) { return c.m[i >> 1].thread_elements()[i & 1]; }
+DFN void frag_set(thread FragC& c, int i, float v) { c.m[i >> 1].thread_elements()[i & 1] = v; }
+DFN void frag_scale2(thread FragC& c, float s_lo, float s_hi) {
+  c.m[0].thread_elements() *= s_lo;
+  c.m[1].thread_elements() *= s_hi;
+}
+#ifdef KDA_METAL_STUB
+#define FRAG_OWNED(m) ::kda_emu::gather_owned(m)
+#else
+#define FRAG_OWNED(m) do { } while (0)
+#endif
+// The A operand of one KSTEP contraction from KSTEP/8 accumulators (P of attention: keys are
+// the contraction). Same layout on Metal: a copy.
+template <int P>
+DFN void frag_a_from_c(thread FragA<P>& a, thread FragC* c) {
+  a.m[0] = c[0].m[0];
+  a.m[1] = c[0].m[1];
+  FRAG_OWNED(a.m[0]);
+  FRAG_OWNED(a.m[1]);
+}
+#define TILE_PTR(TY, base, off) ((device TY*)((base) + (off)))
+
 // 8 consecutive elements of an input, loaded together, read as floats
 template <typename T> struct Raw8 { T v[8]; };
 template <typename T, typename PT>
@@ -354,6 +384,78 @@ DFN void frag_mma(FragC& c, FragA<P>& a, FragB<P>& b) {
     kda_mma_tf32(c, a.x, b.x);
   }
 }
+// Where a lane's elements sit in a 16x8 FragC (mma.sync C layout): rows frag_row and
+// frag_row + 8, columns frag_col and frag_col + 1. Lanes of one row differ in bits ROW_XOR_A/B.
+DFN int frag_row(int lane) { return lane >> 2; }
+DFN int frag_col(int lane) { return 2 * (lane & 3); }
+#define ROW_XOR_A 1
+#define ROW_XOR_B 2
+DFN float frag_get(const FragC& c, int i) { return c.x[i]; }
+DFN void frag_set(FragC& c, int i, float v) { c.x[i] = v; }
+DFN void frag_scale2(FragC& c, float s_lo, float s_hi) {
+  c.x[0] *= s_lo; c.x[1] *= s_lo; c.x[2] *= s_hi; c.x[3] *= s_hi;
+}
+// The A operand of one KSTEP contraction from KSTEP/8 accumulators (P of attention: keys are
+// the contraction). bf16: the C layout of two n8 tiles is the A layout of m16n8k16; tf32:
+// lanes exchange their pairs.
+template <int P>
+DFN void frag_a_from_c(FragA<P>& a, const FragC* c) {
+  if (P == PREC_BF16) {
+    a.x[0] = kda_pack_bf16(c[0].x[0], c[0].x[1]);
+    a.x[1] = kda_pack_bf16(c[0].x[2], c[0].x[3]);
+    a.x[2] = kda_pack_bf16(c[1].x[0], c[1].x[1]);
+    a.x[3] = kda_pack_bf16(c[1].x[2], c[1].x[3]);
+  } else {
+    const int lane = threadIdx.x & 31, t = lane & 3;
+    const int s0 = (lane & ~3) | (t >> 1), s1 = (lane & ~3) | (2 + (t >> 1));
+    float v[4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float e0 = __shfl_sync(0xffffffffu, c[0].x[2 * r], s0);
+      const float o0 = __shfl_sync(0xffffffffu, c[0].x[2 * r + 1], s0);
+      const float e1 = __shfl_sync(0xffffffffu, c[0].x[2 * r], s1);
+      const float o1 = __shfl_sync(0xffffffffu, c[0].x[2 * r + 1], s1);
+      v[r] = (t & 1) ? o0 : e0;       // (g + 8r, t)
+      v[2 + r] = (t & 1) ? o1 : e1;   // (g + 8r, t + 4)
+    }
+    if (P == PREC_TF32X3) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) kda_split(v[i], a.x[i], a.x[4 + i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a.x[i] = kda_tf32(v[i]);
+    }
+  }
+}
+// bf16 tiles in shared memory (MLA kernels): pairs along the contiguous axis are one 32-bit load
+DFN unsigned int kda_ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned int*>(p); }
+DFN unsigned int kda_pair2(const __nv_bfloat16* p, int stride) {
+  __nv_bfloat162 v;
+  v.x = p[0];
+  v.y = p[stride];
+  return *reinterpret_cast<unsigned int*>(&v);
+}
+template <bool TA, int P>
+DFN void frag_load_a(FragA<P>& a, const __nv_bfloat16* p, int ld, int m0, int k0) {
+  static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = m0 + g + 8 * (i & 1), c = k0 + 2 * t + 8 * (i >> 1);
+    a.x[i] = TA ? kda_pair2(p + (long)c * ld + r, ld) : kda_ld_pair(p + (long)r * ld + c);
+  }
+}
+template <bool TB, int P>
+DFN void frag_load_b(FragB<P>& b, const __nv_bfloat16* p, int ld, int k0, int n0) {
+  static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int k = k0 + 2 * t + 8 * i, n = n0 + g;
+    b.x[i] = TB ? kda_ld_pair(p + (long)n * ld + k) : kda_pair2(p + (long)k * ld + n, ld);
+  }
+}
+#define TILE_PTR(TY, base, off) (reinterpret_cast<TY*>((base) + (off)))
 """
 
 METAL_PROLOGUE = r"""

@@ -42,14 +42,32 @@ def compile_unit(src: str, out: Path, syntax_only: bool = False, opt: str = "-O1
 
 
 def _cache_dir() -> Path:
-    d = Path(os.environ.get("KDA_EMU_CACHE", Path(tempfile.gettempdir()) / "kda_metal_emu"))
-    d.mkdir(parents=True, exist_ok=True)
+    """Per-user directory of compiled emulators (0700, ours): a shared fixed path would let
+    another user plant an executable that the tests then run."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    d = Path(os.environ.get("KDA_EMU_CACHE", Path(tempfile.gettempdir()) / f"kda_metal_emu-{uid}"))
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = d.lstat()
+    if hasattr(os, "getuid") and (st.st_uid != uid or st.st_mode & 0o022 or d.is_symlink()):
+        raise RuntimeError(f"{d}: emulator cache is not a private directory of this user; remove it "
+                           "or set KDA_EMU_CACHE")
     return d
 
 
+def _build(src: str, exe: Path) -> None:
+    """Compile to a private temp name, then rename: two test runs never see a half-written file."""
+    tmp = exe.with_name(f".{exe.name}.{os.getpid()}.tmp")
+    try:
+        compile_unit(src, tmp)
+        os.replace(tmp, exe)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".cpp")):
+            leftover.unlink(missing_ok=True)
+
+
 def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
-    if dtype == "int32":
-        return np.ascontiguousarray(a, dtype=np.int32).tobytes()
+    if dtype in ("int32", "uint32"):
+        return np.ascontiguousarray(a, dtype=np.dtype(dtype)).tobytes()
     a = np.ascontiguousarray(a, dtype=np.float32)
     if dtype == _BF16:  # round to nearest even, as bfloat16_t in the stub
         u = a.view(np.uint32).astype(np.uint64)
@@ -61,8 +79,8 @@ def _to_bytes(a: np.ndarray, dtype: str) -> bytes:
 
 
 def _from_bytes(b: bytes, dtype: str, shape) -> np.ndarray:
-    if dtype == "int32":
-        return np.frombuffer(b, dtype=np.int32).reshape(shape).copy()
+    if dtype in ("int32", "uint32"):
+        return np.frombuffer(b, dtype=np.dtype(dtype)).reshape(shape).copy()
     if dtype == _BF16:
         u = np.frombuffer(b, dtype=np.uint16).astype(np.uint32) << 16
         return u.view(np.float32).reshape(shape)
@@ -98,7 +116,7 @@ def run_metal(kind, template, inputs, in_dtypes, outputs, out_dtypes, grid, nt):
     key = hashlib.sha256((src + (HERE / "metal_stub.h").read_text()).encode()).hexdigest()[:16]
     exe = _cache_dir() / f"{kind}_{key}"
     if not exe.exists():
-        compile_unit(src, exe)
+        _build(src, exe)
     in_names, out_names = io_names(kind, METAL)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

@@ -60,8 +60,12 @@ struct Ctx {
   std::barrier<>* tg = nullptr;
   std::barrier<>* sg = nullptr;
   float* slots = nullptr;  // 32 floats shared by the simdgroup
+  float* mslots = nullptr;  // 64 floats: one 8x8 matrix gathered from its owners
 };
 inline thread_local Ctx ctx;
+// Apple's 8x8 layout (MLX steel's get_coord): lane l owns (row, col) and (row, col + 1)
+inline int own_row(int l) { return ((l / 4) & 4) + ((l / 2) % 4); }
+inline int own_col(int l) { return ((l / 4) & 2) * 2 + (l % 2) * 2; }
 
 // Run body(threadgroup_position, threads_per_grid_in_groups, tid, simdgroup, lane) for every
 // thread of a (gx, gy, gz) grid of nt-thread threadgroups; threadgroups run one after another.
@@ -75,7 +79,7 @@ void launch(uint gx, uint gy, uint gz, int nt, F body) {
         std::vector<std::unique_ptr<std::barrier<>>> sg;
         for (int s = 0; s < nsg; ++s)
           sg.emplace_back(new std::barrier<>(s == nsg - 1 && nt % 32 ? nt % 32 : 32));
-        std::vector<float> slots(32 * nsg);
+        std::vector<float> slots(32 * nsg), mslots(64 * nsg);
         std::vector<std::thread> threads;
         for (int t = 0; t < nt; ++t) {
           threads.emplace_back([&, t]() {
@@ -83,6 +87,7 @@ void launch(uint gx, uint gy, uint gz, int nt, F body) {
             ctx.tg = &tg;
             ctx.sg = sg[t / 32].get();
             ctx.slots = slots.data() + 32 * (t / 32);
+            ctx.mslots = mslots.data() + 64 * (t / 32);
             body(uint3{x, y, z}, uint3{gx, gy, gz}, (uint)t, (uint)(t / 32), (uint)(t % 32));
           });
         }
@@ -143,14 +148,17 @@ struct thread_pair_ref {
   T* b;
   void operator*=(T s) { *a *= s; *b *= s; }
   void operator+=(T s) { *a += s; *b += s; }
+  T& operator[](int i) { return i ? *b : *a; }
 };
+
 
 template <typename T, int R, int C>
 struct simdgroup_matrix {
   T e[R][C];
   thread_pair_ref<T> thread_elements() {
     const int l = kda_emu::ctx.lane;
-    return {&e[l / 4][2 * (l % 4)], &e[l / 4][2 * (l % 4) + 1]};
+    const int r = kda_emu::own_row(l), c = kda_emu::own_col(l);
+    return {&e[r][c], &e[r][c + 1]};
   }
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
@@ -180,8 +188,8 @@ inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& s, T* dst, ulong el
   kda_emu::ctx.sg->arrive_and_wait();
   T* p = dst + origin.y * elements_per_row + origin.x;
   const int l = kda_emu::ctx.lane;
-  const int i = l / 4;
-  for (int j = 2 * (l % 4); j < 2 * (l % 4) + 2; ++j) {
+  const int i = kda_emu::own_row(l);
+  for (int j = kda_emu::own_col(l); j < kda_emu::own_col(l) + 2; ++j) {
     if (transpose) p[j * elements_per_row + i] = s.e[i][j];
     else p[i * elements_per_row + j] = s.e[i][j];
   }
@@ -200,6 +208,22 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const si
   d = r;
 }
 }  // namespace metal
+
+namespace kda_emu {
+// Every lane keeps a full copy of each matrix here, but after per-lane edits of
+// thread_elements() only the owned elements are right (as on the GPU, where that is all a lane
+// holds): rebuild the copy from the owners before the matrix is used as a product operand.
+template <typename T>
+inline void gather_owned(metal::simdgroup_matrix<T, 8, 8>& m) {
+  const int r = own_row(ctx.lane), c = own_col(ctx.lane);
+  ctx.mslots[r * 8 + c] = m.e[r][c];
+  ctx.mslots[r * 8 + c + 1] = m.e[r][c + 1];
+  ctx.sg->arrive_and_wait();
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) m.e[i][j] = ctx.mslots[i * 8 + j];
+  ctx.sg->arrive_and_wait();
+}
+}  // namespace kda_emu
 
 // Metal address-space qualifiers. `threadgroup` arrays become statics shared by the threads of
 // the (one at a time) running threadgroup; the kernels only use `threadgroup` on arrays.

@@ -13,14 +13,15 @@ Template arguments are (name, value) pairs; a value is an int, a bool, or a dtyp
 """
 from __future__ import annotations
 
+from . import mla_template
 from .dialect import CUDA, METAL
-from .kda_template import (DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs,
-                           render)
+from .kda_template import DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs
+from .kda_template import render as _kda_render
 
 METAL_TYPES = {"float32": "float", "bfloat16": "bfloat16_t", "float16": "float16_t",
-               "int32": "int"}
+               "int32": "int", "uint32": "uint"}
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half",
-              "int32": "int32_t"}
+              "int32": "int32_t", "uint32": "uint32_t"}
 
 # The builtins MLX's Metal wrapper adds when the body mentions them (its order and types).
 _METAL_BUILTINS = [
@@ -32,7 +33,16 @@ _METAL_BUILTINS = [
 ]
 
 
+def render(dialect, kind: str, prof: bool = False) -> tuple[str, str]:
+    """(header, body) of any kernel kind: the KDA 'prefill'/'decode' or an 'mla_*' one."""
+    if kind.startswith("mla_"):
+        return mla_template.render(dialect, kind)
+    return _kda_render(dialect, kind, prof)
+
+
 def io_names(kind: str, dialect, prof: bool = False) -> tuple[list[str], list[str]]:
+    if kind.startswith("mla_"):
+        return mla_template.inputs(kind), mla_template.outputs(kind, dialect)
     if kind == "prefill":
         return PREFILL_INPUTS, prefill_outputs(dialect, prof)
     return DECODE_INPUTS, DECODE_OUTPUTS

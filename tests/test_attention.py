@@ -45,7 +45,7 @@ def test_long_prefill_memory_is_linear():
     mx.eval(rows, q)
     cache = MLACache(page_tokens=4096)
     cache.append(rows)
-    mx.eval(cache.pages)
+    mx.eval(cache.eval_arrays())
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     out = latent_attention(q, cache.blocks(), dv, 0.2, 0)

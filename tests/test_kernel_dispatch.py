@@ -13,7 +13,8 @@ from metal_kernels.dialect import METAL
 from metal_kernels.emulate import cxx, run_metal
 from metal_kernels.sources import io_names
 
-_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32"}
+_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32",
+          mx.uint32: "uint32"}
 
 
 class _EmulatedKernel:
@@ -29,7 +30,7 @@ class _EmulatedKernel:
         self.log.append((self.kind, dict(tmpl)))
         res = run_metal(
             self.kind, tmpl,
-            {n: np.array(a if a.dtype == mx.int32 else a.astype(mx.float32)) for n, a in zip(ins, inputs)},
+            {n: np.array(a if a.dtype in (mx.int32, mx.uint32) else a.astype(mx.float32)) for n, a in zip(ins, inputs)},
             {n: _NAMES[a.dtype] for n, a in zip(ins, inputs)},
             dict(zip(outs, output_shapes)),
             {n: _NAMES[d] for n, d in zip(outs, output_dtypes)},

@@ -11,7 +11,7 @@ import mlx.nn as nn
 
 from ..cache import MLACache
 from ..config import ModelConfig
-from ..ops.attention import expanded_attention, latent_attention
+from ..ops.attention import mla_decode_attention, mla_prefill_attention
 from .common import linear_weight
 
 # chunks of at least this many queries take the expanded form
@@ -37,33 +37,38 @@ class KimiMLA(nn.Module):
     def __call__(self, x: mx.array, cache: MLACache | None = None) -> mx.array:
         B, T, _ = x.shape
         H = self.num_heads
-        q = self.q_proj(x).reshape(B, T, H, self.nope + self.rope).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(B, T, H, self.nope + self.rope)
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., : self.rank])
         rows = mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)  # [B, T, rank + rope]
 
         if cache is not None:
             cache.append(rows)
-            blocks, q_offset = cache.blocks(), cache.offset - T
+            source = cache
         else:
-            blocks, q_offset = [rows], 0
+            source = [rows]
         if T >= EXPAND_MIN_T:
-            o = expanded_attention(q, blocks, self._expand, self.scale, q_offset)
+            o = mla_prefill_attention(q, source, self._expand_kv, self.scale, self.rope, self.v_dim,
+                                      expand=self._expand)  # [B, T, H, v]
         else:
-            o = self._absorbed(q, blocks, q_offset)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, H * self.v_dim))
+            o = self._absorbed(q.transpose(0, 2, 1, 3), source).transpose(0, 2, 1, 3)
+        return self.o_proj(o.reshape(B, T, H * self.v_dim))
+
+    def _expand_kv(self, rows: mx.array) -> mx.array:
+        """Cached rows [B, n, rank + rope] -> per-head [k_nope | v] [B, n, H, nope + v]."""
+        B, n, _ = rows.shape
+        return self.kv_b_proj(rows[..., : self.rank]).reshape(B, n, self.num_heads, self.nope + self.v_dim)
 
     def _expand(self, rows: mx.array):
         """Cached rows [B, n, rank + rope] -> per-head k [B, H, n, qk_head_dim], v [B, H, n, v]."""
         B, n, _ = rows.shape
         H = self.num_heads
-        kv = self.kv_b_proj(rows[..., : self.rank]).reshape(B, n, H, self.nope + self.v_dim)
-        kv = kv.transpose(0, 2, 1, 3)
+        kv = self._expand_kv(rows).transpose(0, 2, 1, 3)
         k_pe = mx.broadcast_to(rows[:, None, :, self.rank:], (B, H, n, self.rope))
         k = mx.concatenate([kv[..., : self.nope], k_pe.astype(kv.dtype)], axis=-1)
         return k, kv[..., self.nope:]
 
-    def _absorbed(self, q: mx.array, blocks, q_offset: int) -> mx.array:
+    def _absorbed(self, q: mx.array, source) -> mx.array:
         H = self.num_heads
         w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
@@ -71,5 +76,5 @@ class KimiMLA(nn.Module):
         q_lat = q[..., : self.nope] @ w_uk.astype(q.dtype)  # [B, H, T, rank]
         qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
 
-        o_lat = latent_attention(qa, blocks, self.rank, self.scale, q_offset)  # [B, H, T, rank]
+        o_lat = mla_decode_attention(qa, source, self.scale, self.rank)  # [B, H, T, rank]
         return o_lat @ w_uv.astype(o_lat.dtype).transpose(0, 2, 1)  # [B, H, T, v]

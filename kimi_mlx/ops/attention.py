@@ -1,9 +1,12 @@
-"""Blockwise causal attention over a shared (single-head) latent cache, online softmax.
+"""MLA attention: the dispatch between our kernels and the plain MLX-ops forms, and those forms.
 
-Used by NoPE MLA in its absorbed form: every head attends to the same rows
-[latent | k_pe], and the values are the latent part of those rows. Scores are built
-for one (query block x key block) tile at a time, so peak memory grows linearly with
-context and never holds a queries x keys x heads tensor.
+`mla_decode_attention` (absorbed form: every head attends to the same rows [latent | k_pe],
+values = the latent part) and `mla_prefill_attention` (expanded form: per-head keys/values from
+kv_b_proj, block by block) run the kernels of metal_kernels/mla.py on an Apple or NVIDIA GPU,
+and otherwise (CPU, KIMI_MLX_MLA=reference, shapes the kernels don't take) the blockwise MLX-ops
+functions below, which are also the reference the kernels are tested against. Scores are built
+for one (query block x key block) tile at a time, so peak memory grows linearly with context
+and never holds a queries x keys x heads tensor.
 """
 from __future__ import annotations
 
@@ -58,16 +61,19 @@ def latent_attention(
     d_v: int,
     scale: float,
     q_offset: int,
-    block_k: int = 1024,
+    block_k: int | None = None,
     tile_elems: int = TILE_ELEMS,
 ) -> mx.array:
     """q: [B, H, T, D]; blocks: rows [B, n_i, D] in token order (values = rows[..., :d_v]).
 
     Query t sits at absolute position q_offset + t and sees keys 0..q_offset + t.
-    Returns [B, H, T, d_v] in q's dtype.
+    Returns [B, H, T, d_v] in q's dtype. block_k: keys per score tile; by default as many as
+    one tile of tile_elems holds (decode: the whole cache in one softmax, no per-block launches).
     """
     B, H, T, D = q.shape
     widen = _widen(q)
+    if block_k is None:
+        block_k = max(1024, tile_elems // max(1, B * H * T))
     keys = _key_blocks(blocks, block_k)
     bq = max(1, min(T, tile_elems // max(1, B * H * block_k)))
     outs = []
@@ -138,3 +144,96 @@ def latent_attention_reference(q, rows, d_v, scale, q_offset):
     s = mx.where(mask, s, -mx.inf)
     p = mx.softmax(s, axis=-1)
     return (p @ rows.astype(mx.float32)[:, None, :, :d_v]).astype(q.dtype)
+
+
+# -- dispatch: kernels where they run, the forms above elsewhere -------------------------------
+
+# keys expanded at a time in the kernel prefill path (per-head k_nope | v of every key: ~16 KB
+# a key at the real widths, so 16K keys ~ 256 MB)
+EXPAND_BLOCK_BYTES = 256 << 20
+EXPAND_MIN_KEYS = 1024
+
+
+def _segments(source) -> list[tuple]:
+    """(data, n, start, D) per segment of an MLACache, or of a list of row blocks."""
+    if isinstance(source, (list, tuple)):
+        out, pos = [], 0
+        for blk in source:
+            out.append((blk, blk.shape[1], pos, blk.shape[-1]))
+            pos += blk.shape[1]
+        return out
+    return [(s["data"], s["n"], s["start"], s["D"]) for s in source.segments()]
+
+
+def _blocks(source) -> list[mx.array]:
+    return list(source) if isinstance(source, (list, tuple)) else source.blocks()
+
+
+def _cached(source, T: int) -> int:
+    return sum(b.shape[1] for b in source) if isinstance(source, (list, tuple)) else source.offset
+
+
+def _rows(data, s: int, e: int, D: int) -> mx.array:
+    """Full-precision rows s..e of a segment's data (8-bit segments dequantized)."""
+    if not isinstance(data, dict):
+        return data[:, s:e]
+    from ..cache import dequantize_rows
+
+    B = data["wq"].shape[0]
+    q = {k: v[:, s:e].reshape(B * (e - s), -1) for k, v in data.items()}
+    gs = (data["wq"].shape[2] * 4) // data["scales"].shape[2]
+    return dequantize_rows({**q, "shape": (B, e - s, D), "dtype": data["scales"].dtype,
+                            "group_size": gs, "bits": 8})
+
+
+def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: int | None = None) -> mx.array:
+    """Absorbed MLA attention. q [B, H, T, D] (W_uk^T q_nope | q_pe); source: an MLACache that
+    already holds these tokens, or a list of row blocks [B, n, D]. Query t is at absolute
+    position q_offset + t (default: the last T positions cached). Returns [B, H, T, d_v]."""
+    from metal_kernels import mla as K
+
+    B, H, T, D = q.shape
+    q_offset = _cached(source, T) - T if q_offset is None else q_offset
+    segs = _segments(source)
+    if segs and K.backend() is not None:
+        qr = q.transpose(0, 2, 1, 3).reshape(B, T * H, D)
+        parts = [K.mla_decode_partial(qr, data, n, start, q_offset, H, scale, d_v) for data, n, start, _ in segs]
+        if all(p is not None for p in parts):
+            o = K.mla_combine(parts, q.dtype)
+            if o is not None:
+                return o.reshape(B, T, H, d_v).transpose(0, 2, 1, 3)
+    return latent_attention(q, _blocks(source), d_v, scale, q_offset)
+
+
+def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: int, d_v: int,
+                          q_offset: int | None = None, expand=None) -> mx.array:
+    """Expanded MLA attention for a chunk of queries. q [B, T, H, NOPE + DR] (as q_proj gives
+    it); source as in mla_decode_attention; expand_kv(rows [B, n, D]) -> kv [B, n, H, NOPE + DV]
+    (kv_b_proj of the latents); expand(rows) -> (k [B, H, n, DK], v [B, H, n, DV]) for the plain
+    path. Returns [B, T, H, DV] in q's dtype. The kernel path expands the cache block by block
+    (EXPAND_BLOCK_BYTES), each block continuing the previous block's (o, lse)."""
+    from metal_kernels import mla as K
+
+    B, T, H, DK = q.shape
+    q_offset = _cached(source, T) - T if q_offset is None else q_offset
+    segs = _segments(source)
+    if segs and K.backend() is not None:
+        per_key = B * H * (DK - d_rope + d_v) * q.dtype.size
+        blk = max(EXPAND_MIN_KEYS, EXPAND_BLOCK_BYTES // max(1, per_key))
+        state = None
+        for data, n, start, D in segs:
+            for s in range(0, min(n, q_offset + T - start), blk):  # keys past the chunk: nobody sees them
+                e = min(n, s + blk)
+                rows = _rows(data, s, e, D)
+                state = K.mla_prefill_block(q, expand_kv(rows), rows, e - s, start + s, q_offset, scale,
+                                            d_v, d_rope, init=state)
+                if state is None:
+                    break
+            if state is None:
+                break
+        if state is not None:
+            return state[0].astype(q.dtype)
+    if expand is None:
+        raise ValueError("mla_prefill_attention: the plain path needs expand")
+    o = expanded_attention(q.transpose(0, 2, 1, 3), _blocks(source), expand, scale, q_offset)
+    return o.transpose(0, 2, 1, 3)

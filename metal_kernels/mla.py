@@ -1,0 +1,208 @@
+"""Launch code of the MLA attention kernels (mla_template.py). Every function returns None
+when there is no kernel for the call (CPU, KIMI_MLX_MLA=reference, shapes the kernels don't
+take); the caller then runs the plain MLX-ops path in kimi_mlx/ops/attention.py.
+
+    mla_decode_partial(q, seg, n, key_start, q_offset, heads, scale, d_v)
+        -> (o_part [B, NS, M, d_v] fp32, lse_part [B, NS, M] fp32)
+    mla_combine(parts, dtype) -> o [B, M, d_v]
+    mla_prefill_block(q, kv, rows, n, key_start, q_offset, scale, d_v, d_rope, init=None)
+        -> (o [B, T, H, d_v] fp32, lse [B, H, T] fp32)
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from . import dialect as _dialect
+from .mla_template import decode_smem_floats, prefill_smem_floats
+
+_CUDA_SMEM_LIMIT = 232448
+_DECODE_NW = 8
+_MIN_KEYS_PER_SPLIT = 128
+
+
+def backend() -> str | None:
+    """The kernels' backend ('metal' / 'cuda'), or None: KIMI_MLX_MLA=reference forces the plain path."""
+    if os.environ.get("KIMI_MLX_MLA", "").lower() == "reference":
+        return None
+    from . import backend as _be
+
+    return _be()
+
+
+def _kernel(be, kind, smem_bytes=0, max_threads=0):
+    from . import _kernel as k  # looked up per call: tests swap in the emulator
+
+    return k(be, kind, smem_bytes, False, max_threads)
+
+
+def _tiles(be: str, dt):
+    """(tile element type, product precision): bf16 tiles and products on CUDA for bf16,
+    fp32 tiles (3xtf32 products) otherwise; Metal multiplies fp32 fragments."""
+    import mlx.core as mx
+
+    if be == "cuda" and dt == mx.bfloat16:
+        return mx.bfloat16, _dialect.PREC_BF16
+    return mx.float32, (_dialect.PREC_TF32X3 if be == "cuda" else _dialect.PREC_BF16)
+
+
+def _kstep(be: str, prec: int) -> int:
+    return 16 if be == "cuda" and prec == _dialect.PREC_BF16 else 8
+
+
+@functools.lru_cache(maxsize=64)
+def _ints(*vals):
+    import mlx.core as mx
+
+    a = mx.array(list(vals), dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+@functools.lru_cache(maxsize=16)
+def _floats(*vals):
+    import mlx.core as mx
+
+    a = mx.array(list(vals), dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
+@functools.lru_cache(maxsize=4)
+def _dummy(dt_name: str):
+    import mlx.core as mx
+
+    a = mx.zeros((1, 1, 8), dtype=getattr(mx, dt_name))
+    mx.eval(a)
+    return a
+
+
+def _target_threadgroups(be: str) -> int:
+    """Enough threadgroups to fill the GPU about twice (H100/H200: 132 multiprocessors)."""
+    env = os.environ.get("KIMI_MLX_MLA_TGS")
+    return int(env) if env else (264 if be == "cuda" else 80)
+
+
+def _keys_per_split(be: str, n: int, row_blocks: int) -> int:
+    ns = max(1, -(-_target_threadgroups(be) // max(1, row_blocks)))
+    kps = max(_MIN_KEYS_PER_SPLIT, -(-n // ns))
+    return -(-kps // 32) * 32
+
+
+def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int, scale: float,
+                       d_v: int):
+    """Absorbed attention of query rows q [B, M, D] (row r = token r // heads, head r % heads,
+    the token at absolute position q_offset + r // heads) over the first n rows of one cache
+    segment: seg is rows [B, cap, D] or {"wq", "scales", "biases"} (8-bit, groups along D)."""
+    be = backend()
+    if be is None or n <= 0:
+        return None
+    import mlx.core as mx
+
+    B, M, D = q.shape
+    q8 = isinstance(seg, dict)
+    dt = seg["scales"].dtype if q8 else seg.dtype
+    st, prec = _tiles(be, dt)
+    if D % _kstep(be, prec) or d_v % 8 or d_v > D:
+        return None
+    if q8:
+        cap = seg["wq"].shape[1]
+        dq = seg["wq"].shape[2] * 4
+        qg = dq // seg["scales"].shape[2]
+        if qg % 8 or dq < D:
+            return None
+        rows, wq, sc, bi = _dummy(str(dt).split(".")[-1]), seg["wq"], seg["scales"], seg["biases"]
+    else:
+        cap, dq, qg = seg.shape[1], D, 64
+        rows, wq, sc, bi = seg, _dummy("uint32"), _dummy(str(dt).split(".")[-1]), _dummy(str(dt).split(".")[-1])
+    row_blocks = -(-M // 32) * B
+    kps = _keys_per_split(be, n, row_blocks)
+    ns = -(-n // kps)
+    smem = decode_smem_floats(D, st.size)
+    if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
+        return None
+    nt = 32 * _DECODE_NW
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if be == "cuda" else 0)
+    shapes = [(B, ns, M, d_v), (B, ns, M)]
+    dtypes = [mx.float32, mx.float32]
+    if be == "metal":
+        shapes.append((ns * -(-M // 32) * B * smem,))
+        dtypes.append(mx.float32)
+    outs = kern(
+        inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
+        template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW),
+                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("SMEM_FLOATS", smem)],
+        grid=(nt * ns, -(-M // 32), B),
+        threadgroup=(nt, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+        init_value=None,
+    )
+    return outs[0], outs[1]
+
+
+def mla_combine(parts, dtype):
+    """Merge split partials [(o_part [B, NS_i, M, DV], lse_part [B, NS_i, M]), ...] into
+    o [B, M, DV] of `dtype`."""
+    be = backend()
+    if be is None:
+        return None
+    import mlx.core as mx
+
+    o = mx.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
+    lse = mx.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]
+    B, _, M, DV = o.shape
+    ntc = 128
+    kern = _kernel(be, "mla_combine")
+    return kern(inputs=[o, lse], template=[("T", dtype), ("DV", DV), ("NTC", ntc)],
+                grid=(ntc, M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
+                output_dtypes=[dtype], init_value=None)[0]
+
+
+def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale: float, d_v: int,
+                      d_rope: int, init=None):
+    """Expanded causal attention of q [B, T, H, NOPE + DR] (query t at absolute position
+    q_offset + t) over n keys at absolute positions key_start..: per-head kv [B, n, H, NOPE + DV]
+    (kv_b_proj of the latents) and the shared k_pe, the last DR columns of rows [B, n, D].
+    init: (o, lse) of the keys before these, to continue from."""
+    be = backend()
+    if be is None:
+        return None
+    import mlx.core as mx
+
+    B, T, H, DK = q.shape
+    nope = DK - d_rope
+    D = rows.shape[-1]
+    dt = kv.dtype
+    st, prec = _tiles(be, dt)
+    ks = _kstep(be, prec)
+    if DK % ks or nope % 8 or d_rope % 8 or d_v % 8 or kv.shape[-1] != nope + d_v or D % 8:
+        return None
+    nw = 8 if be == "cuda" else 4
+    qreg = be == "cuda" and prec == _dialect.PREC_BF16
+    smem = prefill_smem_floats(DK, d_v, nw, st.size)
+    if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
+        return None
+    nt = 32 * nw
+    nqb = -(-T // (16 * nw))
+    has_init = init is not None
+    o_in, lse_in = init if has_init else (_dummy("float32"), _dummy("float32"))
+    kern = _kernel(be, "mla_prefill", 0 if be == "metal" else 4 * smem)
+    shapes = [(B, T, H, d_v), (B, H, T)]
+    dtypes = [mx.float32, mx.float32]
+    if be == "metal":
+        shapes.append((nqb * H * B * smem,))
+        dtypes.append(mx.float32)
+    outs = kern(
+        inputs=[q.astype(dt), kv, rows.astype(dt), o_in, lse_in, _ints(n, key_start, q_offset),
+                _floats(scale)],
+        template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
+                  ("DL", D - d_rope), ("D", D), ("NW", nw), ("HAS_INIT", has_init), ("QREG", qreg),
+                  ("SMEM_FLOATS", smem)],
+        grid=(nt * nqb, H, B),
+        threadgroup=(nt, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+        init_value=None,
+    )
+    return outs[0], outs[1]

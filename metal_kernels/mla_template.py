@@ -1,0 +1,480 @@
+"""The MLA attention kernels, written once for Metal and CUDA (the dialect layer of the KDA
+kernels: only dialect.py differs between the two).
+
+NoPE MLA caches one row per token, [latent (DL) | k_pe (DR)], shared by every head. Two kernels:
+
+decode (absorbed form, split-K flash-decoding). Query rows are (token, head) pairs: the
+  absorbed query [W_uk^T q_nope | q_pe] of width D = DL + DR against the cached rows, values =
+  the latent part (DV = DL). A threadgroup takes 32 query rows and one split of the keys, so
+  the cache is read once per 32 rows (all heads of a token at once). Scores go through tile
+  memory: the warps share the S = Q K^T products, then the softmax rows, then split the output
+  columns of P V. Each split writes its normalised partial output and log-sum-exp; `combine`
+  merges the splits (of every cache segment) into the output.
+
+prefill (expanded form, flash attention). Per-head keys [k_nope | k_pe] (width NOPE + DR) and
+  values (DV) expanded from the cache by kv_b_proj; a threadgroup takes BQ = 16 * NW queries of
+  one head, each warp 16 query rows with its scores, softmax and output in registers (FA2), the
+  key/value tiles in tile memory. It can start from an earlier partial (o, lse) so that a long
+  cache is attended block by block, each block expanded once.
+
+Every kernel is causal at an offset: query t of the chunk sits at absolute position
+q_offset + t and sees keys at absolute positions <= q_offset + t; the keys of a call are the
+absolute positions key_start .. key_start + n - 1.
+"""
+from __future__ import annotations
+
+from .dialect import Dialect
+
+# Tile memory is addressed in floats; ST (the tile element type: float, or bf16 on CUDA) arrays
+# take ceil(n * sizeof(ST) / 4) floats.
+MLA_HEADER = r"""
+#ifndef MLA_NEG_INF
+#define MLA_NEG_INF (-INFINITY)
+#endif
+template <typename ST> DFN int mla_floats(int n) { return (n * (int)sizeof(ST) + 3) / 4; }
+
+// 8 consecutive values of a cached row at column d (a multiple of 8): plain, or 8-bit affine
+// (mx.quantize layout: 4 values per uint32, little end first; scale and bias per group).
+template <bool Q8, int QG, int DQ, typename T, typename PT, typename PQ, typename PS>
+DFN void mla_row8(TH float* x, PT rows, PQ wq, PS scales, PS biases, long row, int d) {
+  if (Q8) {
+    const unsigned int w0 = wq[row * (DQ / 4) + d / 4], w1 = wq[row * (DQ / 4) + d / 4 + 1];
+    const float s = static_cast<float>(scales[row * (DQ / QG) + d / QG]);
+    const float b = static_cast<float>(biases[row * (DQ / QG) + d / QG]);
+    PRAGMA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      x[i] = (float)((w0 >> (8 * i)) & 255u) * s + b;
+      x[4 + i] = (float)((w1 >> (8 * i)) & 255u) * s + b;
+    }
+  } else {
+    Raw8<T> r;
+    ld8(r, rows + row * DQ + d);
+    PRAGMA_UNROLL
+    for (int i = 0; i < 8; ++i) x[i] = get8(r, i);
+  }
+}
+"""
+
+# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8),
+# Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8).
+# Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
+# scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
+# Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal).
+# Grid: (NS * 32 * NW, ceil(M / 32), B); query row r is token r / H, head r % H.
+DECODE_BODY = r"""
+/*@PROLOGUE@*/
+  constexpr int BM = 32, BK = 32, NT = 32 * NW;
+  constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
+  constexpr int NACC = (2 * (DV / 8) + NW - 1) / NW;
+  static_assert(NW == 8 && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
+/*@SMEM@*/
+  DEVP ST* sQ = TILE_PTR(ST, smem, 0);
+  DEVP ST* sK = TILE_PTR(ST, smem, mla_floats<ST>(BM * LDQ));
+  DEVP float* sS = smem + mla_floats<ST>(BM * LDQ) + mla_floats<ST>(BK * LDK);
+  DEVP ST* sP = TILE_PTR(ST, sS, BM * LDS);
+  DEVP float* sStat = sS + BM * LDS + mla_floats<ST>(BM * LDP);  // m, l, corr per row
+
+  const int n = info[0], key_start = info[1], q_offset = info[2], Hq = info[3], kps = info[4];
+  const int M = (int)q_shape[1];
+  const int NS = (int)threadgroups_per_grid_x_(_gx);
+  const int split = _gx, r0 = _gy * BM, bb = _gz;
+  const float scale = info_f[0];
+  const long rbase = (long)bb * (long)rows_cap_(rows_shape, wq_shape);
+  const int k_lo = split * kps;
+  int k_hi = min(n, k_lo + kps);
+  const int r_last = min(M, r0 + BM) - 1;
+  k_hi = min(k_hi, q_offset + r_last / Hq - key_start + 1);  // causal: nothing past the last row
+
+  for (int i = _tid; i < BM * (D / 8); i += NT) {
+    const int r = i / (D / 8), d = (i % (D / 8)) * 8;
+    float x[8];
+    if (r0 + r < M) {
+      Raw8<T> raw;
+      ld8(raw, q + ((long)bb * M + r0 + r) * D + d);
+      PRAGMA_UNROLL
+      for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
+    } else {
+      PRAGMA_UNROLL
+      for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+    }
+    st8<ST>(sQ + r * LDQ + d, x);
+  }
+  if (_tid < BM) {
+    sStat[_tid] = MLA_NEG_INF;
+    sStat[BM + _tid] = 0.0f;
+  }
+  FragC acc[NACC];
+  PRAGMA_UNROLL
+  for (int j = 0; j < NACC; ++j) frag_zero(acc[j]);
+  const int wrb = _warp & 1;  // the 16-row block of this warp's output tiles
+
+  for (int k0 = k_lo; k0 < k_hi; k0 += BK) {
+    BARRIER();
+    for (int i = _tid; i < BK * (D / 8); i += NT) {
+      const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
+      float x[8];
+      if (k0 + kr < k_hi) {
+        mla_row8<Q8, QG, DQ, T>(x, rows, wq, scales, biases, rbase + k0 + kr, d);
+      } else {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+      }
+      st8<ST>(sK + kr * LDK + d, x);
+    }
+    BARRIER();
+    {  // S = Q K^T: warp w takes the 16x8 tile (w & 1, w >> 1)
+      FragC s;
+      frag_zero(s);
+      const int m0 = 16 * (_warp & 1), n0 = 8 * (_warp >> 1);
+      for (int kk = 0; kk < D; kk += KSTEP(PR)) {
+        FragA<PR> a;
+        FragB<PR> b;
+        frag_load_a<false>(a, sQ, LDQ, m0, kk);
+        frag_load_b<true>(b, sK, LDK, kk, n0);
+        frag_mma(s, a, b);
+      }
+      frag_store_c(s, sS, LDS, m0, n0);
+    }
+    BARRIER();
+    {  // online softmax: 8 threads a row, 4 keys each
+      const int r = _tid >> 3, c0 = (_tid & 7) * 4;
+      const int row = r0 + r;
+      const int lim = row < M ? q_offset + row / Hq - key_start : -1;  // last visible key
+      float sv[4];
+      float mx = MLA_NEG_INF;
+      PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int k = k0 + c0 + e;
+        sv[e] = (k < k_hi && k <= lim) ? sS[r * LDS + c0 + e] * scale : MLA_NEG_INF;
+        mx = max(mx, sv[e]);
+      }
+      mx = max(mx, SHFL_XOR(mx, 1));
+      mx = max(mx, SHFL_XOR(mx, 2));
+      mx = max(mx, SHFL_XOR(mx, 4));
+      const float m_old = sStat[r];
+      const float m_new = max(m_old, mx);
+      const float m_use = m_new == MLA_NEG_INF ? 0.0f : m_new;
+      float ps[4];
+      float sum = 0.0f;
+      PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        ps[e] = EXPF(sv[e] - m_use);
+        sum += ps[e];
+      }
+      sum += SHFL_XOR(sum, 1);
+      sum += SHFL_XOR(sum, 2);
+      sum += SHFL_XOR(sum, 4);
+      PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
+      WARP_SYNC();
+      if ((_tid & 7) == 0) {
+        const float corr = EXPF(m_old - m_use);
+        sStat[r] = m_new;
+        sStat[BM + r] = sStat[BM + r] * corr + sum;
+        sStat[2 * BM + r] = corr;
+      }
+    }
+    BARRIER();
+    {  // O = corr * O + P V: warp w owns column tiles (w >> 1) + 4j of row block w & 1
+      const int rl = 16 * wrb + frag_row(_lane);
+      const float c_lo = sStat[2 * BM + rl], c_hi = sStat[2 * BM + rl + 8];
+      PRAGMA_UNROLL
+      for (int j = 0; j < NACC; ++j) frag_scale2(acc[j], c_lo, c_hi);
+      for (int kk = 0; kk < BK; kk += KSTEP(PR)) {
+        FragA<PR> a;
+        frag_load_a<false>(a, sP, LDP, 16 * wrb, kk);
+        PRAGMA_UNROLL
+        for (int j = 0; j < NACC; ++j) {
+          const int ct = (_warp >> 1) + (NW / 2) * j;
+          if (ct < DV / 8) {
+            FragB<PR> b;
+            frag_load_b<false>(b, sK, LDK, kk, 8 * ct);
+            frag_mma(acc[j], a, b);
+          }
+        }
+      }
+    }
+  }
+  BARRIER();
+  const long obase = ((long)bb * NS + split) * M;
+  {
+    const int rl = 16 * wrb + frag_row(_lane);
+    const float l_lo = sStat[BM + rl], l_hi = sStat[BM + rl + 8];
+    const float i_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, i_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    PRAGMA_UNROLL
+    for (int j = 0; j < NACC; ++j) {
+      const int ct = (_warp >> 1) + (NW / 2) * j;
+      if (ct < DV / 8) {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int row = r0 + rl + 8 * (e >> 1);
+          if (row < M)
+            o_part[(obase + row) * DV + 8 * ct + frag_col(_lane) + (e & 1)] =
+                frag_get(acc[j], e) * ((e >> 1) ? i_hi : i_lo);
+        }
+      }
+    }
+  }
+  if (_tid < BM && r0 + _tid < M) {
+    const float l = sStat[BM + _tid];
+    lse_part[obase + r0 + _tid] = l > 0.0f ? sStat[_tid] + LOGF(l) : MLA_NEG_INF;
+  }
+"""
+
+# Template: T (output dtype), DV, NTC (threads). Inputs: o_part [B, NS, M, DV] fp32,
+# lse_part [B, NS, M] fp32. Output: o [B, M, DV] (T). Grid: (NTC, M, B).
+COMBINE_BODY = r"""
+/*@PROLOGUE@*/
+  const int NS = (int)lse_part_shape[1], M = (int)lse_part_shape[2];
+  const int row = _gy, bb = _gz;
+  const long lbase = (long)bb * NS * M + row;
+  float mx = MLA_NEG_INF;
+  for (int s = 0; s < NS; ++s) mx = max(mx, lse_part[lbase + (long)s * M]);
+  const float m_use = mx == MLA_NEG_INF ? 0.0f : mx;
+  float den = 0.0f;
+  for (int s = 0; s < NS; ++s) den += EXPF(lse_part[lbase + (long)s * M] - m_use);
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  for (int c = _tid; c < DV; c += NTC) {
+    float acc = 0.0f;
+    for (int s = 0; s < NS; ++s) {
+      const float w = EXPF(lse_part[lbase + (long)s * M] - m_use);
+      if (w > 0.0f) acc += w * o_part[((long)bb * NS + s) * M * DV + (long)row * DV + c];
+    }
+    o[((long)bb * M + row) * DV + c] = static_cast<T>(acc * inv);
+  }
+"""
+
+# Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW,
+# HAS_INIT, QREG (keep the query fragments in registers).
+# Inputs: q [B, Tq, H, NOPE + DR] (T); kv [B, n, H, NOPE + DV] (T, kv_b_proj of the rows);
+# rows [B, n, D] (T); o_in [B, Tq, H, DV] fp32, lse_in [B, H, Tq] fp32 (dummies unless HAS_INIT);
+# info int32 [n, key_start, q_offset]; info_f [scale].
+# Outputs: o [B, Tq, H, DV] fp32 (normalised), lse [B, H, Tq] fp32 (+ scratch on Metal).
+# Grid: (ceil(Tq / BQ) * 32 * NW, H, B).
+PREFILL_BODY = r"""
+/*@PROLOGUE@*/
+  constexpr int DK = NOPE + DR, BQ = 16 * NW, BKN = 64, NT = 32 * NW;
+  constexpr int LDQ = DK + 8, LDK = DK + 8, LDV = DV + 8;
+  constexpr int NKS = DK / KSTEP(PR);
+  static_assert(NOPE % 8 == 0 && DR % 8 == 0 && DV % 8 == 0 && DK % KSTEP(PR) == 0, "mla prefill shape");
+/*@SMEM@*/
+  DEVP ST* sQ = TILE_PTR(ST, smem, 0);
+  DEVP ST* sK = TILE_PTR(ST, smem, mla_floats<ST>(BQ * LDQ));
+  DEVP ST* sV = TILE_PTR(ST, smem, mla_floats<ST>(BQ * LDQ) + mla_floats<ST>(BKN * LDK));
+
+  const int n = info[0], key_start = info[1], q_offset = info[2];
+  const float scale = info_f[0];
+  const int Tq = (int)q_shape[1], Hn = (int)q_shape[2];
+  const int q0 = _gx * BQ, h = _gy, bb = _gz;
+  const int rw = q0 + 16 * _warp;                 // first query row of this warp
+  const int r_lo = rw + frag_row(_lane), r_hi = r_lo + 8;
+  const int lim_lo = q_offset + r_lo - key_start;  // last visible key of each row
+  const int lim_hi = q_offset + r_hi - key_start;
+  const int k_end = min(n, q_offset + min(Tq, q0 + BQ) - 1 - key_start + 1);
+
+  for (int i = _tid; i < BQ * (DK / 8); i += NT) {
+    const int r = i / (DK / 8), d = (i % (DK / 8)) * 8;
+    float x[8];
+    if (q0 + r < Tq) {
+      Raw8<T> raw;
+      ld8(raw, q + (((long)bb * Tq + q0 + r) * Hn + h) * DK + d);
+      PRAGMA_UNROLL
+      for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
+    } else {
+      PRAGMA_UNROLL
+      for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+    }
+    st8<ST>(sQ + r * LDQ + d, x);
+  }
+  FragC acc[DV / 8];
+  float m_lo, m_hi, l_lo, l_hi;
+  if (HAS_INIT) {  // continue from an earlier block's (o, lse): l = 1 on one lane of each row
+    PRAGMA_UNROLL
+    for (int j = 0; j < DV / 8; ++j) {
+      PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int r = (e >> 1) ? r_hi : r_lo;
+        frag_set(acc[j], e, r < Tq ? o_in[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] : 0.0f);
+      }
+    }
+    m_lo = r_lo < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_lo] : MLA_NEG_INF;
+    m_hi = r_hi < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_hi] : MLA_NEG_INF;
+    l_lo = l_hi = frag_col(_lane) == 0 ? 1.0f : 0.0f;
+  } else {
+    PRAGMA_UNROLL
+    for (int j = 0; j < DV / 8; ++j) frag_zero(acc[j]);
+    m_lo = m_hi = MLA_NEG_INF;
+    l_lo = l_hi = 0.0f;
+  }
+  BARRIER();
+  FragA<PR> qf[QREG ? NKS : 1];
+  if (QREG) {
+    PRAGMA_UNROLL
+    for (int ks = 0; ks < NKS; ++ks) frag_load_a<false>(qf[QREG ? ks : 0], sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
+  }
+
+  for (int k0 = 0; k0 < k_end; k0 += BKN) {
+    BARRIER();
+    for (int i = _tid; i < BKN * ((DK + DV) / 8); i += NT) {
+      const int kr = i / ((DK + DV) / 8), c = (i % ((DK + DV) / 8)) * 8;
+      const long key = (long)bb * n + k0 + kr;
+      float x[8];
+      if (k0 + kr < n) {
+        Raw8<T> raw;
+        if (c < NOPE) ld8(raw, kv + (key * Hn + h) * (NOPE + DV) + c);
+        else if (c < DK) ld8(raw, rows + key * D + DL + (c - NOPE));
+        else ld8(raw, kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK));
+        PRAGMA_UNROLL
+        for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
+      } else {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+      }
+      if (c < DK) st8<ST>(sK + kr * LDK + c, x);
+      else st8<ST>(sV + kr * LDV + (c - DK), x);
+    }
+    BARRIER();
+    if (rw < Tq && k0 <= q_offset + rw + 15 - key_start) {  // else every key is in the future
+      FragC s[BKN / 8];
+      PRAGMA_UNROLL
+      for (int j = 0; j < BKN / 8; ++j) frag_zero(s[j]);
+      PRAGMA_UNROLL
+      for (int ks = 0; ks < NKS; ++ks) {
+        FragA<PR> a;
+        if (QREG) a = qf[QREG ? ks : 0];
+        else frag_load_a<false>(a, sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
+        PRAGMA_UNROLL
+        for (int j = 0; j < BKN / 8; ++j) {
+          FragB<PR> b;
+          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * j);
+          frag_mma(s[j], a, b);
+        }
+      }
+      float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
+      PRAGMA_UNROLL
+      for (int j = 0; j < BKN / 8; ++j) {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
+          const int lim = (e >> 1) ? lim_hi : lim_lo;
+          const float v = (k < n && k <= lim) ? frag_get(s[j], e) * scale : MLA_NEG_INF;
+          frag_set(s[j], e, v);
+          if (e >> 1) mx_hi = max(mx_hi, v); else mx_lo = max(mx_lo, v);
+        }
+      }
+      mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_A));
+      mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_B));
+      mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_A));
+      mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_B));
+      const float mn_lo = max(m_lo, mx_lo), mn_hi = max(m_hi, mx_hi);
+      const float mu_lo = mn_lo == MLA_NEG_INF ? 0.0f : mn_lo;
+      const float mu_hi = mn_hi == MLA_NEG_INF ? 0.0f : mn_hi;
+      const float c_lo = EXPF(m_lo - mu_lo), c_hi = EXPF(m_hi - mu_hi);
+      m_lo = mn_lo;
+      m_hi = mn_hi;
+      float sum_lo = 0.0f, sum_hi = 0.0f;
+      PRAGMA_UNROLL
+      for (int j = 0; j < BKN / 8; ++j) {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const float p = EXPF(frag_get(s[j], e) - ((e >> 1) ? mu_hi : mu_lo));
+          frag_set(s[j], e, p);
+          if (e >> 1) sum_hi += p; else sum_lo += p;
+        }
+      }
+      l_lo = l_lo * c_lo + sum_lo;
+      l_hi = l_hi * c_hi + sum_hi;
+      PRAGMA_UNROLL
+      for (int j = 0; j < DV / 8; ++j) frag_scale2(acc[j], c_lo, c_hi);
+      PRAGMA_UNROLL
+      for (int kk = 0; kk < BKN / KSTEP(PR); ++kk) {
+        FragA<PR> pa;
+        frag_a_from_c(pa, s + kk * (KSTEP(PR) / 8));
+        PRAGMA_UNROLL
+        for (int j = 0; j < DV / 8; ++j) {
+          FragB<PR> b;
+          frag_load_b<false>(b, sV, LDV, kk * KSTEP(PR), 8 * j);
+          frag_mma(acc[j], pa, b);
+        }
+      }
+    }
+  }
+  l_lo += SHFL_XOR(l_lo, ROW_XOR_A);
+  l_lo += SHFL_XOR(l_lo, ROW_XOR_B);
+  l_hi += SHFL_XOR(l_hi, ROW_XOR_A);
+  l_hi += SHFL_XOR(l_hi, ROW_XOR_B);
+  const float i_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, i_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+  PRAGMA_UNROLL
+  for (int j = 0; j < DV / 8; ++j) {
+    PRAGMA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int r = (e >> 1) ? r_hi : r_lo;
+      if (r < Tq)
+        o[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] =
+            frag_get(acc[j], e) * ((e >> 1) ? i_hi : i_lo);
+    }
+  }
+  if (frag_col(_lane) == 0) {
+    if (r_lo < Tq) lse[((long)bb * Hn + h) * Tq + r_lo] = l_lo > 0.0f ? m_lo + LOGF(l_lo) : MLA_NEG_INF;
+    if (r_hi < Tq) lse[((long)bb * Hn + h) * Tq + r_hi] = l_hi > 0.0f ? m_hi + LOGF(l_hi) : MLA_NEG_INF;
+  }
+"""
+
+DECODE_INPUTS = ["q", "rows", "wq", "scales", "biases", "info", "info_f"]
+COMBINE_INPUTS = ["o_part", "lse_part"]
+PREFILL_INPUTS = ["q", "kv", "rows", "o_in", "lse_in", "info", "info_f"]
+
+
+def outputs(kind: str, dialect: Dialect) -> list[str]:
+    scratch = ["scratch"] if dialect.scratch_output else []
+    if kind == "mla_decode":
+        return ["o_part", "lse_part"] + scratch
+    if kind == "mla_combine":
+        return ["o"]
+    if kind == "mla_prefill":
+        return ["o", "lse"] + scratch
+    raise ValueError(kind)
+
+
+def inputs(kind: str) -> list[str]:
+    return {"mla_decode": DECODE_INPUTS, "mla_combine": COMBINE_INPUTS,
+            "mla_prefill": PREFILL_INPUTS}[kind]
+
+
+def decode_smem_floats(D: int, st_bytes: int) -> int:
+    """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
+    f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
+    BM = BK = 32
+    return f(BM * (D + 8)) + f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
+
+
+def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int) -> int:
+    """Tile memory of one prefill threadgroup, in floats (mirrors PREFILL_BODY)."""
+    f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
+    return f(16 * NW * (DK + 8)) + f(64 * (DK + 8)) + f(64 * (DV + 8))
+
+
+_BODIES = {"mla_decode": DECODE_BODY, "mla_combine": COMBINE_BODY, "mla_prefill": PREFILL_BODY}
+
+
+def render(dialect: Dialect, kind: str) -> tuple[str, str]:
+    """(header, body) of `kind` ('mla_decode', 'mla_combine', 'mla_prefill') in `dialect`."""
+    header = dialect.header + _DIALECT_EXTRA[dialect.name] + MLA_HEADER
+    body = _BODIES[kind].replace("/*@PROLOGUE@*/", dialect.prologue)
+    return header, body.replace("/*@SMEM@*/", dialect.smem)
+
+
+# grid size and the batch stride of the cached rows: MLX hands both over differently per dialect
+_DIALECT_EXTRA = {
+    "metal": r"""
+#define threadgroups_per_grid_x_(gx) ((int)threadgroups_per_grid.x)
+#define rows_cap_(rs, ws) (Q8 ? (ws)[1] : (rs)[1])
+""",
+    "cuda": r"""
+#define threadgroups_per_grid_x_(gx) ((int)gridDim.x)
+#define rows_cap_(rs, ws) (Q8 ? (ws)[1] : (rs)[1])
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+""",
+}

@@ -1,0 +1,150 @@
+"""The MLA attention kernels (metal_kernels/mla_template.py) through their launch code and the
+attention dispatch, with the Metal text executed on the CPU (emulated threadgroups), against
+the plain MLX-ops forms in kimi_mlx/ops/attention.py. Odd shapes on purpose: depths that are
+not multiples of a segment or a tile, chunks that cross segments, batch 2, 8-bit caches,
+several splits per segment, a prefill that continues from an earlier block's (o, lse)."""
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_kernels
+from metal_kernels import mla as K
+from metal_kernels.emulate import cxx
+from kimi_mlx.cache import MLACache
+from kimi_mlx.ops import attention as A
+from test_kernel_dispatch import _EmulatedKernel
+
+pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
+
+DL, DR, NOPE, DV = 32, 16, 16, 16  # latent, rope, per-head nope and value widths (small)
+D = DL + DR
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    log = []
+    monkeypatch.delenv("KIMI_MLX_MLA", raising=False)
+    monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _EmulatedKernel(kind, log))
+    return log
+
+
+def _cache(rows, appends, page_tokens=64, bits=None, reserve=None):
+    c = MLACache(page_tokens=page_tokens, bits=bits, group_size=32 if bits else 64)
+    if reserve:
+        c.reserve(reserve)
+    pos = 0
+    for n in appends:
+        c.append(rows[:, pos:pos + n])
+        pos += n
+    return c
+
+
+def _ref_decode(q, c, scale, q_offset):
+    rows = mx.concatenate(c.blocks(), axis=1).astype(mx.float32)
+    return A.latent_attention_reference(q.astype(mx.float32), rows, DL, scale, q_offset)
+
+
+@pytest.mark.parametrize("B,H,T,appends,bits,splits", [
+    (1, 4, 1, [37], None, 1),              # one short segment, one split
+    (2, 4, 1, [70, 30, 1], None, 4),       # depth 101 over three segments, batch 2, several splits
+    (1, 8, 3, [50, 47, 3], None, 2),       # three queries (causal inside the chunk), 24 rows
+    (2, 4, 1, [100, 29], 8, 3),            # 8-bit segments, dequantized in the kernel
+    (1, 40, 1, [45], None, 1),             # 40 heads: two row blocks, the second part-empty
+])
+def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits):
+    monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
+    monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
+    rng = np.random.default_rng(B * 100 + H + T)
+    S = sum(appends)
+    rows = mx.array(rng.standard_normal((B, S, D)).astype(np.float32))
+    c = _cache(rows, appends, bits=bits)
+    q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32))
+    out = A.mla_decode_attention(q, c, 0.3, DL)
+    ref = _ref_decode(q, c, 0.3, S - T)
+    assert [k for k, _ in emu] and all(k in ("mla_decode", "mla_combine") for k, _ in emu)
+    assert float(mx.abs(out - ref).max()) < 2e-5
+    assert any(t.get("Q8") for k, t in emu if k == "mla_decode") == (bits == 8)
+
+
+def test_kernel_mla_decode_bf16(emu):
+    rng = np.random.default_rng(5)
+    rows = mx.array(rng.standard_normal((1, 77, D)).astype(np.float32)).astype(mx.bfloat16)
+    c = _cache(rows, [77])
+    q = mx.array(rng.standard_normal((1, 4, 1, D)).astype(np.float32)).astype(mx.bfloat16)
+    out = A.mla_decode_attention(q, c, 0.25, DL)
+    ref = _ref_decode(q, c, 0.25, 76)
+    assert out.dtype == mx.bfloat16
+    assert float(mx.abs(out.astype(mx.float32) - ref).max()) < 2e-2
+
+
+class _Expand:
+    """kv_b_proj of the latent rows, per head (what KimiMLA._expand_kv / _expand compute)."""
+
+    def __init__(self, H, rng):
+        self.H = H
+        self.w = mx.array(rng.standard_normal((DL, H * (NOPE + DV))).astype(np.float32) * 0.2)
+
+    def kv(self, rows):
+        B, n, _ = rows.shape
+        return (rows[..., :DL] @ self.w.astype(rows.dtype)).reshape(B, n, self.H, NOPE + DV)
+
+    def kv_split(self, rows):
+        B, n, _ = rows.shape
+        kv = self.kv(rows).transpose(0, 2, 1, 3)
+        k_pe = mx.broadcast_to(rows[:, None, :, DL:], (B, self.H, n, DR))
+        return mx.concatenate([kv[..., :NOPE], k_pe], axis=-1), kv[..., NOPE:]
+
+
+@pytest.mark.parametrize("B,H,T,before,bits,block_keys", [
+    (1, 2, 70, [0], None, None),         # a chunk from position 0, not a multiple of the tile
+    (2, 2, 40, [50, 31], None, None),    # depth 81 over two segments, batch 2
+    (1, 3, 33, [90], None, 32),          # the cache expanded 32 keys at a time (continued partials)
+    (1, 2, 20, [45], 8, None),           # an 8-bit cache, dequantized block by block
+])
+def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before, bits, block_keys):
+    if block_keys:
+        monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * 4)
+        monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
+    rng = np.random.default_rng(T + 7 * B)
+    S0 = sum(before)
+    rows = mx.array(rng.standard_normal((B, S0 + T, D)).astype(np.float32))
+    appends = [n for n in before if n] + [T]
+    c = _cache(rows, appends, page_tokens=48, bits=bits)
+    q = mx.array(rng.standard_normal((B, T, H, NOPE + DR)).astype(np.float32))
+    ex = _Expand(H, rng)
+    out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
+    ref = A.expanded_attention(q.transpose(0, 2, 1, 3), c.blocks(), ex.kv_split, 0.2, S0).transpose(0, 2, 1, 3)
+    prefills = [t for k, t in emu if k == "mla_prefill"]
+    assert prefills
+    if block_keys:
+        assert len(prefills) > 1 and prefills[-1]["HAS_INIT"]
+    assert float(mx.abs(out - ref).max()) < 2e-5
+
+
+@pytest.mark.slow
+def test_kernel_mla_long_chunk_at_depth(emu):
+    """T = 2048 queries at depth 10K (and the T = 1 step after them)."""
+    rng = np.random.default_rng(11)
+    H, S0, T = 2, 10_000, 2048
+    rows = mx.array(rng.standard_normal((1, S0 + T + 1, D)).astype(np.float32) * 0.5)
+    c = _cache(rows, [S0, T], page_tokens=4096, reserve=S0)
+    q = mx.array(rng.standard_normal((1, T, H, NOPE + DR)).astype(np.float32) * 0.5)
+    ex = _Expand(H, rng)
+    out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
+    ref = A.expanded_attention(q.transpose(0, 2, 1, 3), c.blocks(), ex.kv_split, 0.2, S0).transpose(0, 2, 1, 3)
+    assert float(mx.abs(out - ref).max()) < 5e-5
+    c.append(rows[:, S0 + T:])
+    qd = mx.array(rng.standard_normal((1, H, 1, D)).astype(np.float32))
+    out = A.mla_decode_attention(qd, c, 0.3, DL)
+    assert float(mx.abs(out - _ref_decode(qd, c, 0.3, S0 + T)).max()) < 2e-5
+
+
+def test_kernel_mla_reference_env_and_cpu(monkeypatch):
+    monkeypatch.setenv("KIMI_MLX_MLA", "reference")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert K.backend() is None
+    monkeypatch.delenv("KIMI_MLX_MLA")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    assert K.backend() is None or mx.default_device().type != mx.DeviceType.cpu
