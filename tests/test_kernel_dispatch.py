@@ -89,13 +89,18 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
     cache = model.make_cache()
     logits = model(ids[:, :65], cache=cache)
     assert max_abs(logits[0], g["logits_65"]) < 1e-4
-    kinds = [k for k, _ in emulated_metal]
-    assert kinds == ["prefill"] * 3  # one dispatch per KDA layer
-    assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in emulated_metal)
-    assert all(t["SPLIT"] is (split == "1") for _, t in emulated_metal)
+    kda = [(k, t) for k, t in emulated_metal if not k.startswith("mla_")]
+    mla = [k for k, _ in emulated_metal if k.startswith("mla_")]
+    assert [k for k, _ in kda] == ["prefill"] * 3  # one dispatch per KDA layer
+    assert mla == ["mla_decode", "mla_combine"]  # the MLA layer: 65 queries, absorbed form
+    assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in kda)
+    assert all(t["SPLIT"] is (split == "1") for _, t in kda)
+    emulated_metal.clear()
     steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
-    assert [k for k, _ in emulated_metal[3:]] == ["decode"] * 6
-    assert all(t["GATED"] for _, t in emulated_metal[3:])
+    kda = [(k, t) for k, t in emulated_metal if not k.startswith("mla_")]
+    assert [k for k, _ in kda] == ["decode"] * 6
+    assert [k for k, _ in emulated_metal if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
+    assert all(t["GATED"] for _, t in kda)
 
     # the same continuation on the MLX-ops path (no kernel): identical up to fp32 rounding
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
