@@ -18,7 +18,7 @@ def model_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "model.json"
     args = ["--tiny", "--lengths", "32,64", "--dtypes", "q4", "--impls", "ours,mlx-lm,mlx-lm+fast",
             "--decode-tokens", "1", "--max-prefill", "mlx-lm=32,mlx-lm+fast=32", "--short-tokens", "8",
-            "--probe-tokens", "16", "--step", "32",
+            "--probe-tokens", "16", "--step", "32", "--warmup-seconds", "0",
             "--json", str(path), "--no-plot"]
     assert bench_main(["model", *args]) == 0
     return path
@@ -36,7 +36,7 @@ def test_model_bench_json(model_json):
     assert d["machine"]["cores"] and "blas" in d["machine"]
     # both implementations hold the same weights: fp32 logits agree to rounding (CPU: fp32 check)
     sw = d["checks"]["same_weights"]
-    assert sw["dtype"] == "fp32" and sw["experts"] == 16 and sw["layers"] == 5
+    assert sw["dtype"] == "fp32" and sw["experts"] == 16 and sw["layers"] == 5  # CPU: all the slice's experts
     assert sw["ok"] and sw["rel_diff"] < 1e-4 and sw["argmax_agree"] == 1.0
     assert d["config"]["linear_attn_config"]["full_attn_layers"] == [4]  # MLA at index 3, a KDA layer after it
     assert set(d["checks"]["q4"]) == {"ours", "mlx-lm", "mlx-lm+fast"}
@@ -69,7 +69,7 @@ def test_model_bench_append_and_plot(model_json, tmp_path):
     path = tmp_path / "model.json"
     path.write_text(model_json.read_text())
     args = ["--tiny", "--lengths", "48", "--dtypes", "q4", "--impls", "ours", "--decode-tokens", "1",
-            "--step", "32", "--no-check", "--append", "--json", str(path), "--plot-dir", str(tmp_path)]
+            "--step", "32", "--no-check", "--append", "--warmup-seconds", "0", "--json", str(path), "--plot-dir", str(tmp_path)]
     assert bench_main(["model", *args]) == 0
     d = json.loads(path.read_text())
     assert len(d["runs"]) == 2
@@ -122,17 +122,33 @@ def test_plots_and_markdown(model_json, tmp_path, capsys):
 
 
 def test_check_plan_on_cuda(monkeypatch):
-    """MLX-CUDA: the same-weights check runs in bf16 with a bf16 tolerance (fp32 gather_mm faults there)."""
+    """MLX-CUDA: the fp32 same-weights check runs with 16 experts (fp32 gather_mm with 256 faults there)."""
     from kimi_mlx.bench.model import check_plan
 
-    assert check_plan()["dtype"] == ("bf16" if mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
-                                     else "fp32")
+    cuda = mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
+    assert check_plan(256)["experts"] == (16 if cuda else 256)
     gpu = type("Dev", (), {"type": mx.DeviceType.gpu})()
     monkeypatch.setattr(mx, "default_device", lambda: gpu)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    plan = check_plan()
-    assert plan["dtype"] == "bf16" and 1e-2 <= plan["rel_tol"] <= 1e-1 and "CUDA" in plan["why"]
-    assert check_plan("fp32") == {"dtype": "fp32", "rel_tol": 1e-4, "why": "requested"}
+    plan = check_plan(256)
+    assert plan["dtype"] == "fp32" and plan["experts"] == 16 and plan["rel_tol"] == 2e-3 and "CUDA" in plan["why"]
+    monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+    assert check_plan(256)["rel_tol"] == 1e-4
+    assert check_plan(8)["experts"] == 8
+    assert check_plan(256, "bf16") == {"dtype": "bf16", "experts": 256, "why": "requested", "rel_tol": 5e-2}
+    monkeypatch.undo()
+    if mx.default_device().type == mx.DeviceType.cpu:
+        assert check_plan(16)["rel_tol"] == 1e-4
+
+
+def test_same_weights_check_with_fewer_experts():
+    """The check's own slice (fewer experts, its own weights): fp32 logits agree to rounding."""
+    from kimi_mlx.bench import model as mb
+
+    c = mb.slice_config(experts=8, tiny=True)
+    plan = {"dtype": "fp32", "experts": 4, "why": "test", "rel_tol": 1e-4}
+    res = mb.same_weights_check(c, mb.random_weights(c), c["vocab_size"], plan)
+    assert res["ok"] and res["experts"] == 4 and res["argmax_agree"] == 1.0 and "error" not in res
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +189,9 @@ def test_warm_up_runs_every_variant(tiny_ours, monkeypatch):
                         real_step(impl, m, cache, tok))
     mb.warm_up("ours", model, 24, c["vocab_size"])
     assert chunks == [(0, 24), (24, 24)] and steps == [48, 49]
+    steps.clear()
+    mb.warm_up("ours", model, 24, c["vocab_size"], seconds=0.2)  # then decode steps for a while
+    assert len(steps) > 2 and steps[:3] == [48, 49, 50]
     assert mb.warmup_chunk(2048) == (256 if mx.default_device().type == mx.DeviceType.cpu else 2048)
 
 
@@ -193,7 +212,7 @@ def test_time_runs():
 def test_step_bench_json(tmp_path):
     out = tmp_path / "step.json"
     assert bench_main(["step", "--tiny", "--depth", "100,300", "--dtypes", "q4", "--experts", "16",
-                       "--repeats", "2", "--warmup", "1", "--short-tokens", "16", "--json", str(out)]) == 0
+                       "--repeats", "2", "--warmup", "1", "--warmup-seconds", "0.1", "--short-tokens", "16", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     assert [r["depth"] for r in d["results"]] == [100, 300]
     for r in d["results"]:

@@ -5,20 +5,21 @@
 
 32 heads, kv_lora_rank 512, rope 64, nope 128, v 128, B=1, bf16 (--tiny shrinks the widths).
 
-decode: `kimi_mlx.ops.attention.mla_decode_attention(q_abs, cache, scale)`, q_abs [B, H, 1, rank + rope]
+decode: `kimi_mlx.ops.attention.mla_decode_attention(q_abs, cache, scale, d_v)`, q_abs [B, H, 1, rank + rope]
 against a filled kimi_mlx.cache.MLACache -> [B, H, 1, rank]. Bandwidth = bytes of the cached rows
-read / time, next to the copy bandwidth measured in the same run (an elementwise x + 1 over
---copy-mib of bf16: read + write bytes / time).
+read / time per call, with --calls-per-eval calls in one evaluated graph (the kernels' own time,
+not a host sync per call; one evaluated call's latency is reported too), next to the copy
+bandwidth measured in the same run (x + 1 over --copy-mib of bf16: read + write bytes / time).
 
-prefill: `kimi_mlx.ops.attention.mla_prefill_attention(q, k_nope_v, rows, q_offset, scale, d_v=, d_rope=)`
-over a whole causal sequence of S tokens from depth 0, in --chunk chunks of queries: chunk c has
-q [B, T, H, nope + rope] at positions q_offset = c * T.., per-head k_nope_v [B, q_offset + T, H, nope + v]
-(kv_b_proj of the latents) and rows [B, q_offset + T, rank + rope] (k_pe = the last rope columns),
-i.e. the keys 0..q_offset + T - 1; keyword arguments are passed only if the function takes them.
-TFLOP/s counts the expanded form's useful work, 2 * H * (nope + rope + v) per visible (query, key)
-pair. With torch and CUDA, torch.nn.functional.scaled_dot_product_attention runs the same causal
-problem in one call (q [1, H, S, nope + rope], k [1, H, S, nope + rope], v [1, H, S, v], is_causal),
-with each SDPA backend forced in turn and the one torch picks by itself named.
+prefill: `kimi_mlx.ops.attention.mla_prefill_attention(q, cache, expand_kv, scale, d_rope=, d_v=,
+q_offset=, expand=)` (prefill_call is the one place that knows it) over a whole causal sequence of
+S tokens from depth 0, in --chunk chunks: chunk c's queries q [B, T, H, nope + rope] sit at
+q_offset = c * T and see keys 0..q_offset + T - 1 of a cache holding the S rows; expand_kv is a
+kv_b_proj of random weights. TFLOP/s counts the useful attention work, 2 * H * (nope + rope + v)
+per visible (query, key) pair (and, second, with the kv_b expansion's FLOPs). With torch and
+CUDA, torch.nn.functional.scaled_dot_product_attention runs the same causal problem in one call
+(q [1, H, S, nope + rope], k [1, H, S, nope + rope], v [1, H, S, v], is_causal), by itself and with
+each SDPA backend forced in turn; the backend torch picks is named.
 
 --impl kernel,reference: the same function with KIMI_MLX_MLA unset (dispatch picks the kernel
 where there is one) and =reference (the plain MLX-ops path). Until those functions exist the
@@ -33,13 +34,14 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import kimi_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from . import time_runs, time_torch_cuda
+from . import Timing, time_runs, time_torch_cuda
 from .model import fmt_len, machine_info, parse_lengths
 from .roofline import copy_bandwidth
 
@@ -177,10 +179,15 @@ def bench_decode(a, dims, dt, copy_GBps, report) -> list[dict]:
                  "backend": kernel_backend(impl), "bytes_read": nbytes}
             try:
                 with impl_env(impl):
-                    t = time_runs(lambda: fn(q, cache, scale, rank), a.decode_repeats, a.warmup)
-                outs[impl] = t.out
-                r.update(t.ms(), GBps=nbytes / t.median / 1e9, GBps_best=nbytes / t.min / 1e9,
-                         fraction_of_copy=nbytes / t.median / 1e9 / copy_GBps)
+                    # N calls in one graph: the kernels' own time, not one host sync per call
+                    N = a.calls_per_eval
+                    t = time_runs(lambda: [fn(q, cache, scale, rank) for _ in range(N)], a.decode_repeats, a.warmup)
+                    one = time_runs(lambda: fn(q, cache, scale, rank), a.decode_repeats, a.warmup)
+                outs[impl] = one.out
+                per = Timing([x / N for x in t.times])
+                r.update(per.ms(), calls_per_eval=N, eval_ms_median=one.median * 1e3, eval_ms_min=one.min * 1e3,
+                         eval_ms_max=one.max * 1e3, GBps=nbytes / per.median / 1e9, GBps_best=nbytes / per.min / 1e9,
+                         fraction_of_copy=nbytes / per.median / 1e9 / copy_GBps)
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {e}"[:300]
             here.append(r)
@@ -204,7 +211,8 @@ def _fmt_decode(r: dict) -> str:
         return f"{head} {r['error']}"
     frac = f" = {r['fraction_of_copy']:.0%} of copy"
     chk = f", |diff| vs reference {r['max_abs_diff_vs_reference']:.1e}" if "max_abs_diff_vs_reference" in r else ""
-    return (f"{head} {r['ms_median'] * 1e3:8.1f} us [{r['ms_min'] * 1e3:.1f}-{r['ms_max'] * 1e3:.1f}]  "
+    return (f"{head} {r['ms_median'] * 1e3:8.1f} us [{r['ms_min'] * 1e3:.1f}-{r['ms_max'] * 1e3:.1f}] per call "
+            f"({r['calls_per_eval']} a graph; {r['eval_ms_median'] * 1e3:.0f} us one eval'd call)  "
             f"{r['GBps']:7.1f} GB/s{frac}{chk} ({r['backend'] or 'plain path'})")
 
 
@@ -310,11 +318,14 @@ def _report_torch(report, S, t: dict) -> None:
     if "skipped" in t or "error" in t:
         report(f"torch sdpa S {fmt_len(S)}: {t.get('skipped') or t.get('error')}")
         return
-    for name, x in t.items():
-        if isinstance(x, dict):
-            msg = x.get("error") or f"{x['s_median'] * 1e3:9.2f} ms  {x['TFLOPs']:.1f} TFLOP/s"
-            report(f"torch sdpa S {fmt_len(S)} {name:9s}: {msg}")
+    for name in TORCH_BACKENDS:
+        x = t[name]
+        msg = x.get("error") or f"{x['s_median'] * 1e3:9.2f} ms  {x['TFLOPs']:.1f} TFLOP/s"
+        report(f"torch sdpa S {fmt_len(S)} {name:9s}: {msg}")
     report(f"torch sdpa S {fmt_len(S)}: torch picks {t.get('picked')}")
+
+
+TORCH_BACKENDS = ("default", "flash", "cudnn", "efficient")
 
 
 def torch_sdpa(S: int, dims: dict, dtype: str, scale: float, reps: int) -> dict:
@@ -345,10 +356,13 @@ def torch_sdpa(S: int, dims: dict, dtype: str, scale: float, reps: int) -> dict:
     except ImportError:
         sdpa_kernel, backends = None, []
         out["picked"] = "unknown (no torch.nn.attention)"
+    for name in TORCH_BACKENDS[len(backends) + 1:]:
+        out[name] = {"error": "no torch.nn.attention"}
 
     for name, be in [("default", None)] + backends:
         try:
-            with sdpa_kernel([be]) if be is not None else nullcontext():
+            with sdpa_kernel([be]) if be is not None else nullcontext(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # why a forced backend declines: the error below says it
                 t = time_torch_cuda(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
                                     torch, reps)
             out[name] = {"s_median": t.median, "s_min": t.min, "s_max": t.max, "TFLOPs": flops / t.median / 1e12}
@@ -371,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-repeats", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3, help="prefill repeats (per chunk) and torch repeats")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode calls before timing")
+    ap.add_argument("--calls-per-eval", type=int, default=16,
+                    help="decode calls per evaluated graph for the bandwidth (one eval'd call is timed too)")
     ap.add_argument("--copy-mib", type=int, default=2048, help="size of the copy-bandwidth buffer (MiB)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--fallback", action="store_true",

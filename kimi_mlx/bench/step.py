@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke tests)")
     ap.add_argument("--impls", default="ours,mlx-lm", help="ours is broken down; mlx-lm: whole step only")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each part before its timed ones")
+    ap.add_argument("--warmup-seconds", type=float, default=2.0,
+                    help="decode steps for this long after each model's warm-up prefill (see model.warm_up)")
     ap.add_argument("--short-tokens", type=int, default=64, help="the real prefill before the synthetic rows")
     ap.add_argument("--step", type=int, default=2048, help="prefill chunk (the warm-up's too, on a GPU)")
     ap.add_argument("--temp", type=float, default=0.0, help="sampler of the sampling part (generate's options)")
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
         for impl in impls:
             try:
                 models[impl] = mb.build(impl, c, base, dt)
-                mb.warm_up(impl, models[impl], chunk, a.vocab, a.seed + 1)
+                mb.warm_up(impl, models[impl], chunk, a.vocab, a.seed + 1, a.warmup_seconds)
             except Exception as e:  # mlx-lm can't run bf16 experts on the CPU
                 out["results"].append({"dtype": dt, "impl": impl, "error": f"{type(e).__name__}: {e}"[:200]})
                 print(f"  {dt} {impl}: {out['results'][-1]['error']}", flush=True)
