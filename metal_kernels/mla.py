@@ -14,7 +14,7 @@ import functools
 import os
 
 from . import dialect as _dialect
-from .mla_template import decode_smem_floats, prefill_smem_floats
+from .mla_template import MAX_SPLITS, decode_smem_floats, prefill_smem_floats
 
 _CUDA_SMEM_LIMIT = 232448
 _DECODE_NW = 8
@@ -83,14 +83,16 @@ def _target_threadgroups(be: str) -> int:
     return int(env) if env else (264 if be == "cuda" else 80)
 
 
-def _keys_per_split(be: str, n: int, row_blocks: int) -> int:
+def _keys_per_split(be: str, n: int, row_blocks: int, max_splits: int) -> int:
+    """Keys per split: enough splits to fill the GPU, no fewer than _MIN_KEYS_PER_SPLIT keys
+    each (every split loads the query tile), at most max_splits (one combine takes them all)."""
     ns = max(1, -(-_target_threadgroups(be) // max(1, row_blocks)))
-    kps = max(_MIN_KEYS_PER_SPLIT, -(-n // ns))
+    kps = max(_MIN_KEYS_PER_SPLIT, -(-n // ns), -(-n // max(1, max_splits)))
     return -(-kps // 32) * 32
 
 
 def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int, scale: float,
-                       d_v: int):
+                       d_v: int, max_splits: int = MAX_SPLITS):
     """Absorbed attention of query rows q [B, M, D] (row r = token r // heads, head r % heads,
     the token at absolute position q_offset + r // heads) over the first n rows of one cache
     segment: seg is rows [B, cap, D] or {"wq", "scales", "biases"} (8-bit, groups along D)."""
@@ -116,7 +118,7 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         cap, dq, qg = seg.shape[1], D, 64
         rows, wq, sc, bi = seg, _dummy("uint32"), _dummy(str(dt).split(".")[-1]), _dummy(str(dt).split(".")[-1])
     row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks)
+    kps = _keys_per_split(be, n, row_blocks, max_splits)
     ns = -(-n // kps)
     smem = decode_smem_floats(D, st.size)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
@@ -151,11 +153,13 @@ def mla_combine(parts, dtype):
 
     o = mx.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
     lse = mx.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]
-    B, _, M, DV = o.shape
+    B, NS, M, DV = o.shape
+    if NS > MAX_SPLITS:
+        return None
     ntc = 128
     kern = _kernel(be, "mla_combine")
     return kern(inputs=[o, lse], template=[("T", dtype), ("DV", DV), ("NTC", ntc)],
-                grid=(ntc, M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
+                grid=(ntc * -(-DV // ntc), M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
                 output_dtypes=[dtype], init_value=None)[0]
 
 

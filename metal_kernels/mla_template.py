@@ -31,6 +31,7 @@ MLA_HEADER = r"""
 #ifndef MLA_NEG_INF
 #define MLA_NEG_INF (-INFINITY)
 #endif
+#define MLA_MAX_SPLITS 1024
 template <typename ST> DFN int mla_floats(int n) { return (n * (int)sizeof(ST) + 3) / 4; }
 
 // 8 consecutive values of a cached row at column d (a multiple of 8): plain, or 8-bit affine
@@ -110,16 +111,37 @@ DECODE_BODY = r"""
 
   for (int k0 = k_lo; k0 < k_hi; k0 += BK) {
     BARRIER();
-    for (int i = _tid; i < BK * (D / 8); i += NT) {
-      const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
-      float x[8];
-      if (k0 + kr < k_hi) {
-        mla_row8<Q8, QG, DQ, T>(x, rows, wq, scales, biases, rbase + k0 + kr, d);
-      } else {
-        PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+    if (Q8) {
+      for (int i = _tid; i < BK * (D / 8); i += NT) {
+        const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
+        float x[8];
+        if (k0 + kr < k_hi) {
+          mla_row8<Q8, QG, DQ, T>(x, rows, wq, scales, biases, rbase + k0 + kr, d);
+        } else {
+          PRAGMA_UNROLL
+          for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+        }
+        st8<ST>(sK + kr * LDK + d, x);
       }
-      st8<ST>(sK + kr * LDK + d, x);
+    } else {  // every load of the tile in flight before the first store
+      constexpr int NLD = (BK * (D / 8) + NT - 1) / NT;
+      Raw8<T> raw[NLD];
+      PRAGMA_UNROLL
+      for (int j = 0; j < NLD; ++j) {
+        const int i = _tid + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
+        if (i < BK * (D / 8) && k0 + kr < k_hi) ld8(raw[j], rows + (rbase + k0 + kr) * DQ + d);
+        else zero8(raw[j]);
+      }
+      PRAGMA_UNROLL
+      for (int j = 0; j < NLD; ++j) {
+        const int i = _tid + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
+        if (i < BK * (D / 8)) {
+          float x[8];
+          PRAGMA_UNROLL
+          for (int e = 0; e < 8; ++e) x[e] = get8(raw[j], e);
+          st8<ST>(sK + kr * LDK + d, x);
+        }
+      }
     }
     BARRIER();
     {  // S = Q K^T: warp w takes the 16x8 tile (w & 1, w >> 1)
@@ -221,26 +243,40 @@ DECODE_BODY = r"""
   }
 """
 
-# Template: T (output dtype), DV, NTC (threads). Inputs: o_part [B, NS, M, DV] fp32,
-# lse_part [B, NS, M] fp32. Output: o [B, M, DV] (T). Grid: (NTC, M, B).
+# Template: T (output dtype), DV, NTC (threads, a multiple of 32). Inputs: o_part [B, NS, M, DV]
+# fp32, lse_part [B, NS, M] fp32 (NS <= MLA_MAX_SPLITS). Output: o [B, M, DV] (T).
+# Grid: (NTC * ceil(DV / NTC), M, B): a threadgroup takes NTC columns of one row.
 COMBINE_BODY = r"""
 /*@PROLOGUE@*/
+  constexpr int MAXS = MLA_MAX_SPLITS;
+  SHARED_ARR(float, sw, MAXS);
+  SHARED_ARR(float, sred, NTC / 32);
   const int NS = (int)lse_part_shape[1], M = (int)lse_part_shape[2];
-  const int row = _gy, bb = _gz;
+  const int row = _gy, bb = _gz, c = _gx * NTC + _tid;
   const long lbase = (long)bb * NS * M + row;
   float mx = MLA_NEG_INF;
-  for (int s = 0; s < NS; ++s) mx = max(mx, lse_part[lbase + (long)s * M]);
+  for (int s = _tid; s < NS; s += NTC) mx = max(mx, lse_part[lbase + (long)s * M]);
+  mx = max(mx, SHFL_XOR(mx, 16));
+  mx = max(mx, SHFL_XOR(mx, 8));
+  mx = max(mx, SHFL_XOR(mx, 4));
+  mx = max(mx, SHFL_XOR(mx, 2));
+  mx = max(mx, SHFL_XOR(mx, 1));
+  if (_lane == 0) sred[_warp] = mx;
+  BARRIER();
+  mx = sred[0];
+  for (int w = 1; w < NTC / 32; ++w) mx = max(mx, sred[w]);
   const float m_use = mx == MLA_NEG_INF ? 0.0f : mx;
-  float den = 0.0f;
-  for (int s = 0; s < NS; ++s) den += EXPF(lse_part[lbase + (long)s * M] - m_use);
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-  for (int c = _tid; c < DV; c += NTC) {
-    float acc = 0.0f;
+  for (int s = _tid; s < NS; s += NTC) sw[s] = EXPF(lse_part[lbase + (long)s * M] - m_use);
+  BARRIER();
+  if (c < DV) {
+    float den = 0.0f, acc = 0.0f;
+    const long obase = ((long)bb * NS * M + row) * DV + c;
     for (int s = 0; s < NS; ++s) {
-      const float w = EXPF(lse_part[lbase + (long)s * M] - m_use);
-      if (w > 0.0f) acc += w * o_part[((long)bb * NS + s) * M * DV + (long)row * DV + c];
+      const float w = sw[s];
+      den += w;
+      if (w > 0.0f) acc += w * o_part[obase + (long)s * M * DV];
     }
-    o[((long)bb * M + row) * DV + c] = static_cast<T>(acc * inv);
+    o[((long)bb * M + row) * DV + c] = static_cast<T>(den > 0.0f ? acc / den : 0.0f);
   }
 """
 
@@ -439,6 +475,9 @@ def outputs(kind: str, dialect: Dialect) -> list[str]:
 def inputs(kind: str) -> list[str]:
     return {"mla_decode": DECODE_INPUTS, "mla_combine": COMBINE_INPUTS,
             "mla_prefill": PREFILL_INPUTS}[kind]
+
+
+MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
 def decode_smem_floats(D: int, st_bytes: int) -> int:

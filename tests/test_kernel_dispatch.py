@@ -92,7 +92,7 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
     kda = [(k, t) for k, t in emulated_metal if not k.startswith("mla_")]
     mla = [k for k, _ in emulated_metal if k.startswith("mla_")]
     assert [k for k, _ in kda] == ["prefill"] * 3  # one dispatch per KDA layer
-    assert mla == ["mla_decode", "mla_combine"]  # the MLA layer: 65 queries, absorbed form
+    assert mla == ["mla_prefill"]  # the MLA layer: 65 queries, expanded form
     assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in kda)
     assert all(t["SPLIT"] is (split == "1") for _, t in kda)
     emulated_metal.clear()

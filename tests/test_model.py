@@ -104,7 +104,7 @@ def test_expanded_mla_prefill_matches_reference(fixture, threshold, monkeypatch)
     64 and 65 tokens over a growing cache, and the whole 200 at once) against the oracle."""
     from kimi_mlx.model import mla
 
-    monkeypatch.setattr(mla, "EXPAND_MIN_T", threshold)
+    monkeypatch.setattr(mla, "expand_min_queries", lambda: threshold)
     model, g = fixture
     ids = mx.array(g["ids"][:1, :200])
     tol = rounding_tol(model.config, g["logits_200"], 200)

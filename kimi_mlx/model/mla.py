@@ -11,11 +11,16 @@ import mlx.nn as nn
 
 from ..cache import MLACache
 from ..config import ModelConfig
-from ..ops.attention import mla_decode_attention, mla_prefill_attention
+from ..ops.attention import expand_min_queries, mla_decode_attention, mla_prefill_attention
 from .common import linear_weight
 
-# chunks of at least this many queries take the expanded form
-EXPAND_MIN_T = 256
+
+class _Absorbed:
+    """W_uk and W_uv^T split out of kv_b_proj once, not every step (a quantized kv_b_proj would
+    be dequantized per token). A plain object, so nn.Module does not take it for a parameter."""
+
+    def __init__(self, key, w_uk, w_uv_t):
+        self.key, self.w_uk, self.w_uv_t = key, w_uk, w_uv_t
 
 
 class KimiMLA(nn.Module):
@@ -47,7 +52,7 @@ class KimiMLA(nn.Module):
             source = cache
         else:
             source = [rows]
-        if T >= EXPAND_MIN_T:
+        if T >= expand_min_queries():
             o = mla_prefill_attention(q, source, self._expand_kv, self.scale, self.rope, self.v_dim,
                                       expand=self._expand)  # [B, T, H, v]
         else:
@@ -68,13 +73,21 @@ class KimiMLA(nn.Module):
         k = mx.concatenate([kv[..., : self.nope], k_pe.astype(kv.dtype)], axis=-1)
         return k, kv[..., self.nope:]
 
+    def _absorbed_weights(self, dtype) -> _Absorbed:
+        key = (id(self.kv_b_proj.get("weight")), id(self.kv_b_proj.get("scales")), dtype)
+        cached = self.__dict__.get("_absorbed_cache")
+        if cached is None or cached.key != key:
+            H = self.num_heads
+            w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank).astype(dtype)
+            cached = _Absorbed(key, w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1)))
+            self.__dict__["_absorbed_cache"] = cached
+        return cached
+
     def _absorbed(self, q: mx.array, source) -> mx.array:
-        H = self.num_heads
-        w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        a = self._absorbed_weights(q.dtype)
         # absorb W_uk into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
-        q_lat = q[..., : self.nope] @ w_uk.astype(q.dtype)  # [B, H, T, rank]
+        q_lat = q[..., : self.nope] @ a.w_uk  # [B, H, T, rank]
         qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
 
         o_lat = mla_decode_attention(qa, source, self.scale, self.rank)  # [B, H, T, rank]
-        return o_lat @ w_uv.astype(o_lat.dtype).transpose(0, 2, 1)  # [B, H, T, v]
+        return o_lat @ a.w_uv_t.astype(o_lat.dtype)  # [B, H, T, v]

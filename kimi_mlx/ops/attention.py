@@ -154,6 +154,15 @@ EXPAND_BLOCK_BYTES = 256 << 20
 EXPAND_MIN_KEYS = 1024
 
 
+def expand_min_queries() -> int:
+    """Chunks of at least this many queries take the expanded form. With the kernels the
+    absorbed one is a decode kernel whose every 32 query rows read the whole cache, so only
+    short chunks stay absorbed; the MLX-ops forms break even near 256 on the CPU."""
+    from metal_kernels import mla as K
+
+    return 32 if K.backend() is not None else 256
+
+
 def _segments(source) -> list[tuple]:
     """(data, n, start, D) per segment of an MLACache, or of a list of row blocks."""
     if isinstance(source, (list, tuple)):
@@ -197,7 +206,9 @@ def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: 
     segs = _segments(source)
     if segs and K.backend() is not None:
         qr = q.transpose(0, 2, 1, 3).reshape(B, T * H, D)
-        parts = [K.mla_decode_partial(qr, data, n, start, q_offset, H, scale, d_v) for data, n, start, _ in segs]
+        per_seg = K.MAX_SPLITS // len(segs)  # one combine takes every segment's splits
+        parts = [K.mla_decode_partial(qr, data, n, start, q_offset, H, scale, d_v, per_seg) if per_seg else None
+                 for data, n, start, _ in segs]
         if all(p is not None for p in parts):
             o = K.mla_combine(parts, q.dtype)
             if o is not None:
