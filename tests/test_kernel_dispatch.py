@@ -47,6 +47,8 @@ def emulated_metal(monkeypatch):
     monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _EmulatedKernel(kind, log))
+    # the first-use check of the MLA kernels on Metal has its own tests (test_mla_kernels.py)
+    monkeypatch.setattr("kimi_mlx.ops.attention._kernels_trusted", lambda kind, key: True)
     return log
 
 

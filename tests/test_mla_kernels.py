@@ -27,6 +27,7 @@ def emu(monkeypatch):
     monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _EmulatedKernel(kind, log))
+    monkeypatch.setattr(A, "_TRUSTED", {})  # each test checks its kernels on first use afresh
     return log
 
 
@@ -139,6 +140,26 @@ def test_kernel_mla_long_chunk_at_depth(emu):
     qd = mx.array(rng.standard_normal((1, H, 1, D)).astype(np.float32))
     out = A.mla_decode_attention(qd, c, 0.3, DL)
     assert float(mx.abs(out - _ref_decode(qd, c, 0.3, S0 + T)).max()) < 2e-5
+
+
+def test_kernel_mla_first_use_check_on_metal(emu, monkeypatch):
+    """On Metal each kernel instance is checked once against the plain path before use: a good
+    one is used from then on; a wrong one (here: a combine that returns zeros) warns and the
+    plain path answers."""
+    rng = np.random.default_rng(3)
+    rows = mx.array(rng.standard_normal((1, 50, D)).astype(np.float32))
+    q = mx.array(rng.standard_normal((1, 4, 1, D)).astype(np.float32))
+    c = _cache(rows, [50])
+    out = A.mla_decode_attention(q, c, 0.3, DL)
+    assert list(A._TRUSTED.values()) == [True] and len(emu) == 4  # the check's 2 kernels, then the call's
+    assert float(mx.abs(out - _ref_decode(q, c, 0.3, 49)).max()) < 2e-5
+
+    monkeypatch.setattr(A, "_TRUSTED", {})
+    monkeypatch.setattr(K, "mla_combine", lambda parts, dtype: mx.zeros(parts[0][0].shape[:1] + parts[0][0].shape[2:], dtype))
+    with pytest.warns(RuntimeWarning, match="differs from the plain path"):
+        out = A.mla_decode_attention(q, c, 0.3, DL)
+    assert list(A._TRUSTED.values()) == [False]
+    assert float(mx.abs(out - _ref_decode(q, c, 0.3, 49)).max()) < 1e-5
 
 
 def test_kernel_mla_reference_env_and_cpu(monkeypatch):

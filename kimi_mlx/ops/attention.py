@@ -195,6 +195,76 @@ def _rows(data, s: int, e: int, D: int) -> mx.array:
                             "group_size": gs, "bits": 8})
 
 
+_TRUSTED: dict = {}
+
+
+def _kernels_trusted(kind: str, key: tuple) -> bool:
+    """On Metal, where these kernels have not yet run on Apple hardware, each template instance
+    is checked once per process against the plain path on a small input before it is used; a
+    compile error or a wrong result keeps the plain path, with a warning. (The CUDA twin is
+    checked on the device by scripts/mla_device_check.py.)"""
+    from metal_kernels import mla as K
+
+    if K.backend() != "metal":
+        return True
+    if key not in _TRUSTED:
+        _TRUSTED[key] = True  # the check below runs the kernels themselves
+        try:
+            err, tol = _SELF_CHECKS[kind](*key)
+            why = None if err <= tol else f"differs from the plain path by {err:.2e} (> {tol:.0e})"
+        except Exception as e:  # noqa: BLE001 - any failure means: don't use it
+            why = f"failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        _TRUSTED[key] = why is None
+        if why:
+            import warnings
+
+            warnings.warn(f"MLA {kind} kernel {key} {why}; using the MLX-ops path", RuntimeWarning, stacklevel=3)
+    return _TRUSTED[key]
+
+
+def _check_tol(dtype) -> float:
+    return 1e-4 if dtype == mx.float32 else 5e-2
+
+
+def _self_check_decode(dtype, D, d_v, bits, group_size):
+    from ..cache import MLACache
+
+    rng = mx.random.key(7)
+    k1, k2 = mx.random.split(rng)
+    rows = mx.random.normal((1, 70, D), key=k1).astype(dtype)
+    c = MLACache(bits=bits, group_size=group_size)
+    c.append(rows)
+    q = (mx.random.normal((1, 2, 1, D), key=k2) * D ** -0.5).astype(dtype)
+    out = mla_decode_attention(q, c, 0.5, d_v)
+    ref = latent_attention_reference(q, mx.concatenate(c.blocks(), axis=1), d_v, 0.5, 69)
+    return float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max()), _check_tol(dtype)
+
+
+def _self_check_prefill(dtype, DK, d_rope, d_v, D):
+    nope = DK - d_rope
+    k1, k2, k3 = mx.random.split(mx.random.key(8), 3)
+    rows = mx.random.normal((1, 40, D), key=k1).astype(dtype)
+    kv = mx.random.normal((1, 40, 1, nope + d_v), key=k2).astype(dtype)
+    q = (mx.random.normal((1, 40, 1, DK), key=k3) * DK ** -0.5).astype(dtype)
+
+    def expand(r):
+        k = mx.concatenate([kv[..., :nope], r[:, :, None, D - d_rope:].astype(dtype)], axis=-1)
+        return k.transpose(0, 2, 1, 3), kv[..., nope:].transpose(0, 2, 1, 3)
+
+    out = mla_prefill_attention(q, [rows], lambda r: kv, 0.5, d_rope, d_v, 0, expand=expand)
+    ref = expanded_attention(q.transpose(0, 2, 1, 3), [rows], expand, 0.5, 0).transpose(0, 2, 1, 3)
+    return float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max()), _check_tol(dtype)
+
+
+_SELF_CHECKS = {"decode": _self_check_decode, "prefill": _self_check_prefill}
+
+
+def _seg_key(data, D):
+    if isinstance(data, dict):
+        return data["scales"].dtype, D, 8, (data["wq"].shape[2] * 4) // data["scales"].shape[2]
+    return data.dtype, D, None, 64
+
+
 def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: int | None = None) -> mx.array:
     """Absorbed MLA attention. q [B, H, T, D] (W_uk^T q_nope | q_pe); source: an MLACache that
     already holds these tokens, or a list of row blocks [B, n, D]. Query t is at absolute
@@ -204,7 +274,8 @@ def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: 
     B, H, T, D = q.shape
     q_offset = _cached(source, T) - T if q_offset is None else q_offset
     segs = _segments(source)
-    if segs and K.backend() is not None:
+    if segs and K.backend() is not None and all(
+            _kernels_trusted("decode", (k[0], D, d_v, k[2], k[3])) for k in (_seg_key(d, D) for d, *_ in segs)):
         qr = q.transpose(0, 2, 1, 3).reshape(B, T * H, D)
         per_seg = K.MAX_SPLITS // len(segs)  # one combine takes every segment's splits
         parts = [K.mla_decode_partial(qr, data, n, start, q_offset, H, scale, d_v, per_seg) if per_seg else None
@@ -228,7 +299,7 @@ def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: 
     B, T, H, DK = q.shape
     q_offset = _cached(source, T) - T if q_offset is None else q_offset
     segs = _segments(source)
-    if segs and K.backend() is not None:
+    if segs and K.backend() is not None and _kernels_trusted("prefill", (q.dtype, DK, d_rope, d_v, segs[0][3])):
         per_key = B * H * (DK - d_rope + d_v) * q.dtype.size
         blk = max(EXPAND_MIN_KEYS, EXPAND_BLOCK_BYTES // max(1, per_key))
         state = None
