@@ -9,11 +9,7 @@ prefix of every question: a saved session answers exactly as the documents would
 """
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -23,134 +19,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .runtime.model import DEFAULT_MODEL, MODEL_FILE_PATTERNS as ALLOW_PATTERNS, ModelLoadError, load, resolve_model_path
 from .sampling import make_logits_processors, make_sampler
 from .session import prefill
 
-DEFAULT_MODEL = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja", "*.py"]
 # Prompts at least this long get a progress bar and a memory estimate before the prefill.
 PROGRESS_MIN_TOKENS = 4096
 
 __all__ = ["DEFAULT_MODEL", "GenerationResponse", "ModelLoadError", "load", "resolve_model_path",
            "stream_generate", "generate", "main"]
-
-
-class ModelLoadError(OSError):
-    """The model could not be found or downloaded (message is one line, ready to show)."""
-
-
-# ---------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def _fmt_bytes(n: float) -> str:
-    from .planner import format_bytes
-
-    return format_bytes(n)
-
-
-def _hub_reason(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[:200]
-
-
-def _offline_snapshot(repo: str, why: str) -> Path:
-    """A snapshot already in the local Hugging Face cache, for when the Hub can't be reached."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
-    except Exception:
-        raise ModelLoadError(
-            f"{repo}: cannot reach the Hugging Face Hub ({why}) and the model is not in the local cache; "
-            f"connect to the internet once to download it, or pass --model a local model directory") from None
-
-
-def _download(repo: str, log: Callable[[str], None]) -> Path:
-    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    try:
-        info = HfApi().model_info(repo, files_metadata=True)
-    except GatedRepoError:
-        raise ModelLoadError(f"{repo}: the repository is gated; accept its terms on huggingface.co and log in "
-                             f"with `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"{repo}: no such model on the Hugging Face Hub and no local directory of that name") from None
-    except RevisionNotFoundError as e:
-        raise ModelLoadError(f"{repo}: {_hub_reason(e)}") from None
-    except OfflineModeIsEnabled:
-        return _offline_snapshot(repo, "HF_HUB_OFFLINE is set")
-    except Exception as e:  # connection refused, DNS, timeouts, 5xx: try the cache
-        return _offline_snapshot(repo, _hub_reason(e))
-
-    files = [s for s in (info.siblings or []) if any(fnmatch.fnmatch(s.rfilename, p) for p in ALLOW_PATTERNS)]
-    total = sum(s.size or 0 for s in files)
-    missing = sum(s.size or 0 for s in files
-                  if not isinstance(try_to_load_from_cache(repo, s.rfilename, revision=info.sha), str))
-    if missing:
-        weights = sum(s.size or 0 for s in files if s.rfilename.endswith(".safetensors"))
-        from .planner import RUNTIME_OVERHEAD_BYTES, machine_memory_bytes
-
-        need = weights + RUNTIME_OVERHEAD_BYTES
-        log(f"Downloading {repo}: {_fmt_bytes(missing)} to fetch ({_fmt_bytes(total)} in {len(files)} files) "
-            f"into {constants.HF_HUB_CACHE}.")
-        have = machine_memory_bytes()
-        log(f"Running it needs about {_fmt_bytes(need)} of memory for the weights and runtime, plus the cache"
-            + (f"; this machine has about {_fmt_bytes(have)} usable." if have else "."))
-        if have and need > have:
-            log("warning: that is more memory than this machine has free; a quantized (4-bit, 27+ GB) "
-                "conversion of the model is a better fit.")
-        try:
-            Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(constants.HF_HUB_CACHE).free
-        except OSError:
-            free = None
-        if free is not None and free < missing:
-            raise ModelLoadError(f"{repo}: needs {_fmt_bytes(missing)} of disk space to download, "
-                                 f"but only {_fmt_bytes(free)} is free in {constants.HF_HUB_CACHE}")
-    try:
-        return Path(snapshot_download(repo, revision=info.sha, allow_patterns=ALLOW_PATTERNS))
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        raise ModelLoadError(f"{repo}: download failed ({_hub_reason(e)}); run the command again to resume") from None
-
-
-def resolve_model_path(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL,
-                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
-    """A local model directory: the path itself, or a Hugging Face repo's snapshot (downloaded if needed)."""
-    s = os.fspath(path_or_repo)
-    p = Path(s).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ModelLoadError(f"{s}: not a directory (expected a model directory with config.json)")
-        return p
-    if not _REPO_ID.match(s) or s.startswith((".", "~")):
-        raise ModelLoadError(f"{s}: no such model directory")
-    return _download(s, log)
-
-
-def load(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL, lazy: bool = False,
-         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
-    """(model, tokenizer) from a local directory or a Hugging Face repo id.
-
-    The config and the tokenizer are checked before the weights are read, so a broken
-    directory fails in milliseconds, not after loading tens of GB.
-    """
-    from .config import ModelConfig
-    from .tokenizer import load_tokenizer
-    from .weights import load_model
-
-    model_dir = resolve_model_path(path_or_repo, log)
-    ModelConfig.from_file(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, lazy=lazy)
-    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +40,8 @@ class GenerationResponse:
     text: the new text since the previous response (may be "" while a multi-byte
         character is incomplete). token: the token id of this step.
     logprobs: log-probabilities over the vocabulary for this step ([V]).
-    prompt_tps / generation_tps: tokens per second. peak_memory: GB.
+    prompt_tps / generation_tps: tokens per second. peak_memory: GB. prompt_tokens: the tokens
+        prefilled for this reply.
     finish_reason: None while generating, then "stop" (end-of-turn token), "length"
         (max_tokens reached) or "cancelled" (should_stop returned True).
     """
@@ -177,6 +55,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens taken from a checkpoint (runtime.Conversation), not prefilled
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -253,8 +132,6 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], mx.array
         after every generated token (ends with finish_reason "cancelled").
     Stops at any of tokenizer.eos_token_ids; the last response carries finish_reason.
     """
-    from .tokenizer import StreamingDetokenizer
-
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if prefill_step_size < 1:
@@ -262,24 +139,35 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], mx.array
     ids = _prompt_ids(tokenizer, prompt)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     check_prompt_length(model, len(ids), cache.offset)
-    if hasattr(cache, "reserve"):  # the prompt and the reply in one MLA segment
-        cache.reserve(cache.offset + len(ids) + max_tokens)
+    cache.reserve(cache.offset + len(ids) + max_tokens)  # the prompt and the reply in one MLA segment
     sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     processors = make_logits_processors(repetition_penalty)
-    eos = set(int(t) for t in tokenizer.eos_token_ids)
-    detok = StreamingDetokenizer(tokenizer)
-
     tic = time.perf_counter()
     cache, logits = prefill(model, ids, cache, step=prefill_step_size, progress=progress,
                             should_stop=should_stop, return_logits=True)
-    steps = _token_steps(model, cache, logits, mx.array(ids, dtype=mx.int32), sampler, processors, max_tokens)
+    yield from stream_from_logits(model, tokenizer, cache, logits, ids, sampler, processors, max_tokens,
+                                  should_stop, prompt_tokens=len(ids), tic=tic)
 
+
+def stream_from_logits(model, tokenizer, cache, logits: mx.array, history: Sequence[int], sampler, processors,
+                       max_tokens: int, should_stop: Optional[Callable[[], bool]] = None, prompt_tokens: int = 0,
+                       tic: Optional[float] = None) -> Iterator[GenerationResponse]:
+    """The reply after a prefill: `logits` are the next-token logits [1, V] of the state in `cache`,
+    `history` the token ids the repetition penalty looks back on. prompt_tokens / tic: the tokens
+    prefilled for this reply and when their prefill began (for prompt_tps)."""
+    from .tokenizer import StreamingDetokenizer
+
+    eos = set(int(t) for t in tokenizer.eos_token_ids)
+    detok = StreamingDetokenizer(tokenizer)
+    tic = time.perf_counter() if tic is None else tic
+    steps = _token_steps(model, cache, logits, mx.array(list(history), dtype=mx.int32), sampler, processors,
+                         max_tokens)
     prompt_tps = gen_tps = 0.0
     token, logprobs, n, finish = -1, None, 0, None
     for n, (token, logprobs) in enumerate(steps, 1):
         now = time.perf_counter()
         if n == 1:  # the first token closes the prompt phase (as in mlx-lm)
-            prompt_tps = len(ids) / max(now - tic, 1e-9)
+            prompt_tps = prompt_tokens / max(now - tic, 1e-9)
             tic = now
         else:
             gen_tps = (n - 1) / max(now - tic, 1e-9)
@@ -293,11 +181,11 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], mx.array
         if should_stop is not None and should_stop():
             finish = "cancelled"
             break
-        yield GenerationResponse(detok.last_segment, token, logprobs, len(ids), prompt_tps, n, gen_tps,
+        yield GenerationResponse(detok.last_segment, token, logprobs, prompt_tokens, prompt_tps, n, gen_tps,
                                  mx.get_peak_memory() / 1e9, None)
     steps.close()
     detok.finalize()
-    yield GenerationResponse(detok.last_segment, token, logprobs, len(ids), prompt_tps, n, gen_tps,
+    yield GenerationResponse(detok.last_segment, token, logprobs, prompt_tokens, prompt_tps, n, gen_tps,
                              mx.get_peak_memory() / 1e9, finish)
 
 
@@ -487,17 +375,16 @@ def _plan_report(model, n_tokens: int, args, what: str, extra: int = 0) -> None:
           file=sys.stderr, flush=True)
 
 
-def _run(args, stop: _Interrupt) -> int:
-    from contextlib import nullcontext
-
+def _read_inputs(args):
+    """The prompt and the documents, read (and the session paths checked) before loading tens of GB,
+    so that mistakes fail fast."""
     from . import session as S
 
     prompt = _read_prompt(args.prompt)
     if prompt is not None and not prompt.strip():
         raise ValueError("the prompt is empty")
-
     docs = None
-    if args.document:  # read documents before loading tens of GB, so path mistakes fail fast
+    if args.document:
         from .documents import load_documents
 
         docs = load_documents(args.document)
@@ -505,72 +392,91 @@ def _run(args, stop: _Interrupt) -> int:
         for w in docs.warnings:
             print(f"warning: {w}", file=sys.stderr)
     if args.session:
-        S.DocumentSession.read_meta(args.session)  # fail fast on a missing or foreign file
+        S.DocumentSession.read_meta(args.session)  # a missing or foreign file
     if args.save_session:
-        S.check_save_path(args.save_session)  # an unwritable path fails now, not after the prefill
+        S.check_save_path(args.save_session)  # an unwritable path
+    return prompt, docs
 
-    model, tok = load(args.model)
-    stop.arm()
-    limit = _context_limit(model)
+
+def _long_prefill(n: int, label: str):
+    from contextlib import nullcontext
+
+    return _Progress(n, label) if n >= PROGRESS_MIN_TOKENS else nullcontext(None)
+
+
+def _document_session(model, tok, conv, docs, prompt, args, stop):
+    """Prefill the documents (saving them with --save-session) and check that the question fits."""
+    from . import session as S
+
     bits = args.mla_cache_bits
+    doc_ids = conv.prompts.document_prefix(docs.render(), args.system_prompt)
+    q_ids = conv.prompts.question(prompt, args.system_prompt) if prompt is not None else []
+    limit = _context_limit(model)
+    if limit and len(doc_ids) + len(q_ids) > limit:
+        raise ValueError(f"the documents and prompt are {len(doc_ids) + len(q_ids):,} tokens, longer than "
+                         f"the model's context of {limit:,} tokens")
+    _plan_report(model, len(doc_ids), args, "documents", extra=len(q_ids))
+    if args.save_session:
+        from .planner import cache_bytes
 
-    def long_prefill(n: int, label: str):
-        return _Progress(n, label) if n >= PROGRESS_MIN_TOKENS else nullcontext(None)
+        S.check_save_path(args.save_session, cache_bytes(model.config, len(doc_ids), mla_bits=bits or 16,
+                                                         page_tokens=0))
+    with _long_prefill(len(doc_ids), "documents") as bar:
+        sess = S.DocumentSession.create(model, tok, doc_ids, progress=bar, step=args.prefill_step_size,
+                                        should_stop=stop, mla_bits=bits)
+    if args.save_session:
+        path = sess.save(args.save_session, mla_bits=bits)
+        print(f"saved session ({len(doc_ids):,} tokens) to {path}", file=sys.stderr, flush=True)
+    return sess
 
-    cache, ids = None, None
+
+def _start_reply(model, tok, prompt, docs, args, stop):
+    """(responses, prompt length, document tokens); responses None when there is no prompt."""
+    from . import session as S
+    from .runtime import CheckpointStore, Conversation
+
+    sampling = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.ignore_chat_template:
+        ids = _prompt_ids(tok, prompt)
+        check_prompt_length(model, len(ids))
+        return (lambda bar: stream_generate(model, tok, ids, prefill_step_size=args.prefill_step_size, progress=bar,
+                                            should_stop=stop, prompt_cache=model.make_cache(mla_bits=args.mla_cache_bits),
+                                            **sampling)), len(ids), 0
+    # one question: no checkpoints worth keeping
+    conv = Conversation(model, tok, args.system_prompt, store=CheckpointStore(0), mla_bits=args.mla_cache_bits,
+                        prefill_step=args.prefill_step_size)
     if docs is not None:
-        doc_ids = S.document_prompt(tok, docs.render(), args.system_prompt)
-        q_ids = S.question_prompt(tok, prompt, args.system_prompt) if prompt is not None else []
-        if limit and len(doc_ids) + len(q_ids) > limit:
-            raise ValueError(f"the documents and prompt are {len(doc_ids) + len(q_ids):,} tokens, longer than "
-                             f"the model's context of {limit:,} tokens")
-        _plan_report(model, len(doc_ids), args, "documents", extra=len(q_ids))
-        if args.save_session:
-            from .planner import cache_bytes
-
-            S.check_save_path(args.save_session, cache_bytes(model.config, len(doc_ids), mla_bits=bits or 16,
-                                                             page_tokens=0))
-        with long_prefill(len(doc_ids), "documents") as bar:
-            if args.save_session:
-                sess = S.DocumentSession.create(model, tok, doc_ids, progress=bar, step=args.prefill_step_size,
-                                                should_stop=stop, mla_bits=bits)
-            else:
-                cache = S.prefill(model, doc_ids, model.make_cache(mla_bits=bits), step=args.prefill_step_size,
-                                  progress=bar, should_stop=stop)
-        if args.save_session:
-            path = sess.save(args.save_session, mla_bits=bits)
-            print(f"saved session ({len(doc_ids):,} tokens) to {path}", file=sys.stderr, flush=True)
-            cache = sess.fork() if prompt is not None else None
-        if prompt is None:
-            return 0
-        ids = q_ids
+        conv.set_documents(_document_session(model, tok, conv, docs, prompt, args, stop))
     elif args.session:
         sess = S.DocumentSession.load(args.session, model, tok)
         print(f"session: {sess.num_tokens:,} document tokens", file=sys.stderr, flush=True)
-        cache = sess.fork()
-        ids = S.question_prompt(tok, prompt, args.system_prompt)
-    elif args.ignore_chat_template:
-        ids = _prompt_ids(tok, prompt)
-    else:
-        msgs = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
-        msgs.append({"role": "user", "content": prompt})
-        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        conv.set_documents(sess)
+    if prompt is None:
+        return None, 0, 0
+    from .runtime import Message
 
-    n_cached = cache.offset if cache is not None else 0
-    check_prompt_length(model, len(ids), n_cached)
-    if cache is None:
-        if len(ids) >= PROGRESS_MIN_TOKENS:
-            _plan_report(model, len(ids), args, "prompt")
-        cache = model.make_cache(mla_bits=bits)
+    conv.messages.append(Message("user", prompt))
+    n_cached = conv.documents.num_tokens if conv.documents is not None else 0
+    n = len(conv.prompt_ids()) - n_cached
+    check_prompt_length(model, n, n_cached)
+    if not n_cached and n >= PROGRESS_MIN_TOKENS:
+        _plan_report(model, n, args, "prompt")
+    return (lambda bar: conv.reply(progress=bar, should_stop=stop, **sampling)), n, n_cached
 
+
+def _run(args, stop: _Interrupt) -> int:
+    prompt, docs = _read_inputs(args)
+    model, tok = load(args.model)
+    stop.arm()
+    start, n_prompt, n_cached = _start_reply(model, tok, prompt, docs, args, stop)
+    if start is None:
+        return 0
     pieces, tokens, last = [], [], None
     interrupted = False
     try:
-        with long_prefill(len(ids), "prompt") as bar:
-            gen = stream_generate(model, tok, ids, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-                                  top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                  seed=args.seed, prompt_cache=cache, prefill_step_size=args.prefill_step_size,
-                                  progress=bar, should_stop=stop)
+        with _long_prefill(n_prompt, "prompt") as bar:
+            gen = start(bar)
             first = next(gen)  # runs the prefill (under the bar)
         for r in _chain(first, gen):
             pieces.append(r.text)
@@ -588,7 +494,7 @@ def _run(args, stop: _Interrupt) -> int:
     text = "".join(pieces)
     if args.json:
         out = {"text": text, "tokens": tokens,
-               "prompt_tokens": last.prompt_tokens if last else len(ids),
+               "prompt_tokens": last.prompt_tokens if last else n_prompt,
                "generation_tokens": last.generation_tokens if last else 0,
                "prompt_tps": last.prompt_tps if last else 0.0,
                "generation_tps": last.generation_tps if last else 0.0,
@@ -619,12 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .documents import DocumentError
     from .planner import PlanError
     from .session import PrefillCancelled, SessionError
+    from .tokenizer import TokenizerError
     from .weights import WeightsError
-
-    try:
-        from .tokenizer import TokenizerError
-    except ImportError:  # pragma: no cover - only while the tokenizer module is missing
-        TokenizerError = ValueError
 
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -645,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError) as e:
         _err(e)
         return 1
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # runtime.PromptError is a ValueError
         _err(e)
         return 1
 

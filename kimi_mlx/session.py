@@ -35,7 +35,6 @@ from .cache import KimiCache, MLACache, dequantize_rows, quantize_rows
 
 FORMAT_VERSION = 2  # 2: the model id covers every weight byte (1 hashed a sample: refused)
 _META_KEY = "kimi_mlx_session"
-_SENTINEL = "\ue000kimi-doc\ue001"  # private-use marker to split the rendered chat template
 
 
 class SessionError(ValueError):
@@ -150,37 +149,6 @@ def speed_key(model) -> str:
         except AttributeError:
             pass
     return f"{ident}:{mx.default_device()}"
-
-
-# ---------------------------------------------------------------------------
-# prompt layout: documents always first, so their state is a true prefix
-# ---------------------------------------------------------------------------
-def _template_halves(tokenizer, system_prompt: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered chat template before and after the user message.
-
-    Rendered with a marker as the user message and split on the marker's ids, so that the
-    template's own special tokens stay special while a system prompt stays plain text.
-    """
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    msgs.append({"role": "user", "content": _SENTINEL})
-    ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
-    mark = tokenizer.encode(_SENTINEL)
-    hits = [i for i in range(len(ids) - len(mark) + 1) if ids[i:i + len(mark)] == mark]
-    if len(hits) != 1:
-        raise SessionError("the chat template does not place the user message exactly once")
-    return ids[:hits[0]], ids[hits[0] + len(mark):]
-
-
-def document_prompt(tokenizer, doc_text: str, system_prompt: str | None = None) -> list[int]:
-    """Tokens of the chat prefix and the documents; any question's tokens follow these unchanged."""
-    before, _ = _template_halves(tokenizer, system_prompt)
-    return before + tokenizer.encode(doc_text + "\n\n")
-
-
-def question_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
-    """The rest of the user turn after the documents, and the generation prompt."""
-    _, after = _template_halves(tokenizer, system_prompt)
-    return tokenizer.encode(question) + after
 
 
 # ---------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_hub_download_reports_size(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from kimi_mlx import generate as G
+    from kimi_mlx.runtime import model as G
 
     class Sib:
         def __init__(self, name, size):
@@ -265,7 +265,7 @@ def test_hub_download_reports_size(tmp_path, monkeypatch):
     assert G.resolve_model_path("someone/some-model", log=logs.append) == tmp_path
     assert "50.00 GB to fetch" in logs[0] and "5 files" not in logs[0] and "4 files" in logs[0]
     assert "memory" in logs[1]
-    assert calls["allow_patterns"] == G.ALLOW_PATTERNS and calls["revision"] == Info.sha
+    assert calls["allow_patterns"] == G.MODEL_FILE_PATTERNS and calls["revision"] == Info.sha
 
     # offline and not cached: one clear message
     def offline(self, repo, **kw):

@@ -165,27 +165,6 @@ def test_prefill_131k_tokens_memory_linear():
     assert peak < mla_bytes + 512 * 2**20 and peak < quadratic / 100
 
 
-def test_document_and_question_prompts_are_a_true_prefix(tmp_path):
-    from fixtures.tiny_tokenizer import write_tiny_tokenizer
-    from kimi_mlx.session import document_prompt, question_prompt
-    from kimi_mlx.tokenizer import load_tokenizer
-
-    write_tiny_tokenizer(tmp_path)
-    tok = load_tokenizer(tmp_path)
-    doc, q = "第一章 The story <|im_end|> begins.\n", "Who is 👩‍💻?"
-    for system in (None, "Be brief <|im_end|>"):
-        pre, post = document_prompt(tok, doc, system), question_prompt(tok, q, system)
-        whole = tok.apply_chat_template(
-            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": doc + "\n\n" + q}],
-            add_generation_prompt=True, tokenize=False)
-        assert tok.decode(pre + post) == whole
-        assert pre == document_prompt(tok, doc, system)  # deterministic
-        # special-looking text from the user stays plain: only the template's own <|im_end|> tokens are special
-        im_end = tok.special_tokens["<|im_end|>"]
-        assert (pre + post).count(im_end) == whole.count("<|im_end|>") - doc.count("<|im_end|>") - (
-            system or "").count("<|im_end|>")
-
-
 # ---------------------------------------------------------------------------
 # model identity, metadata checks, writing
 # ---------------------------------------------------------------------------

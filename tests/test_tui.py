@@ -22,7 +22,6 @@ from tui.engine import (
     ModelNotFoundError,
     PrefillCancelled,
     SamplingSettings,
-    conversation_ids,
     resolve_model_path,
 )
 from tui.screens.chat import ChatScreen
@@ -151,33 +150,6 @@ def test_fake_engine_streams_and_cancels(tmp_path, doc):
     with pytest.raises(PrefillCancelled):
         eng.prefill_documents([str(doc)], str(tmp_path / "t.session"), lambda p: None, stop)
     assert not (tmp_path / "t.session").exists()
-
-
-class CharTok:
-    """A character-level tokenizer with a ChatML-like template (no model needed)."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        out = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
-        return out + ("<|assistant|>" if add_generation_prompt else "")
-
-    def encode(self, text, allow_special=False):
-        return [ord(c) for c in text]
-
-
-def test_conversation_ids_after_documents_is_the_tail_of_the_full_prompt():
-    tok = CharTok()
-    msgs = [
-        ChatMessage("system", "sys"),
-        ChatMessage("user", "q1"),
-        ChatMessage("assistant", "a1"),
-        ChatMessage("user", "q2"),
-    ]
-    full = conversation_ids(tok, msgs)
-    assert "".join(map(chr, full)) == tok.apply_chat_template([m.as_dict() for m in msgs])
-    # The document prefix is everything up to the first user content (see session.document_prompt).
-    prefix = "<|system|>sys<|end|><|user|>"
-    tail = conversation_ids(tok, msgs, after_documents=True)
-    assert prefix + "".join(map(chr, tail)) == "".join(map(chr, full))
 
 
 def test_resolve_model_path_never_downloads(tmp_path):
@@ -632,7 +604,8 @@ async def test_no_model_screen_instead_of_crash(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, NoModelScreen), what="no-model screen")
         assert "No model found" in screen_text()
         md = app.screen.query_one("Markdown").source
-        assert "hf download moonshotai/Kimi-Linear-48B-A3B-Instruct" in md and "convert.py" in md
+        assert "hf download mlx-community/Kimi-Linear-48B-A3B-Instruct-4bit" in md
+        assert "convert.py --hf-path moonshotai/Kimi-Linear-48B-A3B-Instruct" in md
         assert "huggingface-cli" not in md  # current huggingface_hub installs `hf` only
         # a model path typed on the screen is loaded; this one fails to load
         app.screen.query_one("#model-path").value = "broken"

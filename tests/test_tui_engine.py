@@ -16,7 +16,6 @@ from tui.engine import (
     PrefillCancelled,
     SamplingSettings,
     SessionUnavailableError,
-    conversation_ids,
 )
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=6)
@@ -36,24 +35,6 @@ def _reply(engine, msgs, docs=None, settings=GREEDY):
     deltas = list(engine.stream_reply(msgs, settings, docs, threading.Event()))
     assert deltas and deltas[-1].finish_reason in ("stop", "length")
     return "".join(d.text for d in deltas), deltas[-1]
-
-
-def test_prompt_layout_matches_kimi_mlx(engine):
-    from kimi_mlx import session as S
-
-    tok = engine._tokenizer
-    msgs = [ChatMessage("system", "Be brief."), ChatMessage("user", "What is 2+2?")]
-    # whole conversation == the tokenizer's own template rendering
-    assert conversation_ids(tok, msgs) == list(tok.apply_chat_template([m.as_dict() for m in msgs], add_generation_prompt=True))
-    # after documents, one question == session.question_prompt
-    assert conversation_ids(tok, msgs, after_documents=True) == S.question_prompt(tok, "What is 2+2?", "Be brief.")
-    # and document prefix + multi-turn tail == the template with the documents inline
-    turns = msgs + [ChatMessage("assistant", "4"), ChatMessage("user", "And 3+3?")]
-    doc = "=== a.txt ===\nsome notes\n\n"
-    inline = [turns[0], ChatMessage("user", doc + "\n\n" + turns[1].content)] + turns[2:]
-    full = tok.decode(conversation_ids(tok, inline))
-    split = tok.decode(S.document_prompt(tok, doc, "Be brief.") + conversation_ids(tok, turns, after_documents=True))
-    assert split == full
 
 
 def test_chat_documents_and_saved_session(engine, tmp_path):
@@ -169,3 +150,35 @@ def test_quit_during_prefill_cancels_and_joins_the_mlx_thread(engine, tmp_path):
     asyncio.run(run())
     assert not seen["thread"].is_alive()  # joined, not left running as a daemon
     assert not list((tmp_path / "data").rglob("*.session"))  # cancelled: nothing saved
+
+
+def test_turns_continue_from_kept_states_and_across_a_restart(engine, tmp_path):
+    state = str(tmp_path / "chat-7.state")
+    msgs = [ChatMessage("system", "sys"), ChatMessage("user", "hello there")]
+    first, last = _reply_state(engine, msgs, state)
+    assert last.cached_tokens == 0 and last.checkpoint_bytes > 0 and (tmp_path / "chat-7.state").exists()
+    # regenerate: the prompt's state kept its logits, nothing is prefilled
+    again, last = _reply_state(engine, msgs, state)
+    assert again == first and last.prompt_tokens == 0 and last.cached_tokens > 0
+    # the next turn prefills only the new message: it continues the state after the reply
+    turn2 = msgs + [ChatMessage("assistant", first, tuple(last.reply_ids)), ChatMessage("user", "and then?")]
+    text2, last2 = _reply_state(engine, turn2, state)
+    assert last2.cached_tokens == last.context_tokens - (last.finish_reason == "length")
+
+    restarted = KimiEngine(engine.model_path)  # a new app: nothing in memory, the state file on disk
+    restarted.load()
+    try:
+        turn3 = turn2 + [ChatMessage("assistant", text2, tuple(last2.reply_ids)), ChatMessage("user", "bye")]
+        plain, _ = _reply_state(engine, turn3, None)
+        text, last3 = _reply_state(restarted, turn3, state)
+        assert last3.cached_tokens == last2.context_tokens - (last2.finish_reason == "length") and text == plain
+        # a different system prompt can't use them
+        _, other = _reply_state(restarted, [ChatMessage("system", "other")] + turn3[1:], state)
+        assert other.cached_tokens == 0
+    finally:
+        restarted.close()
+
+
+def _reply_state(engine, msgs, state):
+    deltas = list(engine.stream_reply(msgs, GREEDY, None, threading.Event(), chat_state=state))
+    return "".join(d.text for d in deltas), deltas[-1]

@@ -27,7 +27,7 @@ def long_reply(messages, documents) -> str:
 
 
 def count_tokens(text: str) -> int:
-    from tui.engine import _TOKEN_RE
+    from tui.engine.fake import _TOKEN_RE
 
     return len(_TOKEN_RE.findall(text))
 
@@ -35,8 +35,8 @@ def count_tokens(text: str) -> int:
 class TimedEngine(FakeEngine):
     """Notes when the first and the last token left the engine."""
 
-    def stream_reply(self, *args):
-        for d in super().stream_reply(*args):
+    def stream_reply(self, *args, **kw):
+        for d in super().stream_reply(*args, **kw):
             self.first = getattr(self, "first", None) or time.perf_counter()
             yield d
         self.last = time.perf_counter()

@@ -424,6 +424,10 @@ class Store:
     def session_path_for(self, chat_id: int) -> str:
         return str(self.sessions_dir / f"chat-{chat_id}.session")
 
+    def checkpoint_path_for(self, chat_id: int) -> str:
+        """The chat's last conversation state (the engine writes it after each reply)."""
+        return str(self.sessions_dir / f"chat-{chat_id}.state")
+
     def remove_session(self, path: Optional[str]) -> bool:
         """Delete a document session, only if it is directly inside ``sessions_dir``
         (a row may name any path).  Returns False if refused."""

@@ -359,6 +359,9 @@ class ChatScreen(Screen):
 
     async def delete_chat(self, chat_id: int) -> None:
         self._remove_session(self.store.delete_chat(chat_id))
+        state = self.store.checkpoint_path_for(chat_id)
+        self.engine.forget_chat(state)
+        self.store.remove_session(state)
         if self.chat and self.chat.id == chat_id:
             chats = self.store.list_chats()
             chat = chats[0] if chats else self.store.create_chat()
@@ -501,7 +504,8 @@ class ChatScreen(Screen):
         for m in self.store.list_messages(self.chat.id):
             # Failed replies are not part of the conversation; cancelled ones are.
             if m.status != "error" and m.content:
-                out.append(ChatMessage(m.role, m.content))
+                ids = m.meta.get("reply_ids") if m.role == "assistant" else None
+                out.append(ChatMessage(m.role, m.content, tuple(ids) if isinstance(ids, list) else None))
         return out
 
     def _fits_context(self, history: list) -> bool:
@@ -527,10 +531,11 @@ class ChatScreen(Screen):
         settings = SamplingSettings.from_dict(self.chat.settings.to_dict())
         docs = self.docs
         engine = self.engine
+        state = self.store.checkpoint_path_for(self.chat.id)
 
         def work() -> None:
             try:
-                for delta in engine.stream_reply(history, settings, docs, gen.cancel):
+                for delta in engine.stream_reply(history, settings, docs, gen.cancel, chat_state=state):
                     if gen.cancel.is_set():  # stopped: what comes after Esc isn't shown
                         break
                     gen.pending.append(delta)  # shown by the next flush, not per token
@@ -590,7 +595,10 @@ class ChatScreen(Screen):
                 "prompt_tps": round(last.prompt_tps, 2),
                 "generation_tps": round(last.generation_tps, 2),
                 "context_tokens": last.context_tokens,
+                "cached_tokens": last.cached_tokens,
             }
+            if last.reply_ids:
+                meta["reply_ids"] = last.reply_ids
         if event.error is not None:
             meta["error"] = _describe(event.error)
         try:

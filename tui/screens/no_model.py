@@ -9,6 +9,8 @@ from textual.containers import Center, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Markdown
 
+from kimi_mlx.runtime.model import ORIGINAL_MODEL
+
 from ..engine import DEFAULT_MODEL, EngineError, ModelNotFoundError
 
 CONVERT = """\
@@ -26,6 +28,11 @@ Then start `kimi-chat --model ~/models/kimi-linear-4bit`, or type the path below
 def _repo(model: str) -> str:
     """``model`` if it reads as a Hugging Face repo id, else the default one."""
     return model if model.count("/") == 1 and not model.startswith((".", "/", "~")) else DEFAULT_MODEL
+
+
+def _source(repo: str) -> str:
+    """What convert.py should read: the default is already an MLX conversion, its source is the original."""
+    return ORIGINAL_MODEL if repo == DEFAULT_MODEL else repo
 
 
 def describe(error: Optional[BaseException]) -> str:
@@ -46,9 +53,9 @@ def advice(model: str, error: Optional[BaseException]) -> tuple:
                 "A model directory holds `config.json`, the `*.safetensors` weights, `tiktoken.model` "
                 "and `tokenizer_config.json`: the output of `convert.py`, or a Hugging Face snapshot. "
                 "Type the path of such a directory below.\n\nTo get one, download the model:\n\n" + download
-                + CONVERT.format(repo=repo)
+                + CONVERT.format(repo=_source(repo))
             )
-        return "No model found", "Download the model from Hugging Face:\n\n" + download + CONVERT.format(repo=repo)
+        return "No model found", "Download the model from Hugging Face:\n\n" + download + CONVERT.format(repo=_source(repo))
     text = describe(error)
     cause = getattr(error, "__cause__", None)
     if isinstance(cause, FileNotFoundError) or "missing" in text or "No such file" in text:
@@ -65,7 +72,7 @@ def advice(model: str, error: Optional[BaseException]) -> tuple:
         )
     return "The model failed to load", (
         "The files may be damaged, or made for another model or release. Download or convert the model "
-        "again:\n\n" + download + CONVERT.format(repo=repo)
+        "again:\n\n" + download + CONVERT.format(repo=_source(repo))
     )
 
 

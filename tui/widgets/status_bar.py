@@ -13,6 +13,7 @@ class StatusBar(Static):
     prompt_tps: reactive[float] = reactive(0.0)
     generation_tps: reactive[float] = reactive(0.0)
     peak_memory_gb: reactive[float] = reactive(0.0)
+    checkpoint_bytes: reactive[int] = reactive(0)  # kept conversation states
 
     def render(self) -> str:
         if self.state == "loading":
@@ -28,6 +29,8 @@ class StatusBar(Static):
         parts.append(f"prompt {self.prompt_tps:,.1f} tok/s")
         parts.append(f"gen {self.generation_tps:,.1f} tok/s")
         parts.append(f"peak {self.peak_memory_gb:.2f} GB")
+        if self.checkpoint_bytes:
+            parts.append(f"kept {self.checkpoint_bytes / 1e6:,.1f} MB")
         return " │ ".join(parts)
 
     def update_from(self, delta) -> None:
@@ -37,5 +40,7 @@ class StatusBar(Static):
             self.prompt_tps = delta.prompt_tps
         if delta.generation_tps:
             self.generation_tps = delta.generation_tps
+        if delta.checkpoint_bytes:
+            self.checkpoint_bytes = delta.checkpoint_bytes
         if delta.peak_memory_gb:
             self.peak_memory_gb = max(self.peak_memory_gb, delta.peak_memory_gb)
