@@ -311,6 +311,8 @@ def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: 
                                             d_v, d_rope, init=state)
                 if state is None:
                     break
+                if n > blk or len(segs) > 1:  # one expanded block alive at a time, not all of them
+                    mx.eval(state)
             if state is None:
                 break
         if state is not None:
