@@ -45,7 +45,6 @@ DEFAULT_CONTEXT_TOKENS = 32768
 _AUX_FILES = ("tiktoken.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
               "chat_template.jinja", "chat_template.json", "generation_config.json")
 _AUX_GLOBS = ("*.py", "*.jinja", "*.tiktoken")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.jinja", "*.tiktoken", "tiktoken.model"]
 _ST_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
              mx.int32: "I32", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16"}
 # conversion temporaries per unit: the source parts, their stacked copy, the cast copy (see _peak_estimate)
@@ -60,29 +59,14 @@ class ConvertError(ValueError):
 # ---------------------------------------------------------------------------
 # source and destination
 # ---------------------------------------------------------------------------
-def resolve_source(hf_path: str) -> Path:
-    """A local directory as is, or a Hub repo id fetched (or found in the HF cache) with snapshot_download."""
-    p = Path(hf_path).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ConvertError(f"{p}: not a directory (SRC must be a model directory or a Hugging Face repo id)")
-        return p
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", hf_path):
-        raise ConvertError(f"{hf_path}: no such directory (and not a Hugging Face repo id like 'owner/name')")
-    try:
-        from huggingface_hub import snapshot_download
+def resolve_source(hf_path: str, log: Callable[[str], None] = lambda m: None) -> Path:
+    """A local directory as is, or a Hub repo id fetched (or found in the HF cache)."""
+    from .runtime.model import ModelLoadError, resolve_model_path
 
-        return Path(snapshot_download(hf_path, allow_patterns=_HUB_PATTERNS))
-    except Exception as e:  # the hub raises many types; the user needs one line either way
-        name = type(e).__name__
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "HFValidationError"):
-            raise ConvertError(f"{hf_path}: not found on the Hugging Face Hub ({first})") from None
-        if name == "GatedRepoError":
-            raise ConvertError(f"{hf_path}: gated repository; accept its terms and log in (hf auth login)") from None
-        raise ConvertError(
-            f"cannot download '{hf_path}' from the Hugging Face Hub and it is not in the local cache "
-            f"({name}: {first}). Check the network, or download it elsewhere and pass the local directory.") from None
+    try:
+        return resolve_model_path(hf_path, log, for_running=False)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _is_model_dir(d: Path) -> bool:
@@ -566,7 +550,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     elif recipe is not None or q_bits is not None or q_group_size is not None or q_mode != "affine":
         raise ConvertError("--q-bits, --q-group-size, --q-mode and --recipe need -q (quantize)")
 
-    src = resolve_source(str(hf_path))
+    src = resolve_source(str(hf_path), log)
     try:
         source = _Source(src)
     except WeightsError as e:

@@ -548,7 +548,7 @@ def test_cli_errors_are_one_line(tmp_path):
          {}, "unsupported bit width 7"),
         (["--hf-path", str(MODELS / "tiny_grouped"), "--mlx-path", str(full)], {}, "not empty"),
         (["--hf-path", "no-such-owner/no-such-kimi-model", "--mlx-path", str(tmp_path / "o3")],
-         {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, "cannot download"),
+         {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, "cannot reach the Hugging Face Hub"),
     ]
     for args, env, msg in cases:
         r = _cli(args, env)

@@ -61,10 +61,10 @@ def _offline_snapshot(repo: str, why: str, patterns: Sequence[str]) -> Path:
     except Exception:
         raise ModelLoadError(
             f"{repo}: cannot reach the Hugging Face Hub ({why}) and the model is not in the local cache; "
-            f"connect to the internet once to download it, or pass --model a local model directory", "hub") from None
+            f"connect to the internet once to download it, or give a local model directory instead", "hub") from None
 
 
-def _announce(repo: str, files, missing: int, log: LogFn, cache_dir: str) -> None:
+def _announce(repo: str, files, missing: int, log: LogFn, cache_dir: str, for_running: bool) -> None:
     """What a download will fetch, and whether the model fits this machine, before any byte moves."""
     from ..planner import RUNTIME_OVERHEAD_BYTES, format_bytes, machine_memory_bytes
 
@@ -73,6 +73,8 @@ def _announce(repo: str, files, missing: int, log: LogFn, cache_dir: str) -> Non
     need = weights + RUNTIME_OVERHEAD_BYTES
     log(f"Downloading {repo}: {format_bytes(missing)} to fetch ({format_bytes(total)} in {len(files)} files) "
         f"into {cache_dir}.")
+    if not for_running:  # convert.py streams the checkpoint: its size in memory doesn't matter
+        return
     have = machine_memory_bytes()
     log(f"Running it needs about {format_bytes(need)} of memory for the weights and runtime, plus the cache"
         + (f"; this machine has about {format_bytes(have)} usable." if have else "."))
@@ -81,7 +83,7 @@ def _announce(repo: str, files, missing: int, log: LogFn, cache_dir: str) -> Non
             f"{DEFAULT_MODEL} (4-bit, about 27 GB) is a better fit.")
 
 
-def _download(repo: str, log: LogFn, patterns: Sequence[str]) -> Path:
+def _download(repo: str, log: LogFn, patterns: Sequence[str], for_running: bool) -> Path:
     from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
@@ -107,7 +109,7 @@ def _download(repo: str, log: LogFn, patterns: Sequence[str]) -> Path:
     if missing:
         from ..planner import format_bytes
 
-        _announce(repo, files, missing, log, constants.HF_HUB_CACHE)
+        _announce(repo, files, missing, log, constants.HF_HUB_CACHE, for_running)
         try:
             Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(constants.HF_HUB_CACHE).free
@@ -127,11 +129,12 @@ def _download(repo: str, log: LogFn, patterns: Sequence[str]) -> Path:
 
 def resolve_model_path(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL, log: LogFn = _stderr,
                        download: bool = True, patterns: Sequence[str] = MODEL_FILE_PATTERNS,
-                       require_config: bool = False) -> Path:
+                       require_config: bool = False, for_running: bool = True) -> Path:
     """A local model directory: the path itself, or a Hugging Face repo's snapshot.
 
     download=False only looks in the local Hugging Face cache (the chat app never fetches tens
-    of GB on its own). require_config: a local directory must hold config.json."""
+    of GB on its own). require_config: a local directory must hold config.json. for_running: say
+    before a download whether the model fits this machine's memory (not for convert.py's source)."""
     s = os.fspath(path_or_repo)
     p = Path(s).expanduser()
     if p.exists():
@@ -143,7 +146,7 @@ def resolve_model_path(path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL, lo
     if not is_repo_id(s):
         raise ModelLoadError(f"{s}: no such model directory")
     if download:
-        return _download(s, log, patterns)
+        return _download(s, log, patterns, for_running)
     try:
         return _cached_snapshot(s, patterns)
     except Exception:
