@@ -237,8 +237,10 @@ def _preload() -> str | None:
     if not sys.platform.startswith("linux"):
         _INFO.update(reason="not Linux: MLX uses the platform's BLAS")
         return None
-    choice = os.environ.get("KIMI_MLX_BLAS", "auto").strip()
-    if choice.lower() in ("off", "0", "none", "false", "no", "reference"):
+    from .settings import settings
+
+    choice = settings().blas
+    if choice == "off":
         _INFO.update(reason="disabled by KIMI_MLX_BLAS")
         return None
     if "mlx.core" in sys.modules:

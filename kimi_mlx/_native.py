@@ -50,7 +50,9 @@ def user_cache_dir() -> str:
 def cache_root() -> str:
     """Where kimi_mlx keeps what it computes once (compiled kernels, remembered prefill speeds):
     KIMI_MLX_CACHE if set, else user_cache_dir()."""
-    return os.environ.get("KIMI_MLX_CACHE") or user_cache_dir()
+    from .settings import settings
+
+    return settings().cache_dir or user_cache_dir()
 
 
 def compiler() -> str | None:

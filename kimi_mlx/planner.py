@@ -751,8 +751,9 @@ def _speed_file():
     from pathlib import Path
 
     from ._native import cache_root
+    from .settings import settings
 
-    home = os.environ.get("KIMI_MLX_HOME")
+    home = settings().home
     return (Path(home).expanduser() if home else Path(cache_root())) / "prefill_speed.json"
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -14,9 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="kimi-chat", description="Chat with Kimi Linear locally, documents included.")
+    from kimi_mlx.settings import settings
+
     p.add_argument(
         "--model",
-        default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
+        default=settings().model or DEFAULT_MODEL,
         help=f"model directory or Hugging Face repo id already downloaded (default: ${MODEL_ENV} or {DEFAULT_MODEL})",
     )
     p.add_argument(
@@ -34,14 +35,18 @@ def make_engine_factory(fake: bool):
     from .engine import FakeEngine, KimiEngine
 
     if fake:
-        delay = float(os.environ.get("KIMI_MLX_FAKE_DELAY", "0.01"))
+        from kimi_mlx.settings import settings
+
+        delay = settings().fake_delay
         return lambda model: FakeEngine(model_name="fake-kimi", token_delay=delay)
     return KimiEngine
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    fake = args.fake_engine or os.environ.get(FAKE_ENV, "") not in ("", "0")
+    from kimi_mlx.settings import settings
+
+    fake = args.fake_engine or settings().fake_engine
     factory = make_engine_factory(fake)
 
     from .app import KimiChatApp

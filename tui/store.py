@@ -42,7 +42,9 @@ HOME_ENV = "KIMI_MLX_HOME"
 def default_data_dir() -> Path:
     """``$KIMI_MLX_HOME``, else the platform's data directory
     (``~/Library/Application Support/kimi-mlx`` on macOS, XDG on Linux)."""
-    env = os.environ.get(HOME_ENV)
+    from kimi_mlx.settings import settings
+
+    env = settings().home
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))

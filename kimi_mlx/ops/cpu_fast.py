@@ -20,7 +20,6 @@ on with an optimized BLAS; KIMI_MLX_CPU_FAST=off|on|auto). The plain versions st
 """
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -267,12 +266,14 @@ def cpu_fast_path_wanted(model: nn.Module | None = None) -> tuple[bool, str]:
     `on`/`1` always on the CPU, `auto` (default) on the CPU when an optimized BLAS was loaded (the
     dequantize-then-matmul path is ~20x faster with it; with MLX's reference BLAS it is not faster)
     or when the model has bf16/fp16 experts (which the plain path can't run on the CPU)."""
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if mode in ("0", "off", "false", "no"):
+    from ..settings import settings
+
+    mode = settings().cpu_fast
+    if mode == "off":
         return False, f"disabled by {ENV_VAR}"
     if not _is_cpu():
         return False, "default device is not the CPU"
-    if mode in ("1", "on", "true", "yes"):
+    if mode == "on":
         return True, f"forced by {ENV_VAR}"
     from .. import _blas
 

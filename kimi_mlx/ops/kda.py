@@ -15,7 +15,6 @@ chunked maths) beyond.
 """
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 
@@ -31,7 +30,9 @@ _RECURRENT_MAX_T = 6
 
 
 def _forced_reference() -> bool:
-    return os.environ.get("KIMI_MLX_KDA", "").lower() == "reference"
+    from ..settings import settings
+
+    return settings().kda_reference
 
 
 def _kernels():

@@ -26,13 +26,13 @@ import mlx.core as mx
 import numpy as np
 
 from .. import _native
+from ..settings import settings
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kda_cpu.c")
 _ABI = 1
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
 _BASE_FLAGS = ["-std=gnu11", "-pthread"]
 _ARCHES = ("x86_64", "amd64", "aarch64", "arm64")
-_OFF = ("off", "0", "false", "no", "none")
 
 _lock = threading.Lock()
 _lib = None
@@ -42,15 +42,13 @@ _tried = False
 
 def enabled() -> bool:
     """False when switched off by KIMI_MLX_KDA_CPU=off or KIMI_MLX_KDA=reference."""
-    if os.environ.get("KIMI_MLX_KDA_CPU", "").strip().lower() in _OFF:
-        return False
-    return os.environ.get("KIMI_MLX_KDA", "").strip().lower() != "reference"
+    s = settings()
+    return s.kda_cpu and not s.kda_reference
 
 
 def _threads() -> int:
-    env = os.environ.get("KIMI_MLX_KDA_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    if settings().kda_threads:
+        return settings().kda_threads
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
