@@ -57,3 +57,39 @@ def test_long_prefill_memory_is_linear():
     # check the last 64 queries against the full-matrix reference on those rows
     tail = latent_attention_reference(q[:, :, -64:], rows, dv, 0.2, S - 64)
     assert max_abs(out[:, :, -64:], tail) < 1e-4
+
+
+def test_cache_segments_reserve_growth_and_snapshots():
+    """Appends fill one reserved segment in place; without a reserve new segments grow with the
+    cache (about an eighth of it), never by copying; a snapshot is never modified by later appends."""
+    mx.random.seed(3)
+    rows = mx.random.normal((2, 300, 24))
+    c = MLACache(page_tokens=16)
+    c.reserve(300)
+    for a, b in ((0, 5), (5, 200), (200, 300)):
+        c.append(rows[:, a:b])
+    assert len(c.segments()) == 1 and c.segments()[0]["cap"] == 300
+    assert max_abs(mx.concatenate(c.blocks(), axis=1), rows) == 0.0
+
+    g = MLACache(page_tokens=16)
+    for a in range(0, 300, 7):
+        g.append(rows[:, a:a + 7])
+    caps = [s["cap"] for s in g.segs]
+    assert sum(s["n"] for s in g.segs) == 300 and sum(caps) - 300 < max(16, 300 // 8) + 16
+    assert all(c2 >= 16 for c2 in caps) and len(caps) < 300 // 16
+    assert [s["start"] for s in g.segs] == [sum(caps[:i]) for i in range(len(caps))]
+    assert max_abs(mx.concatenate(g.blocks(), axis=1), rows) == 0.0
+
+    snap = g.copy()
+    g.append(rows[:, :3] * 0 + 7)
+    assert snap.offset == 300 and max_abs(mx.concatenate(snap.blocks(), axis=1), rows) == 0.0
+    assert g.offset == 303 and float(g.blocks()[-1][:, -1].min()) == 7.0
+
+    # saved and loaded (sessions): one segment sized exactly, 8-bit ones dequantized
+    for bits in (None, 8):
+        src = MLACache(page_tokens=16, bits=bits, group_size=32 if bits else 64)
+        src.append(rows[:, :100])
+        dst = MLACache(page_tokens=16, bits=bits, group_size=32 if bits else 64)
+        dst.load_arrays(src.arrays(), 100)
+        assert len(dst.segments()) == 1 and dst.segments()[0]["cap"] == 100
+        assert max_abs(dst.arrays()["kv"], src.arrays()["kv"]) < (0.05 if bits else 0.0) + 1e-7
