@@ -19,6 +19,7 @@ that looks finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -580,7 +581,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
         raise ConvertError(f"converting needs about {_fmt(peak)} of memory but only {_fmt(machine)} is usable "
                            "on this machine; close other programs and retry")
     try:
-        run = planner.plan({**source.cfg.raw, "quantization": qblock}, context_tokens, weights_bytes=total)
+        run = planner.plan(dataclasses.replace(source.cfg, quantization=qblock), context_tokens, weights_bytes=total)
         log(f"running it at {context_tokens:,} tokens of context needs about {_fmt(run.total_bytes)} "
             f"(weights {_fmt(total)} + cache {_fmt(run.cache_bytes)} + prefill and runtime); "
             + ("this machine could" if run.fits else "this machine could NOT") + " run it")

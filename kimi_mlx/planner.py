@@ -34,6 +34,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .cache import PAGE_TOKENS
+from .config import ConfigError, ModelConfig
+from .ops.attention import TILE_ELEMS as SCORE_TILE_ELEMS  # the largest fp32 score tile
+
 __all__ = [
     "Plan",
     "PlanError",
@@ -57,10 +61,6 @@ __all__ = [
 ]
 
 GB = 1e9
-# Must match kimi_mlx.cache.PAGE_TOKENS (not imported: that module needs mlx).
-PAGE_TOKENS = 4096
-# Must match kimi_mlx.ops.attention.TILE_ELEMS: the largest fp32 score tile.
-SCORE_TILE_ELEMS = 1 << 23
 # KDA chunked-scan block length (intra-chunk [C, C] matrices per head).
 KDA_CHUNK = 64
 DEFAULT_CHUNK_TOKENS = 2048
@@ -90,115 +90,17 @@ class PlanError(ValueError):
 # config access
 # --------------------------------------------------------------------------
 
-_MISSING = object()
 
-
-def _get(cfg: Any, *names: str, default: Any = _MISSING) -> Any:
-    for n in names:
-        if isinstance(cfg, dict):
-            if n in cfg and cfg[n] is not None:
-                return cfg[n]
-        else:
-            v = getattr(cfg, n, None)
-            if v is not None and not callable(v):
-                return v
-    if default is _MISSING:
-        raise PlanError(f"model config has no '{names[0]}'")
-    return default
-
-
-@dataclass(frozen=True)
-class _Arch:
-    layers: int
-    hidden: int
-    vocab: int
-    tie: bool
-    intermediate: int
-    moe_intermediate: int
-    experts: int
-    top_k: int
-    shared_experts: int
-    first_dense: int
-    moe_freq: int
-    heads: int
-    nope: int
-    rope: int
-    v_dim: int
-    kv_rank: int
-    q_rank: Optional[int]
-    kda_layers: tuple
-    mla_layers: tuple
-    lin_heads: int
-    lin_dim: int
-    conv: int
-    max_len: Optional[int]
-
-    def is_moe(self, i: int) -> bool:
-        return self.experts > 0 and i >= self.first_dense and i % self.moe_freq == 0
-
-
-def _layer_split(cfg: Any, n_layers: int) -> "tuple[tuple, tuple]":
-    """(kda_layers, mla_layers), 0-indexed."""
-    lac = _get(cfg, "linear_attn_config", default=None)
-    if not isinstance(cfg, dict):
-        kda = getattr(cfg, "kda_layers", None)
-        mla = getattr(cfg, "mla_layers", None)
-        if isinstance(kda, (list, tuple)) or isinstance(mla, (list, tuple)):
-            # ModelConfig-style attributes are 0-indexed
-            kda = list(kda) if kda is not None else [i for i in range(n_layers) if i not in mla]
-            mla = list(mla) if mla is not None else [i for i in range(n_layers) if i not in kda]
-            return tuple(sorted(kda)), tuple(sorted(mla))
-        is_kda = getattr(cfg, "is_kda_layer", None)
-        if callable(is_kda):
-            kda = [i for i in range(n_layers) if is_kda(i)]
-            return tuple(kda), tuple(i for i in range(n_layers) if i not in kda)
-    if isinstance(lac, dict):
-        # published config.json: layer numbers are 1-indexed
-        full = [int(x) - 1 for x in lac.get("full_attn_layers") or []]
-        kda = lac.get("kda_layers")
-        kda = [int(x) - 1 for x in kda] if kda is not None else [
-            i for i in range(n_layers) if i not in full]
-        return tuple(sorted(kda)), tuple(sorted(i for i in range(n_layers) if i not in kda))
-    if isinstance(cfg, dict) and ("kda_layers" in cfg or "mla_layers" in cfg):
-        kda = list(cfg.get("kda_layers") or [])
-        mla = list(cfg.get("mla_layers") or [i for i in range(n_layers) if i not in kda])
-        return tuple(sorted(kda)), tuple(sorted(mla))
-    # no linear-attention description: every layer is full attention
-    return (), tuple(range(n_layers))
-
-
-def _arch(cfg: Any) -> _Arch:
-    if isinstance(cfg, _Arch):
+def _config(cfg: "ModelConfig | dict") -> ModelConfig:
+    """The ModelConfig (config.json parsed once, by config.py); a dict is parsed here."""
+    if isinstance(cfg, ModelConfig):
         return cfg
-    L = int(_get(cfg, "num_hidden_layers"))
-    kda, mla = _layer_split(cfg, L)
-    lac = _get(cfg, "linear_attn_config", default=None) or {}
-    heads = int(_get(cfg, "num_attention_heads"))
-    return _Arch(
-        layers=L,
-        hidden=int(_get(cfg, "hidden_size")),
-        vocab=int(_get(cfg, "vocab_size")),
-        tie=bool(_get(cfg, "tie_word_embeddings", default=False)),
-        intermediate=int(_get(cfg, "intermediate_size")),
-        moe_intermediate=int(_get(cfg, "moe_intermediate_size", default=0)),
-        experts=int(_get(cfg, "num_experts", "n_routed_experts", "num_local_experts", default=0)),
-        top_k=int(_get(cfg, "num_experts_per_token", "num_experts_per_tok", default=0)),
-        shared_experts=int(_get(cfg, "num_shared_experts", "n_shared_experts", default=0)),
-        first_dense=int(_get(cfg, "first_k_dense_replace", default=0)),
-        moe_freq=int(_get(cfg, "moe_layer_freq", default=1) or 1),
-        heads=heads,
-        nope=int(_get(cfg, "qk_nope_head_dim")),
-        rope=int(_get(cfg, "qk_rope_head_dim")),
-        v_dim=int(_get(cfg, "v_head_dim")),
-        kv_rank=int(_get(cfg, "kv_lora_rank")),
-        q_rank=_get(cfg, "q_lora_rank", default=None),
-        kda_layers=kda,
-        mla_layers=mla,
-        lin_heads=int(_get(cfg, "linear_num_heads", default=lac.get("num_heads", heads))),
-        lin_dim=int(_get(cfg, "linear_head_dim", default=lac.get("head_dim", 128))),
-        conv=int(_get(cfg, "short_conv_kernel_size", default=lac.get("short_conv_kernel_size", 4))),
-        max_len=_get(cfg, "model_max_length", "max_position_embeddings", default=None),
-    )
+    if isinstance(cfg, dict):
+        try:
+            return ModelConfig.from_dict(cfg)
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+    raise TypeError(f"the planner takes a ModelConfig or a config.json dict, not {type(cfg).__name__}")
 
 
 # --------------------------------------------------------------------------
@@ -206,57 +108,53 @@ def _arch(cfg: Any) -> _Arch:
 # --------------------------------------------------------------------------
 
 
-def param_breakdown(cfg: Any) -> "dict[str, int]":
+def param_breakdown(cfg: "ModelConfig | dict") -> "dict[str, int]":
     """Parameter counts by storage class.
 
     ``matrix``: linear/embedding weights (quantized with the model);
     ``half``: 16-bit tensors never quantized (router, norms, conv filters);
     ``fp32``: tensors kept in fp32 (A_log, dt_bias, router correction bias).
     """
-    a = _arch(cfg)
-    d = a.hidden
+    a = _config(cfg)
+    d = a.hidden_size
     matrix = half = fp32 = 0
 
     # embeddings and head
-    matrix += a.vocab * d * (1 if a.tie else 2)
+    matrix += a.vocab_size * d * (1 if a.tie_word_embeddings else 2)
     half += d  # final norm
 
-    P = a.lin_heads * a.lin_dim
+    P = a.linear_num_heads * a.linear_head_dim
     for _ in a.kda_layers:
         matrix += 3 * P * d  # q, k, v
-        half += 3 * P * a.conv  # depthwise short convs
-        matrix += a.lin_dim * d + P * a.lin_dim  # f_a, f_b (gate low-rank)
-        fp32 += P + a.lin_heads  # dt_bias (per channel), A_log (per head)
-        matrix += a.lin_heads * d  # b_proj (beta)
-        matrix += a.lin_dim * d + P * a.lin_dim  # g_a, g_b (output gate)
-        half += a.lin_dim  # o_norm
+        half += 3 * P * a.short_conv_kernel_size  # depthwise short convs
+        matrix += a.linear_head_dim * d + P * a.linear_head_dim  # f_a, f_b (gate low-rank)
+        fp32 += P + a.linear_num_heads  # dt_bias (per channel), A_log (per head)
+        matrix += a.linear_num_heads * d  # b_proj (beta)
+        matrix += a.linear_head_dim * d + P * a.linear_head_dim  # g_a, g_b (output gate)
+        half += a.linear_head_dim  # o_norm
         matrix += d * P  # o_proj
 
-    qk = a.nope + a.rope
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     for _ in a.mla_layers:
-        if a.q_rank:
-            matrix += d * a.q_rank + a.q_rank * a.heads * qk
-            half += a.q_rank
-        else:
-            matrix += a.heads * qk * d
-        matrix += (a.kv_rank + a.rope) * d  # kv_a_proj_with_mqa
-        half += a.kv_rank  # kv_a_layernorm
-        matrix += a.heads * (a.nope + a.v_dim) * a.kv_rank  # kv_b_proj
-        matrix += d * a.heads * a.v_dim  # o_proj
+        matrix += a.num_attention_heads * qk * d  # q_proj (no q LoRA: ModelConfig refuses one)
+        matrix += (a.kv_lora_rank + a.qk_rope_head_dim) * d  # kv_a_proj_with_mqa
+        half += a.kv_lora_rank  # kv_a_layernorm
+        matrix += a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank  # kv_b_proj
+        matrix += d * a.num_attention_heads * a.v_head_dim  # o_proj
 
-    for i in range(a.layers):
+    for i in range(a.num_hidden_layers):
         half += 2 * d  # input / post-attention norms
         if a.is_moe(i):
-            half += a.experts * d  # router
-            fp32 += a.experts  # e_score_correction_bias
-            matrix += a.experts * 3 * a.moe_intermediate * d
-            matrix += 3 * a.shared_experts * a.moe_intermediate * d
+            half += a.num_experts * d  # router
+            fp32 += a.num_experts  # e_score_correction_bias
+            matrix += a.num_experts * 3 * a.moe_intermediate_size * d
+            matrix += 3 * a.num_shared_experts * a.moe_intermediate_size * d
         else:
-            matrix += 3 * a.intermediate * d
+            matrix += 3 * a.intermediate_size * d
     return {"matrix": matrix, "half": half, "fp32": fp32}
 
 
-def param_count(cfg: Any) -> int:
+def param_count(cfg: "ModelConfig | dict") -> int:
     """Total number of parameters."""
     return sum(param_breakdown(cfg).values())
 
@@ -268,7 +166,7 @@ def _quantized_bytes(n: int, bits: int, group_size: int) -> float:
     return n * bits / 8 + math.ceil(n / group_size) * 4
 
 
-def weight_bytes(cfg: Any, bits: int = 16, group_size: int = 64) -> int:
+def weight_bytes(cfg: "ModelConfig | dict", bits: int = 16, group_size: int = 64) -> int:
     """Bytes of all weights with matrices at ``bits`` (16 = unquantized bf16)."""
     if bits not in (2, 3, 4, 5, 6, 8, 16, 32):
         raise ValueError(f"unsupported weight bits: {bits}")
@@ -281,17 +179,17 @@ def weight_bytes(cfg: Any, bits: int = 16, group_size: int = 64) -> int:
 # --------------------------------------------------------------------------
 
 
-def kda_state_bytes(cfg: Any, batch: int = 1, conv_bytes: int = 2) -> "tuple[int, int]":
+def kda_state_bytes(cfg: "ModelConfig | dict", batch: int = 1, conv_bytes: int = 2) -> "tuple[int, int]":
     """(recurrent state bytes, conv-tail bytes) for all KDA layers; independent of length."""
-    a = _arch(cfg)
+    a = _config(cfg)
     n = len(a.kda_layers)
-    state = n * a.lin_heads * a.lin_dim * a.lin_dim * 4 * batch  # fp32 [H, K, V]
-    conv = n * 3 * a.lin_heads * a.lin_dim * max(0, a.conv - 1) * conv_bytes * batch
+    state = n * a.linear_num_heads * a.linear_head_dim * a.linear_head_dim * 4 * batch  # fp32 [H, K, V]
+    conv = n * 3 * a.linear_num_heads * a.linear_head_dim * max(0, a.short_conv_kernel_size - 1) * conv_bytes * batch
     return state, conv
 
 
-def _mla_row_bytes(a: _Arch, mla_bits: int, group_size: int) -> float:
-    D = a.kv_rank + a.rope
+def _mla_row_bytes(a: ModelConfig, mla_bits: int, group_size: int) -> float:
+    D = a.kv_lora_rank + a.qk_rope_head_dim
     if mla_bits >= 16:
         return D * mla_bits / 8
     if mla_bits != 8:
@@ -299,13 +197,13 @@ def _mla_row_bytes(a: _Arch, mla_bits: int, group_size: int) -> float:
     return D + math.ceil(D / group_size) * 4  # 8-bit rows + 16-bit scale and bias per group
 
 
-def mla_bytes_per_token(cfg: Any, mla_bits: int = 16, group_size: int = 64) -> float:
+def mla_bytes_per_token(cfg: "ModelConfig | dict", mla_bits: int = 16, group_size: int = 64) -> float:
     """MLA cache bytes per token of context, summed over MLA layers (batch 1)."""
-    a = _arch(cfg)
+    a = _config(cfg)
     return len(a.mla_layers) * _mla_row_bytes(a, mla_bits, group_size)
 
 
-def _mla_cache_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, group_size: int,
+def _mla_cache_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, group_size: int,
                      page_tokens: int) -> int:
     n_mla = len(a.mla_layers)
     if tokens <= 0 or n_mla == 0:
@@ -322,7 +220,7 @@ def _mla_cache_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, group_siz
     return int(n_mla * batch * (q_rows * _mla_row_bytes(a, mla_bits, group_size) + tail * full_row))
 
 
-def _dequant_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, page_tokens: int) -> int:
+def _dequant_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, page_tokens: int) -> int:
     """16-bit copy of one MLA layer's quantized pages while attention reads them.
 
     kimi_mlx.ops.attention.latent_attention keeps every dequantized page of the
@@ -332,16 +230,16 @@ def _dequant_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, page_tokens
     if mla_bits >= 16 or tokens <= 0 or not a.mla_layers:
         return 0
     q_rows = (tokens // page_tokens) * page_tokens if page_tokens else tokens
-    return int(batch * q_rows * (a.kv_rank + a.rope) * 2)
+    return int(batch * q_rows * (a.kv_lora_rank + a.qk_rope_head_dim) * 2)
 
 
-def _context_bytes(a: _Arch, tokens: int, batch: int, mla_bits: int, group_size: int,
+def _context_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, group_size: int,
                    page_tokens: int) -> int:
     return (_mla_cache_bytes(a, tokens, batch, mla_bits, group_size, page_tokens)
             + _dequant_bytes(a, tokens, batch, mla_bits, page_tokens))
 
 
-def cache_bytes(cfg: Any, context_tokens: int, batch: int = 1, mla_bits: int = 16, *,
+def cache_bytes(cfg: "ModelConfig | dict", context_tokens: int, batch: int = 1, mla_bits: int = 16, *,
                 group_size: int = 64, page_tokens: int = PAGE_TOKENS) -> int:
     """All per-sequence state for ``context_tokens`` of context.
 
@@ -349,7 +247,7 @@ def cache_bytes(cfg: Any, context_tokens: int, batch: int = 1, mla_bits: int = 1
     16 (bf16) or 8 (8-bit with per-group scale/bias). ``page_tokens=0`` counts
     rows exactly instead of whole pages.
     """
-    a = _arch(cfg)
+    a = _config(cfg)
     state, conv = kda_state_bytes(a, batch)
     return state + conv + _mla_cache_bytes(a, context_tokens, batch, mla_bits, group_size, page_tokens)
 
@@ -359,7 +257,7 @@ def cache_bytes(cfg: Any, context_tokens: int, batch: int = 1, mla_bits: int = 1
 # --------------------------------------------------------------------------
 
 
-def prefill_peak_bytes(cfg: Any, chunk_tokens: int, *, batch: int = 1, act_bytes: int = 2,
+def prefill_peak_bytes(cfg: "ModelConfig | dict", chunk_tokens: int, *, batch: int = 1, act_bytes: int = 2,
                        all_logits: bool = False) -> int:
     """Approximate peak of activation temporaries while prefilling one chunk.
 
@@ -378,12 +276,12 @@ def prefill_peak_bytes(cfg: Any, chunk_tokens: int, *, batch: int = 1, act_bytes
     Logits are for the last position only unless ``all_logits``. The sum is
     padded by 25% for tensors a lazy graph keeps alive together.
     """
-    a = _arch(cfg)
+    a = _config(cfg)
     T = max(0, int(chunk_tokens)) * batch
     if T == 0:
         return 0
-    d = a.hidden
-    P = a.lin_heads * a.lin_dim
+    d = a.hidden_size
+    P = a.linear_num_heads * a.linear_head_dim
 
     hidden = 3 * T * d * act_bytes  # residual stream, normed input, layer output
 
@@ -392,32 +290,32 @@ def prefill_peak_bytes(cfg: Any, chunk_tokens: int, *, batch: int = 1, act_bytes
         kda = (
             2 * 3 * T * P * act_bytes  # q, k, v before and after the short conv
             + 2 * T * P * 4  # gate (fp32, per channel) and its cumulative sum
-            + T * a.lin_heads * KDA_CHUNK * 4 * 2  # intra-chunk [C, C] per head (A and its inverse)
+            + T * a.linear_num_heads * KDA_CHUNK * 4 * 2  # intra-chunk [C, C] per head (A and its inverse)
             + 2 * T * P * 4  # W / U work arrays of the chunked scan (fp32)
             + T * P * 4 + 2 * T * P * act_bytes  # fp32 output, output gate, gated output
         )
 
     mla = 0
     if a.mla_layers:
-        D = a.kv_rank + a.rope
+        D = a.kv_lora_rank + a.qk_rope_head_dim
         mla = (
-            T * a.heads * (a.nope + a.rope) * act_bytes  # q
-            + T * a.heads * D * act_bytes  # absorbed latent queries
-            + T * a.heads * a.kv_rank * 4  # fp32 accumulators
+            T * a.num_attention_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim) * act_bytes  # q
+            + T * a.num_attention_heads * D * act_bytes  # absorbed latent queries
+            + T * a.num_attention_heads * a.kv_lora_rank * 4  # fp32 accumulators
             + 3 * SCORE_TILE_ELEMS * 4  # scores, exp, masked copy of one tile
-            + T * a.heads * a.v_dim * act_bytes  # values after kv_b
+            + T * a.num_attention_heads * a.v_head_dim * act_bytes  # values after kv_b
         )
 
-    moe = 3 * T * a.intermediate * act_bytes if a.intermediate else 0
-    if a.experts:
-        k = a.top_k or a.experts
+    moe = 3 * T * a.intermediate_size * act_bytes if a.intermediate_size else 0
+    if a.num_experts:
+        k = a.num_experts_per_token or a.num_experts
         moe = max(moe,
-                  T * a.experts * 4 * 2  # router logits and scores (fp32)
+                  T * a.num_experts * 4 * 2  # router logits and scores (fp32)
                   + 2 * T * k * d * act_bytes  # token copies sorted by expert, and outputs
-                  + 3 * T * k * a.moe_intermediate * act_bytes  # gate, up, activation
-                  + 3 * T * a.shared_experts * a.moe_intermediate * act_bytes)
+                  + 3 * T * k * a.moe_intermediate_size * act_bytes  # gate, up, activation
+                  + 3 * T * a.num_shared_experts * a.moe_intermediate_size * act_bytes)
 
-    logits = (T if all_logits else batch) * a.vocab * 4
+    logits = (T if all_logits else batch) * a.vocab_size * 4
     return int(_PREFILL_MARGIN * (hidden + max(kda, mla, moe) + logits))
 
 
@@ -524,21 +422,21 @@ class Plan:
         return "\n".join(lines)
 
 
-def _default_bits(cfg: Any) -> int:
-    q = _get(cfg, "quantization", "quantization_config", default=None)
+def _default_bits(cfg: ModelConfig) -> int:
+    q = cfg.quantization
     if isinstance(q, dict) and q.get("bits"):
         return int(q["bits"])
     return 16
 
 
-def _default_group(cfg: Any) -> int:
-    q = _get(cfg, "quantization", "quantization_config", default=None)
+def _default_group(cfg: ModelConfig) -> int:
+    q = cfg.quantization
     if isinstance(q, dict) and q.get("group_size"):
         return int(q["group_size"])
     return 64
 
 
-def _max_tokens_for(a: _Arch, budget: float, batch: int, mla_bits: int, group_size: int,
+def _max_tokens_for(a: ModelConfig, budget: float, batch: int, mla_bits: int, group_size: int,
                     page_tokens: int) -> int:
     """Largest n whose length-dependent bytes fit the budget (monotone in n)."""
     if budget < 0:
@@ -560,7 +458,7 @@ def _max_tokens_for(a: _Arch, budget: float, batch: int, mla_bits: int, group_si
 
 
 def plan(
-    cfg: Any,
+    cfg: "ModelConfig | dict",
     context_tokens: int,
     *,
     bits: Optional[int] = None,
@@ -583,9 +481,9 @@ def plan(
     weights_bytes: measured size of the loaded weights, overriding the estimate.
     tokens_per_second: prefill speed, to add a time estimate.
     """
-    a = _arch(cfg)
-    bits = _default_bits(cfg) if bits is None else int(bits)
-    group_size = _default_group(cfg) if group_size is None else int(group_size)
+    a = _config(cfg)
+    bits = _default_bits(a) if bits is None else int(bits)
+    group_size = _default_group(a) if group_size is None else int(group_size)
     context_tokens = max(0, int(context_tokens))
     if machine_bytes is None:
         machine_bytes = machine_memory_bytes()
@@ -608,14 +506,14 @@ def plan(
         conv_state_bytes=conv, mla_cache_bytes=mla, prefill_bytes=pre,
         dequant_bytes=_dequant_bytes(a, context_tokens, batch, mla_bits, page_tokens),
         overhead_bytes=overhead_bytes, machine_bytes=machine_bytes, max_context_tokens=max_ctx,
-        model_max_tokens=int(a.max_len) if a.max_len else None,
+        model_max_tokens=int(a.model_max_length) if a.model_max_length else None,
     )
     if tokens_per_second:
         p.prefill_seconds = estimate_prefill_seconds(context_tokens, tokens_per_second)
     return p
 
 
-def max_context(cfg: Any, machine_bytes: Optional[int] = None, bits: Optional[int] = None,
+def max_context(cfg: "ModelConfig | dict", machine_bytes: Optional[int] = None, bits: Optional[int] = None,
                 **kwargs: Any) -> int:
     """Largest context (tokens) whose plan fits ``machine_bytes`` (0 if none does)."""
     p = plan(cfg, 0, bits=bits, machine_bytes=machine_bytes, **kwargs)
@@ -626,7 +524,7 @@ def max_context(cfg: Any, machine_bytes: Optional[int] = None, bits: Optional[in
     return p.max_context_tokens
 
 
-def check_fits(cfg: Any, context_tokens: int, **kwargs: Any) -> Plan:
+def check_fits(cfg: "ModelConfig | dict", context_tokens: int, **kwargs: Any) -> Plan:
     """The plan for ``context_tokens``; raises PlanError with the numbers if it won't fit.
 
     Takes the keyword arguments of :func:`plan`.
