@@ -8,7 +8,8 @@ import pytest
 
 from kimi_mlx.model.switch import SwitchGLU
 from kimi_mlx.ops import cpu_fast
-from kimi_mlx.ops.cpu_fast import (LINEAR_MIN_ROWS, SWITCH_MIN_PAIRS, CPULinear, CPUQuantizedLinear, CPUSwitchGLU,
+from kimi_mlx.model.switch import CPUSwitchGLU
+from kimi_mlx.ops.cpu_fast import (LINEAR_MIN_ROWS, SWITCH_MIN_PAIRS, CPULinear, CPUQuantizedLinear,
                                    cpu_fast_path_wanted, dequantize_fp32, disable_cpu_fast_path,
                                    enable_cpu_fast_path, switch_glu_blocks, switch_glu_reference)
 

@@ -80,3 +80,8 @@ class SwitchGLU(nn.Module):
         if do_sort:
             y = mx.unflatten(y[inv], 0, indices.shape)
         return y.squeeze(-2)
+
+
+from ..ops.cpu_fast import cpu_switch_glu  # noqa: E402  (ops know no model classes: we register ours)
+
+CPUSwitchGLU = cpu_switch_glu(SwitchGLU)

@@ -13,7 +13,8 @@ expert's, at a time, as a transient array that MLX frees right after the matmul.
   nn.Linear (bf16/fp16 weight) -> CPULinear  (fp32 BLAS at >= LINEAR_MIN_ROWS rows; outputs fp32)
   (except the layers in KEEP_DTYPE, whose output is cached: they keep the model's dtype)
   SwitchGLU -> CPUSwitchGLU                  (tokens sorted by expert, one matmul per active expert;
-                                              ours, and mlx-lm's when mlx_lm is already imported)
+                                              ours (model.switch registers it), and mlx-lm's when
+                                              mlx_lm is already imported)
 It does nothing unless the default device is the CPU (load_model calls auto_enable_cpu_fast_path:
 on with an optimized BLAS; KIMI_MLX_CPU_FAST=off|on|auto). The plain versions stay next to them
 (`super().__call__`, `switch_glu_reference`) and the tests compare the two.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from ..model.switch import SwitchGLU
 
 # Row counts from `python -m kimi_mlx.ops.cpu_fast` on a 2-core EPYC with OpenBLAS (see
 # docs/BENCHMARKS.md): dequantize + fp32 BLAS ties quantized_matmul at 4 rows and is ~2× faster
@@ -193,21 +193,25 @@ class _CPUSwitchGLUMixin:
         return switch_glu_blocks(self, x, indices, self.min_rows)
 
 
-class CPUSwitchGLU(_CPUSwitchGLUMixin, SwitchGLU):
-    _plain = SwitchGLU
+_CPU_SUBCLASS: dict[type, type] = {}
 
 
-_CPU_SUBCLASS: dict[type, type] = {SwitchGLU: CPUSwitchGLU}
+def cpu_switch_glu(cls: type) -> type:
+    """The CPU-fast subclass of a SwitchGLU class. The model layer registers its own class here
+    (ops don't import the model); mlx-lm's is added when mlx_lm is loaded already."""
+    if cls not in _CPU_SUBCLASS:
+        _CPU_SUBCLASS[cls] = type("CPUSwitchGLU", (_CPUSwitchGLUMixin, cls), {"_plain": cls})
+    return _CPU_SUBCLASS[cls]
 
 
 def _switch_glu_classes() -> list[type]:
-    """Our SwitchGLU, plus mlx-lm's if mlx_lm is loaded already (never imported here: it is slow)."""
+    """The registered SwitchGLU classes, plus mlx-lm's if mlx_lm is loaded already (never imported
+    here: it is slow)."""
     import sys
 
     mod = sys.modules.get("mlx_lm.models.switch_layers")
-    if mod is not None and mod.SwitchGLU not in _CPU_SUBCLASS:
-        _CPU_SUBCLASS[mod.SwitchGLU] = type("CPUSwitchGLU", (_CPUSwitchGLUMixin, mod.SwitchGLU),
-                                            {"_plain": mod.SwitchGLU})
+    if mod is not None:
+        cpu_switch_glu(mod.SwitchGLU)
     return list(_CPU_SUBCLASS)
 
 
@@ -303,36 +307,3 @@ def disable_cpu_fast_path(model: nn.Module) -> None:
             m.__class__ = m._plain if isinstance(m, _CPUSwitchGLUMixin) else type(m).__mro__[1]
             m.__dict__.pop("min_rows", None)
             m.__dict__.pop("keep_dtype", None)
-
-
-# ---------------------------------------------------------------------------
-# calibration: python -m kimi_mlx.ops.cpu_fast
-# ---------------------------------------------------------------------------
-def _calibrate(shapes=((4096, 2304), (2304, 4096), (1024, 2304)), rows=(1, 2, 4, 8, 16, 32, 64, 128),
-               group_size: int = 64, bits: int = 4, reps: int = 3):
-    from ..bench import best_seconds  # a dev tool: timing lives with the benchmarks
-
-    def best(f):
-        return best_seconds(f, reps)
-
-    print(f"{'out x in':>12} {'rows':>5} {'qmm ms':>9} {'deq+BLAS ms':>12} {'fp32 ms':>9} {'bf16 ms':>9} {'bf16->fp32 ms':>14}")
-    for O, I in shapes:
-        w = mx.random.normal((O, I)) * 0.02
-        wq, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-        wb = w.astype(mx.bfloat16)
-        mx.eval(w, wq, s, b, wb)
-        for r in rows:
-            x = mx.random.normal((r, I))
-            mx.eval(x)
-            tq = best(lambda: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits))
-            td = best(lambda: x @ dequantize_fp32(wq, s, b, group_size, bits).T)
-            tf = best(lambda: x @ w.T)
-            tb = best(lambda: x.astype(mx.bfloat16) @ wb.T)
-            tc = best(lambda: x @ wb.astype(mx.float32).T)
-            print(f"{O:>5} x {I:<5} {r:>5} {tq * 1e3:9.2f} {td * 1e3:12.2f} {tf * 1e3:9.2f} {tb * 1e3:9.2f} {tc * 1e3:14.2f}")
-
-
-if __name__ == "__main__":
-    import kimi_mlx  # noqa: F401  (BLAS preload; normally first already)
-
-    _calibrate()
