@@ -34,15 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-try:  # optional: exact git semantics; a small built-in matcher is used otherwise
-    import pathspec as _pathspec
-
-    if not hasattr(_pathspec, "GitIgnoreSpec") or not hasattr(
-        _pathspec.GitIgnoreSpec, "check_file"
-    ):
-        _pathspec = None
-except ImportError:  # pragma: no cover - depends on the environment
-    _pathspec = None
+import pathspec
 
 __all__ = [
     "DocFile",
@@ -169,108 +161,12 @@ class DocumentSet:
 # --------------------------------------------------------------------------
 
 
-def _glob_to_regex(glob: str) -> str:
-    """Translate one gitignore glob (already stripped of !, anchors) to regex."""
-    out = []
-    i, n = 0, len(glob)
-    while i < n:
-        c = glob[i]
-        if c == "*":
-            if glob.startswith("**", i):
-                before_ok = i == 0 or glob[i - 1] == "/"
-                after = glob[i + 2 : i + 3]
-                if before_ok and after == "/":
-                    out.append("(?:.*/)?")  # "**/" : zero or more directories
-                    i += 3
-                    continue
-                if before_ok and after == "":
-                    out.append(".*")  # trailing "/**": everything inside
-                    i += 2
-                    continue
-                out.append("[^/]*")  # "**" elsewhere acts like "*"
-                i += 2
-                continue
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = i + 1
-            if j < n and glob[j] in "!^":
-                j += 1
-            if j < n and glob[j] == "]":
-                j += 1
-            while j < n and glob[j] != "]":
-                j += 1
-            if j >= n:
-                out.append(re.escape(c))
-            else:
-                body = glob[i + 1 : j]
-                if body[:1] in ("!", "^"):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
-                i = j
-        elif c == "\\" and i + 1 < n:
-            i += 1
-            out.append(re.escape(glob[i]))
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
-
-
-class _FallbackSpec:
-    """Small gitignore matcher used when ``pathspec`` is not installed.
-
-    Supports comments, ``!`` negation, trailing ``/`` (directories only),
-    anchoring by a leading or inner ``/``, ``*``, ``?``, ``[...]`` and ``**``.
-    """
-
-    def __init__(self, lines: Iterable[str]):
-        self.rules = []
-        for raw in lines:
-            line = raw.rstrip("\n").rstrip("\r")
-            # trailing spaces are ignored unless escaped
-            while line.endswith(" ") and not line.endswith("\\ "):
-                line = line[:-1]
-            if not line or line.startswith("#"):
-                continue
-            negate = line.startswith("!")
-            if negate:
-                line = line[1:]
-            elif line.startswith("\\!") or line.startswith("\\#"):
-                line = line[1:]
-            dir_only = line.endswith("/")
-            line = line.rstrip("/")
-            if not line:
-                continue
-            anchored = "/" in line
-            line = line.lstrip("/")
-            rx = _glob_to_regex(line)
-            if not anchored:
-                rx = "(?:.*/)?" + rx
-            self.rules.append((re.compile(rx + r"\Z", re.DOTALL), negate, dir_only))
-
-    def decide(self, rel: str, is_dir: bool) -> Optional[bool]:
-        result = None
-        for rx, negate, dir_only in self.rules:
-            if dir_only and not is_dir:
-                continue
-            if rx.match(rel):
-                result = not negate
-        return result
-
-
 class _IgnoreFile:
     """The rules of one .gitignore, relative to the directory holding it."""
 
     def __init__(self, base: Path, lines: list):
         self.base = base
-        if _pathspec is not None:
-            self._spec = _pathspec.GitIgnoreSpec.from_lines(lines)
-            self._fallback = None
-        else:
-            self._spec = None
-            self._fallback = _FallbackSpec(lines)
+        self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
 
     def decide(self, path: Path, is_dir: bool) -> Optional[bool]:
         """True: ignored, False: re-included by "!", None: no rule matched."""
@@ -278,9 +174,7 @@ class _IgnoreFile:
             rel = path.relative_to(self.base).as_posix()
         except ValueError:
             return None
-        if self._spec is not None:
-            return self._spec.check_file(rel + "/" if is_dir else rel).include
-        return self._fallback.decide(rel, is_dir)
+        return self._spec.check_file(rel + "/" if is_dir else rel).include
 
 
 def _load_ignore_file(dirpath: Path, warnings: list, display: str) -> Optional[_IgnoreFile]:

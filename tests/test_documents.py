@@ -77,17 +77,7 @@ def tree(tmp_path):
     return root
 
 
-@pytest.fixture(params=["pathspec", "fallback"])
-def matcher(request, monkeypatch):
-    if request.param == "pathspec":
-        if documents._pathspec is None:
-            pytest.skip("pathspec is not installed")
-    else:
-        monkeypatch.setattr(documents, "_pathspec", None)
-    return request.param
-
-
-def test_tree_selection_and_order(tree, matcher):
+def test_tree_selection_and_order(tree):
     ds = load_documents([tree])
     assert isinstance(ds, DocumentSet)
     paths = [f.path for f in ds.files]
@@ -150,16 +140,6 @@ def test_deterministic_and_cwd_independent(tree, tmp_path, monkeypatch):
     assert str(tmp_path) not in a  # no absolute paths in the prompt
 
 
-def test_pathspec_and_fallback_agree(tree, monkeypatch):
-    if documents._pathspec is None:
-        pytest.skip("pathspec is not installed")
-    with_lib = load_documents([tree])
-    monkeypatch.setattr(documents, "_pathspec", None)
-    without = load_documents([tree])
-    assert with_lib.text == without.text
-    assert with_lib.skipped == without.skipped
-
-
 @pytest.mark.parametrize(
     "pattern,path,is_dir,expected",
     [
@@ -181,22 +161,19 @@ def test_pathspec_and_fallback_agree(tree, monkeypatch):
         ("name   ", "name", False, True),  # trailing spaces ignored
     ],
 )
-def test_fallback_matcher(pattern, path, is_dir, expected):
-    spec = documents._FallbackSpec([pattern])
-    assert spec.decide(path, is_dir) is expected
-    if documents._pathspec is not None:  # same answer as the real library
-        ps = documents._pathspec.GitIgnoreSpec.from_lines([pattern])
-        assert ps.check_file(path + "/" if is_dir else path).include is expected
+def test_gitignore_rules(tmp_path, pattern, path, is_dir, expected):
+    assert documents._IgnoreFile(tmp_path, [pattern]).decide(tmp_path / path, is_dir) is expected
 
 
-def test_negation_last_rule_wins():
-    spec = documents._FallbackSpec(["*.txt", "!keep.txt", "# comment", ""])
-    assert spec.decide("a.txt", False) is True
-    assert spec.decide("keep.txt", False) is False
-    assert spec.decide("a.md", False) is None
+def test_negation_last_rule_wins(tmp_path):
+    rules = documents._IgnoreFile(tmp_path, ["*.txt", "!keep.txt", "# comment", ""])
+    assert rules.decide(tmp_path / "a.txt", False) is True
+    assert rules.decide(tmp_path / "keep.txt", False) is False
+    assert rules.decide(tmp_path / "a.md", False) is None
+    assert rules.decide(tmp_path.parent / "a.txt", False) is None  # outside its directory
 
 
-def test_nested_gitignore_overrides_root(tmp_path, matcher):
+def test_nested_gitignore_overrides_root(tmp_path):
     root = tmp_path / "r"
     _write(root / ".gitignore", "*.dat\n")
     _write(root / "a.dat", "root ignores me\n")
@@ -207,7 +184,7 @@ def test_nested_gitignore_overrides_root(tmp_path, matcher):
     assert "r/sub/b.dat" in paths
 
 
-def test_parent_gitignore_of_enclosing_repo(tmp_path, matcher):
+def test_parent_gitignore_of_enclosing_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / ".git").mkdir(parents=True)
     _write(repo / ".gitignore", "*.tmp\n")
