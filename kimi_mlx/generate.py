@@ -14,12 +14,11 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .runtime.model import DEFAULT_MODEL, MODEL_FILE_PATTERNS as ALLOW_PATTERNS, ModelLoadError, load, resolve_model_path
+from .runtime.model import DEFAULT_MODEL, ModelLoadError, load, resolve_model_path
 from .sampling import make_logits_processors, make_sampler
 from .session import prefill
 

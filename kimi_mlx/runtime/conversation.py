@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from ..session import DocumentSession, ProgressFn, SessionError, model_identity, prefill

@@ -190,17 +190,8 @@ class FakeEngine:
                 context_tokens=base + i,
                 finish_reason=finish if i == len(pieces) else None,
             )
-            self._update_stats(d)
+            self.stats = self.stats.updated(d)
             yield d
         if not pieces:
             yield Delta(finish_reason=finish, context_tokens=base)
-
-    def _update_stats(self, d: Delta) -> None:
-        self.stats = replace(
-            self.stats,
-            context_tokens=d.context_tokens,
-            prompt_tps=d.prompt_tps,
-            generation_tps=d.generation_tps,
-            peak_memory_gb=d.peak_memory_gb,
-        )
 

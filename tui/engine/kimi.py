@@ -330,13 +330,7 @@ class KimiEngine:
                     checkpoint_bytes=kept,
                     reply_ids=reply_ids,
                 )
-                self.stats = replace(
-                    self.stats,
-                    context_tokens=d.context_tokens,
-                    prompt_tps=d.prompt_tps,
-                    generation_tps=d.generation_tps,
-                    peak_memory_gb=d.peak_memory_gb,
-                )
+                self.stats = self.stats.updated(d)
                 yield d
         except ValueError as e:  # the context / argument / template checks
             raise EngineError(str(e)) from None

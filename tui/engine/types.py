@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
@@ -112,6 +112,11 @@ class EngineStats:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+
+    def updated(self, d: "Delta") -> "EngineStats":
+        """These stats after the reply step ``d``."""
+        return replace(self, context_tokens=d.context_tokens, prompt_tps=d.prompt_tps,
+                       generation_tps=d.generation_tps, peak_memory_gb=d.peak_memory_gb)
 
 
 @dataclass(frozen=True)
