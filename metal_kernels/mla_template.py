@@ -54,6 +54,21 @@ DFN void mla_row8(TH float* x, PT rows, PQ wq, PS scales, PS biases, long row, i
     for (int i = 0; i < 8; ++i) x[i] = get8(r, i);
   }
 }
+// 8 consecutive values from src (zeros when !valid; src is then not read) into a tile as ST
+template <typename ST, typename T, typename PD, typename PS>
+DFN void mla_tile8(PD dst, PS src, bool valid) {
+  float x[8];
+  if (valid) {
+    Raw8<T> raw;
+    ld8(raw, src);
+    PRAGMA_UNROLL
+    for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
+  } else {
+    PRAGMA_UNROLL
+    for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+  }
+  st8<ST>(dst, x);
+}
 """
 
 # Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8),
@@ -88,17 +103,7 @@ DECODE_BODY = r"""
 
   for (int i = _tid; i < BM * (D / 8); i += NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
-    float x[8];
-    if (r0 + r < M) {
-      Raw8<T> raw;
-      ld8(raw, q + ((long)bb * M + r0 + r) * D + d);
-      PRAGMA_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
-    } else {
-      PRAGMA_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = 0.0f;
-    }
-    st8<ST>(sQ + r * LDQ + d, x);
+    mla_tile8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + r0 + r) * D + d, r0 + r < M);
   }
   if (_tid < BM) {
     sStat[_tid] = MLA_NEG_INF;
@@ -310,17 +315,7 @@ PREFILL_BODY = r"""
 
   for (int i = _tid; i < BQ * (DK / 8); i += NT) {
     const int r = i / (DK / 8), d = (i % (DK / 8)) * 8;
-    float x[8];
-    if (q0 + r < Tq) {
-      Raw8<T> raw;
-      ld8(raw, q + (((long)bb * Tq + q0 + r) * Hn + h) * DK + d);
-      PRAGMA_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
-    } else {
-      PRAGMA_UNROLL
-      for (int e = 0; e < 8; ++e) x[e] = 0.0f;
-    }
-    st8<ST>(sQ + r * LDQ + d, x);
+    mla_tile8<ST, T>(sQ + r * LDQ + d, q + (((long)bb * Tq + q0 + r) * Hn + h) * DK + d, q0 + r < Tq);
   }
   FragC acc[DV / 8];
   float m_lo, m_hi, l_lo, l_hi;
@@ -354,20 +349,10 @@ PREFILL_BODY = r"""
     for (int i = _tid; i < BKN * ((DK + DV) / 8); i += NT) {
       const int kr = i / ((DK + DV) / 8), c = (i % ((DK + DV) / 8)) * 8;
       const long key = (long)bb * n + k0 + kr;
-      float x[8];
-      if (k0 + kr < n) {
-        Raw8<T> raw;
-        if (c < NOPE) ld8(raw, kv + (key * Hn + h) * (NOPE + DV) + c);
-        else if (c < DK) ld8(raw, rows + key * D + DL + (c - NOPE));
-        else ld8(raw, kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK));
-        PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) x[e] = get8(raw, e);
-      } else {
-        PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) x[e] = 0.0f;
-      }
-      if (c < DK) st8<ST>(sK + kr * LDK + c, x);
-      else st8<ST>(sV + kr * LDV + (c - DK), x);
+      const bool ok = k0 + kr < n;
+      if (c < NOPE) mla_tile8<ST, T>(sK + kr * LDK + c, kv + (key * Hn + h) * (NOPE + DV) + c, ok);
+      else if (c < DK) mla_tile8<ST, T>(sK + kr * LDK + c, rows + key * D + DL + (c - NOPE), ok);
+      else mla_tile8<ST, T>(sV + kr * LDV + (c - DK), kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK), ok);
     }
     BARRIER();
     if (rw < Tq && k0 <= q_offset + rw + 15 - key_start) {  // else every key is in the future

@@ -3,6 +3,9 @@ attention dispatch, with the Metal text executed on the CPU (emulated threadgrou
 the plain MLX-ops forms in kimi_mlx/ops/attention.py. Odd shapes on purpose: depths that are
 not multiples of a segment or a tile, chunks that cross segments, batch 2, 8-bit caches,
 several splits per segment, a prefill that continues from an earlier block's (o, lse)."""
+import shutil
+import subprocess
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import pytest
 import metal_kernels
 from metal_kernels import mla as K
 from metal_kernels.emulate import cxx
+from metal_kernels.sources import cuda_unit
 from kimi_mlx.cache import MLACache
 from kimi_mlx.ops import attention as A
 from test_kernel_dispatch import _EmulatedKernel
@@ -169,3 +173,27 @@ def test_kernel_mla_reference_env_and_cpu(monkeypatch):
     monkeypatch.delenv("KIMI_MLX_MLA")
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     assert K.backend() is None or mx.default_device().type != mx.DeviceType.cpu
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+@pytest.mark.parametrize("kind", ["mla_decode", "mla_combine", "mla_prefill"])
+def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
+    """The CUDA twin at the real widths, bf16, as MLX's JIT would lay it out (nvcc, no GPU)."""
+    bf = "bfloat16"
+    if kind == "mla_decode":
+        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("Q8", True),
+                ("QG", 64), ("DQ", 576)]
+        ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
+        outs = dict(o_part="float32", lse_part="float32")
+    elif kind == "mla_combine":
+        tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 128)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
+    else:
+        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("NOPE", 128), ("DR", 64), ("DV", 128), ("DL", 512),
+                ("D", 576), ("NW", 8), ("HAS_INIT", True), ("QREG", True)]
+        ins = dict(q=bf, kv=bf, rows=bf, o_in="float32", lse_in="float32", info="int32", info_f="float32")
+        outs = dict(o="float32", lse="float32")
+    src = tmp_path / "k.cu"
+    src.write_text(cuda_unit(kind, tmpl, ins, outs))
+    r = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", str(tmp_path / "k.o"), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
