@@ -147,6 +147,20 @@ def test_documents_are_the_base_of_every_turn(tiny):
     assert _tokens(rs) == _full(model, tok, ids, 5)
 
 
+def test_arrays_the_documents_hold_are_not_counted(tiny):
+    model, tok = tiny
+    probe = Conversation(model, tok)
+    list(probe.send(QUESTIONS[0], max_tokens=2))
+    docs = probe.last_checkpoint().cache
+    store = CheckpointStore(2**30)
+    store.add(Checkpoint(np.array([1, 2], np.int32), docs.copy(), None, "chat"))  # shares every array
+    assert store.nbytes == docs.nbytes
+    store.held_elsewhere("chat", docs)
+    assert store.nbytes == 0
+    store.held_elsewhere("chat", None)
+    assert store.nbytes == docs.nbytes
+
+
 def test_checkpoint_memory_is_bounded_least_recently_used_first(tiny):
     model, tok = tiny
     probe = Conversation(model, tok)

@@ -60,6 +60,7 @@ class CheckpointStore:
     def __init__(self, max_bytes: int):
         self.max_bytes = max(int(max_bytes), 0)
         self._items: "OrderedDict[int, Checkpoint]" = OrderedDict()  # least recently used first
+        self._held: dict = {}  # key -> {id: array} held elsewhere (documents): not counted
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -70,7 +71,15 @@ class CheckpointStore:
 
     @property
     def nbytes(self) -> int:
-        return _unique_bytes(self._items.values())
+        held = {i for arrays in self._held.values() for i in arrays}
+        return _unique_bytes(self._items.values(), held)
+
+    def held_elsewhere(self, key: str, cache: Optional[KimiCache]) -> None:
+        """The arrays of `cache` (conversation `key`'s documents, kept anyway) don't count against the bound."""
+        if cache is None:
+            self._held.pop(key, None)
+        else:
+            self._held[key] = {id(a): a for a in _cache_arrays(cache)}  # refs keep the ids unique
 
     def add(self, ckpt: Checkpoint) -> Checkpoint:
         """Keep `ckpt` (most recently used), then evict the least recently used beyond the bound."""
@@ -121,8 +130,8 @@ class CheckpointStore:
         return len(gone)
 
 
-def _unique_bytes(ckpts) -> int:
-    seen, total = set(), 0
+def _unique_bytes(ckpts, skip=()) -> int:
+    seen, total = set(skip), 0
     for c in ckpts:
         for a in c.arrays():
             if id(a) not in seen:

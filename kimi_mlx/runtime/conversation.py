@@ -62,6 +62,7 @@ class Conversation:
         if documents is not self.documents:
             self.documents = documents
             self.store.drop(self.key)
+            self.store.held_elsewhere(self.key, documents.cache if documents is not None else None)
 
     def prompt_ids(self, messages: Optional[Sequence] = None) -> list[int]:
         """Ids of `messages` (default: this conversation's) after the system prompt and the documents."""
