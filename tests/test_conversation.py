@@ -189,3 +189,14 @@ def test_best_needs_logits_for_a_prompt_it_already_holds(tiny):
     c2 = Checkpoint(np.array([1, 2, 3], np.int32), model.make_cache(), mx.zeros((1, 4)), "k")
     store.add(c2)
     assert store.best([1, 2, 3]) is c2 and len(store) == 1
+
+
+def test_chat_benchmark_prefills_only_each_new_message(tiny):
+    from kimi_mlx.runtime.chatbench import run
+
+    model, tok = tiny
+    rows = run(model, tok, turns=3, max_tokens=4)
+    assert [r["turn"] for r in rows] == [1, 2, 3]
+    assert all(r["prefilled_kept"] < r["prefilled_reprefill"] for r in rows[1:])
+    assert rows[2]["prefilled_reprefill"] > rows[1]["prefilled_reprefill"] > rows[2]["prefilled_kept"]
+    assert all(r["target_s"] > 0 and isinstance(r["meets_target"], bool) for r in rows)
