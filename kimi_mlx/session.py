@@ -111,6 +111,8 @@ def prefill(model, ids, cache: KimiCache | None = None, step: int = 2048, progre
     ids = list(ids) if not isinstance(ids, list) else ids
     cache = cache if cache is not None else model.make_cache()
     total, done, t0 = len(ids), 0, time.perf_counter()
+    if hasattr(cache, "reserve"):  # one MLA segment for the whole prompt
+        cache.reserve(cache.offset + total)
     depth0 = cache.offset  # a continued cache: attention already spans what it holds
     eta = PrefillEta()
     logits = None

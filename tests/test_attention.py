@@ -93,3 +93,16 @@ def test_cache_segments_reserve_growth_and_snapshots():
         dst.load_arrays(src.arrays(), 100)
         assert len(dst.segments()) == 1 and dst.segments()[0]["cap"] == 100
         assert max_abs(dst.arrays()["kv"], src.arrays()["kv"]) < (0.05 if bits else 0.0) + 1e-7
+
+
+def test_prefill_reserves_one_mla_segment():
+    """A document prefilled in many chunks lands in one MLA segment (one kernel call per layer)."""
+    from helpers import MODELS
+
+    from kimi_mlx import load_model
+    from kimi_mlx.session import prefill
+
+    model = load_model(MODELS / "tiny_grouped")
+    cache = prefill(model, list(range(1, 300)), step=64)
+    mla = [c for c in cache if c.kind == "mla"]
+    assert mla and all(len(c.segments()) == 1 and c.segments()[0]["cap"] == 299 for c in mla)
