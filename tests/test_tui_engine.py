@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import threading
 
 import pytest
@@ -182,3 +183,43 @@ def test_turns_continue_from_kept_states_and_across_a_restart(engine, tmp_path):
 def _reply_state(engine, msgs, state):
     deltas = list(engine.stream_reply(msgs, GREEDY, None, threading.Event(), chat_state=state))
     return "".join(d.text for d in deltas), deltas[-1]
+
+
+def test_the_app_continues_turns_and_old_chats_after_a_restart(tmp_path):
+    """kimi-chat with the real engine: the second turn continues the first's state, a restarted app
+    continues the chat from its saved state, deleting the chat removes that file."""
+    import asyncio
+
+    from test_tui import chat, make_app, ready, send
+
+    async def session(turns, delete=False):
+        engine = KimiEngine(str(MODELS / "tiny_chat"))
+        app = make_app(tmp_path, engine)
+        async with app.run_test(size=(110, 34)) as pilot:
+            await ready(pilot)
+            assert app.engine_state == "ready"
+            screen = chat(app)
+            screen._save_settings(screen.chat.id, screen.chat.system_prompt, GREEDY)
+            for text in turns:
+                await send(pilot, text)
+            replies = [m for m in screen.store.list_messages(screen.chat.id) if m.role == "assistant"]
+            state = screen.store.checkpoint_path_for(screen.chat.id)
+            shown = screen.status_bar.checkpoint_bytes
+            if delete:
+                assert Path(state).is_file()
+                await screen.delete_chat(screen.chat.id)
+                assert not Path(state).exists()
+            return app, screen, replies, state, shown
+
+    async def run():
+        _, _, replies, state, shown = await session(["hello there", "and then?"])
+        assert replies[0].meta["cached_tokens"] == 0 and replies[0].meta["reply_ids"]
+        assert replies[1].meta["cached_tokens"] == replies[0].meta["context_tokens"] - (
+            replies[0].meta["finish_reason"] == "length")
+        assert shown > 0 and Path(state).is_file()
+        # a new app on the same data: the chat's saved state is continued, not prefilled again
+        app, screen, replies, state, _ = await session(["one more"], delete=True)
+        assert replies[2].meta["cached_tokens"] == replies[1].meta["context_tokens"] - (
+            replies[1].meta["finish_reason"] == "length")
+
+    asyncio.run(run())
