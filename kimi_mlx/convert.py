@@ -522,58 +522,36 @@ def _dtype_of(name: str | None, cfg: ModelConfig) -> tuple[str, object]:
     return name, Q.DTYPES[name]
 
 
-def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize: bool = False,
-            q_bits: int | None = None, q_group_size: int | None = None, q_mode: str = "affine",
-            recipe: str | None = None, dtype: str | None = None, force: int = 0,
-            max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
-            context_tokens: int = DEFAULT_CONTEXT_TOKENS, check_memory: bool = True,
-            log: Callable[[str], None] | None = None) -> ConvertResult:
-    """Convert SRC (directory or Hub repo id) into DST. Raises ConvertError with a user-facing message.
-
-    force: 1 (True) replaces a DST that holds a model, 2 any non-empty DST."""
-    log = log or (lambda _msg: None)
-    t0 = time.perf_counter()
-    max_shard = parse_size(max_shard_size)
-
-    settings = None
-    if quantize:
-        try:
-            rec = Q.get_recipe(recipe)
-            gs = q_group_size or (32 if q_mode == "mxfp4" else 64)
-            bits = q_bits if q_bits is not None else (rec.experts or 4)
-            if rec.fixed_bits and q_bits is not None and q_bits != rec.experts:
-                raise ConvertError(f"recipe '{rec.name}' sets the bit widths itself (experts {rec.experts}-bit); "
-                                   f"drop --q-bits {q_bits} or use --recipe uniform")
-            Q.check_settings(bits, gs, q_mode, rec)
-        except Q.QuantError as e:
-            raise ConvertError(str(e)) from None
-        settings = {"bits": bits, "group_size": gs, "mode": q_mode, "recipe": rec}
-    elif recipe is not None or q_bits is not None or q_group_size is not None or q_mode != "affine":
-        raise ConvertError("--q-bits, --q-group-size, --q-mode and --recipe need -q (quantize)")
-
-    src = resolve_source(str(hf_path), log)
+def _quant_settings(quantize: bool, q_bits, q_group_size, q_mode: str, recipe) -> dict | None:
+    """The quantization the flags ask for (None: unquantized); ConvertError for what doesn't go together."""
+    if not quantize:
+        if recipe is not None or q_bits is not None or q_group_size is not None or q_mode != "affine":
+            raise ConvertError("--q-bits, --q-group-size, --q-mode and --recipe need -q (quantize)")
+        return None
     try:
-        source = _Source(src)
-    except WeightsError as e:
+        rec = Q.get_recipe(recipe)
+        gs = q_group_size or (32 if q_mode == "mxfp4" else 64)
+        bits = q_bits if q_bits is not None else (rec.experts or 4)
+        if rec.fixed_bits and q_bits is not None and q_bits != rec.experts:
+            raise ConvertError(f"recipe '{rec.name}' sets the bit widths itself (experts {rec.experts}-bit); "
+                               f"drop --q-bits {q_bits} or use --recipe uniform")
+        Q.check_settings(bits, gs, q_mode, rec)
+    except Q.QuantError as e:
         raise ConvertError(str(e)) from None
-    dst = Path(mlx_path).expanduser()
-    _recover(dst, log)
-    _check_destination(src, dst, int(force))
-    dtype_name, dt = _dtype_of(dtype, source.cfg)
-    plan = _plan(source, settings, dt, max_shard)
+    return {"bits": bits, "group_size": gs, "mode": q_mode, "recipe": rec}
 
-    # --- estimates, before anything is written
-    qblock = None
-    if settings is not None:
-        qblock = Q.config_block(plan.quant_params, bits=settings["bits"], group_size=settings["group_size"],
-                                mode=settings["mode"], recipe=settings["recipe"])
+
+def _estimate(source, plan, settings, qblock, src: Path, dst: Path, dtype_name: str, context_tokens: int,
+              check_memory: bool, log) -> int:
+    """Say what will be written and what it needs; ConvertError before anything is written if memory or
+    disk are short. Returns the peak memory estimate."""
+    from . import planner
+
     total, peak = plan.total_bytes, plan.peak_estimate()
     log(f"source: {src} ({_fmt(source.src_bytes)}, {source.cfg.num_hidden_layers} layers)")
     what = "unquantized" if settings is None else (
         f"{settings['recipe'].name}, {qblock['bits']}-bit experts, group {settings['group_size']}, {settings['mode']}")
     log(f"output: {dst} ({what}, {dtype_name}): {_fmt(total)} in {plan.n_shards} shard(s)")
-    from . import planner
-
     machine = planner.machine_memory_bytes()
     log(f"conversion memory: about {_fmt(peak)} peak (largest unit '{plan.max_unit.src_name}')"
         + (f", {_fmt(machine)} usable here" if machine else ""))
@@ -592,8 +570,11 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     if total > free:
         raise ConvertError(f"not enough disk space at {parent}: the output needs {_fmt(total)}, {_fmt(free)} free"
                            + _partials_note(dst.parent))
+    return peak
 
-    # --- write into a temporary directory beside DST, then rename
+
+def _write_dst(source, plan, settings, dt, qblock, dtype_name: str, src: Path, dst: Path, progress: bool) -> list:
+    """Write into a temporary directory beside DST, then rename it to DST. Returns the copied aux files."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -601,28 +582,60 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize
     old_limit = mx.set_cache_limit(64 * 2**20)  # freed buffers go back to the OS, so the peak stays a unit
     try:
         weight_map = _write(source, plan, settings, dt, tmp, progress)
-        index = {"metadata": {"total_size": total, "format": "mlx"},
+        index = {"metadata": {"total_size": plan.total_bytes, "format": "mlx"},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _write_config(source, tmp, qblock, dtype_name)
         aux = _copy_aux(src, tmp)
         _finalize(tmp, dst)
+        return aux
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConvertError(f"disk full while writing {dst} (needed {_fmt(total)}); nothing was left behind"
-                               + _partials_note(dst.parent)) from None
+            raise ConvertError(f"disk full while writing {dst} (needed {_fmt(plan.total_bytes)}); nothing was left "
+                               "behind" + _partials_note(dst.parent)) from None
         raise ConvertError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         mx.set_cache_limit(old_limit)
+
+
+def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, *, quantize: bool = False,
+            q_bits: int | None = None, q_group_size: int | None = None, q_mode: str = "affine",
+            recipe: str | None = None, dtype: str | None = None, force: int = 0,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+            context_tokens: int = DEFAULT_CONTEXT_TOKENS, check_memory: bool = True,
+            log: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert SRC (directory or Hub repo id) into DST. Raises ConvertError with a user-facing message.
+
+    force: 1 (True) replaces a DST that holds a model, 2 any non-empty DST."""
+    log = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    max_shard = parse_size(max_shard_size)
+    settings = _quant_settings(quantize, q_bits, q_group_size, q_mode, recipe)
+    src = resolve_source(str(hf_path), log)
+    try:
+        source = _Source(src)
+    except WeightsError as e:
+        raise ConvertError(str(e)) from None
+    dst = Path(mlx_path).expanduser()
+    _recover(dst, log)
+    _check_destination(src, dst, int(force))
+    dtype_name, dt = _dtype_of(dtype, source.cfg)
+    plan = _plan(source, settings, dt, max_shard)
+    qblock = None
+    if settings is not None:
+        qblock = Q.config_block(plan.quant_params, bits=settings["bits"], group_size=settings["group_size"],
+                                mode=settings["mode"], recipe=settings["recipe"])
+    peak = _estimate(source, plan, settings, qblock, src, dst, dtype_name, context_tokens, check_memory, log)
+    aux = _write_dst(source, plan, settings, dt, qblock, dtype_name, src, dst, progress)
     shards = [_shard_name(i, plan.n_shards) for i in range(plan.n_shards)]
     dt_s = time.perf_counter() - t0
-    log(f"wrote {dst}: {_fmt(total)} in {len(shards)} shard(s)"
+    log(f"wrote {dst}: {_fmt(plan.total_bytes)} in {len(shards)} shard(s)"
         + (f" + {', '.join(aux)}" if aux else "") + f" in {dt_s:.1f} s")
-    return ConvertResult(dst, shards, total, source.src_bytes, qblock, peak, dt_s)
+    return ConvertResult(dst, shards, plan.total_bytes, source.src_bytes, qblock, peak, dt_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
