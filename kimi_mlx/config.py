@@ -166,7 +166,10 @@ class ModelConfig:
     # ---- parsing -------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> "ModelConfig":
-        """Parse and validate every field (type and range); ConfigError names the file and field."""
+        """Parse and validate every field (type and range); ConfigError names the file and field.
+
+        Long on purpose: one flat pass over the fields in config.json's order, easier to check
+        against the published config than pieces would be."""
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object")
         mt = d.get("model_type")

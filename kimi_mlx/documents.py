@@ -454,34 +454,7 @@ def load_documents(
 
     warnings: list = []
     skipped: list = []
-    inputs = []
-    for p in paths:
-        # absolute (not resolved) so .gitignore bases compare consistently
-        path = Path(os.path.abspath(Path(os.fspath(p)).expanduser()))
-        if not path.exists():
-            if path.is_symlink():
-                raise DocumentError(f"{p}: broken symlink")
-            raise DocumentError(f"{p}: no such file or directory")
-        inputs.append((p, path))
-    # named by the path as given (made absolute), not the symlink target
-    prefixes = _display_prefixes([path for _, path in inputs])
-
-    candidates: list = []
-    for (orig, path), prefix in zip(inputs, prefixes):
-        if path.is_dir():
-            before = len(candidates)
-            _walk_tree(path, prefix, candidates, warnings, skipped)
-            if len(candidates) == before:
-                warnings.append(f"{prefix}/: no readable files found in this directory")
-        else:
-            try:
-                st = path.stat()
-            except OSError as e:
-                raise DocumentError(f"{orig}: cannot access ({_oserror_text(e)})") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise DocumentError(f"{orig}: not a regular file or directory")
-            candidates.append(_Candidate(path, prefix, explicit=True))
-
+    candidates = _candidates(paths, warnings, skipped)
     files: list = []
     blocks: list = []
     seen_files: dict = {}
@@ -513,6 +486,39 @@ def load_documents(
         detail = f" ({'; '.join(warnings)})" if warnings else ""
         raise DocumentError(f"no readable text found in {names}{detail}")
     return DocumentSet(text="".join(blocks), files=files, warnings=warnings, skipped=skipped)
+
+
+def _candidates(paths: list, warnings: list, skipped: list) -> list:
+    """The files to read, in order: each path as given, a directory's tree sorted (without what
+    .gitignore and SKIP_DIRS leave out). DocumentError for a missing or special path."""
+    inputs = []
+    for p in paths:
+        # absolute (not resolved) so .gitignore bases compare consistently
+        path = Path(os.path.abspath(Path(os.fspath(p)).expanduser()))
+        if not path.exists():
+            if path.is_symlink():
+                raise DocumentError(f"{p}: broken symlink")
+            raise DocumentError(f"{p}: no such file or directory")
+        inputs.append((p, path))
+    # named by the path as given (made absolute), not the symlink target
+    prefixes = _display_prefixes([path for _, path in inputs])
+
+    candidates: list = []
+    for (orig, path), prefix in zip(inputs, prefixes):
+        if path.is_dir():
+            before = len(candidates)
+            _walk_tree(path, prefix, candidates, warnings, skipped)
+            if len(candidates) == before:
+                warnings.append(f"{prefix}/: no readable files found in this directory")
+        else:
+            try:
+                st = path.stat()
+            except OSError as e:
+                raise DocumentError(f"{orig}: cannot access ({_oserror_text(e)})") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise DocumentError(f"{orig}: not a regular file or directory")
+            candidates.append(_Candidate(path, prefix, explicit=True))
+    return candidates
 
 
 def _read_candidate(cand, max_file_bytes, warnings, skipped, seen_files):

@@ -46,6 +46,9 @@ def _intra(X, g, beta, NB):
     X: [B,H,N,NB,2,4,4,K] (q rows, k rows) fp32; g: same without the 2-axis; beta [B,H,N,C].
     Returns XG [B,H,N,2,C,K] (q*Gamma, k*Gamma), A_qk [B,H,N,C,C], T' [B,H,N,C,C],
     K*tail [B,H,N,C,K], Gamma_C [B,H,N,K].
+
+    One algorithm step, kept whole (over 80 lines): its intermediates feed each other in the order
+    of the derivation, and splitting them would pass a dozen arrays between functions.
     """
     B, H, N = X.shape[:3]
     K = X.shape[-1]
