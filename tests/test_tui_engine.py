@@ -157,6 +157,7 @@ def test_turns_continue_from_kept_states_and_across_a_restart(engine, tmp_path):
     state = str(tmp_path / "chat-7.state")
     msgs = [ChatMessage("system", "sys"), ChatMessage("user", "hello there")]
     first, last = _reply_state(engine, msgs, state)
+    engine.flush()  # the state is saved on the MLX thread after the reply
     assert last.cached_tokens == 0 and last.checkpoint_bytes > 0 and (tmp_path / "chat-7.state").exists()
     # regenerate: the prompt's state kept its logits, nothing is prefilled
     again, last = _reply_state(engine, msgs, state)
@@ -166,6 +167,7 @@ def test_turns_continue_from_kept_states_and_across_a_restart(engine, tmp_path):
     text2, last2 = _reply_state(engine, turn2, state)
     assert last2.cached_tokens == last.context_tokens - (last.finish_reason == "length")
 
+    engine.flush()
     restarted = KimiEngine(engine.model_path)  # a new app: nothing in memory, the state file on disk
     restarted.load()
     try:

@@ -60,6 +60,10 @@ class _MLXThread:
         if self._thread is not threading.current_thread():
             self._thread.join()
 
+    def submit(self, fn) -> None:
+        """Run ``fn`` on the MLX thread after what is queued, without waiting for it."""
+        self._jobs.put((fn, {}, threading.Event()))
+
     def call(self, fn):
         box: dict = {}
         done = threading.Event()
@@ -180,6 +184,11 @@ class KimiEngine:
             self._mlx = None
         self._model = self._tokenizer = self._store = None  # the weights can be freed (switching models)
         self._chats = {}
+
+    def flush(self) -> None:
+        """Wait for the MLX thread's queued work (a chat state being saved)."""
+        if self._mlx is not None:
+            self._mlx.call(lambda: None)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
@@ -309,8 +318,8 @@ class KimiEngine:
                 if r.finish_reason is None:
                     yield r, (0, None)
                 last = r
-            # the last step once the reply's state is kept (and saved)
-            self._save(conv, chat_state)
+            # the last step once the reply's state is kept; saved after it, before the next job
+            mlx.submit(lambda: self._save(conv, chat_state))
             if last is not None:
                 reply = conv.messages[-1] if conv.messages and conv.messages[-1].role == "assistant" else None
                 yield last, (self._store.nbytes, list(reply.ids) if reply is not None and reply.ids else None)
