@@ -561,7 +561,7 @@ def _estimate(source, plan, settings, qblock, src: Path, dst: Path, dtype_name: 
     try:
         run = planner.plan(dataclasses.replace(source.cfg, quantization=qblock), context_tokens, weights_bytes=total)
         log(f"running it at {context_tokens:,} tokens of context needs about {_fmt(run.total_bytes)} "
-            f"(weights {_fmt(total)} + cache {_fmt(run.cache_bytes)} + prefill and runtime); "
+            f"({run.breakdown()}); "
             + ("this machine could" if run.fits else "this machine could NOT") + " run it")
     except (planner.PlanError, ValueError):
         pass  # the estimate is informative only

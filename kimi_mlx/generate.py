@@ -369,9 +369,7 @@ def _plan_report(model, n_tokens: int, args, what: str, extra: int = 0) -> None:
     when = (f"prefill about {format_duration(p.prefill_seconds)} at {tps:,.0f} tok/s (an earlier run here)"
             if p.prefill_seconds is not None else "no earlier run here: prefill time is shown after the first chunk")
     print(f"{what}: {n_tokens:,} tokens{more}; memory needed about {format_bytes(p.total_bytes)}{avail} "
-          f"(weights {format_bytes(p.weights_bytes)}, cache {format_bytes(p.cache_bytes)}, "
-          f"prefill {format_bytes(p.prefill_bytes + p.dequant_bytes)}); {when}",
-          file=sys.stderr, flush=True)
+          f"({p.breakdown()}); {when}", file=sys.stderr, flush=True)
 
 
 def _read_inputs(args):
@@ -527,6 +525,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .tokenizer import TokenizerError
     from .weights import WeightsError
 
+    from ._native import shadowed_package
+
+    if why := shadowed_package():
+        print(f"warning: {why}", file=sys.stderr)
     parser = _build_parser()
     args = parser.parse_args(argv)
     _check_args(args, parser)

@@ -95,6 +95,7 @@ def test_document_and_session_give_the_same_answer(model_dir, doc, tmp_path, cap
     assert rc == 0, err
     direct = json.loads(out)
     assert "for the question); memory needed about" in err
+    assert " + runtime " in err and "(weights " in err  # every part of the total is shown
     assert "(an earlier run here)" in err or "prefill time is shown after the first chunk" in err
     assert f"documents: {direct['document_tokens']:,} tokens" in err
 
