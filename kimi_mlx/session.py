@@ -7,7 +7,9 @@ starts from an in-memory snapshot (`fork()`), and N questions cost one prefill.
 File format (one safetensors file, written atomically): tensors `tokens` (int32) and
 `L{i}.{name}` per layer; metadata `kimi_mlx_session` = JSON with the format version,
 model identity (format 2: a digest of every weight file's bytes and the config), tokenizer
-hash, token count, token hash and a sha256 per tensor.
+hash, token count, token hash and a sha256 per tensor. A session that continues another (a chat after
+its documents: `save(..., base=documents)`) holds only the MLA rows after the base's tokens, and
+names the base by its token count and hash; `load` then needs that base.
 
     python -m kimi_mlx.session info FILE
 """
@@ -260,6 +262,12 @@ def _check_meta(path: Path, meta, header: dict) -> None:
         bad(f"'num_tokens' is {n!r}, not a positive integer")
     if not isinstance(meta.get("tokens_sha256"), str) or not _HEX64.fullmatch(meta["tokens_sha256"]):
         bad("'tokens_sha256' is missing or not a sha256")
+    base = meta.get("base")
+    if base is not None and (not isinstance(base, dict) or not _is_count(base.get("num_tokens"))
+                             or base["num_tokens"] > n or not isinstance(base.get("tokens_sha256"), str)
+                             or not _HEX64.fullmatch(base["tokens_sha256"])):
+        bad("'base' is not a token count within the session and a sha256")
+    rows = n - (base["num_tokens"] if base else 0)  # MLA rows the file holds
     tensors = {k for k in header if k != "__metadata__"}
     sums = meta.get("sha256")
     if not isinstance(sums, dict) or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in sums.values()):
@@ -281,21 +289,26 @@ def _check_meta(path: Path, meta, header: dict) -> None:
             shape, gs = e.get("shape"), e.get("group_size")
             if (e["stored_bits"] != 8 or e["kind"] != "mla" or str(e.get("dtype")).split(".")[-1] not in _DTYPES
                     or not isinstance(gs, int) or gs < 1 or not isinstance(shape, list) or len(shape) != 3
-                    or not all(isinstance(d, int) and d >= 1 for d in shape) or shape[1] != n):
+                    or not all(isinstance(d, int) and d >= 1 for d in shape) or shape[1] != rows):
                 bad(f"layer {i} has an invalid 8-bit cache description")
 
 
-def _check_layer_arrays(path: Path, i: int, entry: dict, a: dict) -> None:
-    """The tensors of layer i are the ones its kind stores, for the listed number of tokens."""
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_layer_arrays(path: Path, i: int, entry: dict, a: dict, rows: int) -> None:
+    """The tensors of layer i are the ones its kind stores, for the `rows` MLA rows the file holds."""
     if entry["kind"] == "kda":
         want = {"conv", "state"}
+    elif not rows:
+        want = set()
     else:
         want = {"kv_q", "kv_scales", "kv_biases"} if entry.get("stored_bits") == 8 else {"kv"}
     if set(a) != want:
         raise SessionError(f"{path}: corrupt: layer {i} holds tensors {sorted(a)}, expected {sorted(want)}")
-    if entry["kind"] == "mla" and "kv" in a and (a["kv"].ndim != 3 or a["kv"].shape[1] != entry["offset"]):
-        raise SessionError(f"{path}: corrupt: layer {i} caches {tuple(a['kv'].shape)} rows for "
-                           f"{entry['offset']} tokens")
+    if entry["kind"] == "mla" and "kv" in a and (a["kv"].ndim != 3 or a["kv"].shape[1] != rows):
+        raise SessionError(f"{path}: corrupt: layer {i} caches {tuple(a['kv'].shape)} rows for {rows} tokens")
 
 
 # ---------------------------------------------------------------------------
@@ -324,11 +337,17 @@ class DocumentSession:
         return cls(list(doc_ids), cache, model_identity(model), tokenizer.sha256)
 
     # -- save ---------------------------------------------------------------
-    def save(self, path: str | os.PathLike, mla_bits: int | None = None) -> Path:
+    def save(self, path: str | os.PathLike, mla_bits: int | None = None,
+             base: "DocumentSession | None" = None) -> Path:
         """Write atomically (temp file + rename). mla_bits=8 stores the latent cache at 8 bits.
+        base: a session whose tokens start these (the documents of a chat): only the MLA rows after
+        them are written, and `load` needs that base.
 
         SessionError (one line) when it can't be written, e.g. a full disk; nothing is left behind."""
         path = Path(path)
+        base_n = base.num_tokens if base is not None else 0
+        if base is not None and list(self.tokens[:base_n]) != list(base.tokens):
+            raise ValueError("the base session's tokens don't start this session")
         arrays: dict[str, mx.array] = {"tokens": mx.array(np.asarray(self.tokens, dtype=np.int32))}
         layers = []
         for i, c in enumerate(self.cache):
@@ -336,6 +355,8 @@ class DocumentSession:
             if isinstance(c, MLACache):
                 entry["bits"] = c.bits
                 a = c.arrays()
+                if a and base_n:
+                    a = {"kv": a["kv"][:, base_n:]} if c.offset > base_n else {}
                 if a and (mla_bits == 8 or c.bits == 8):
                     q = quantize_rows(a["kv"], c.group_size)
                     a = {"kv_q": q["wq"], "kv_scales": q["scales"], "kv_biases": q["biases"]}
@@ -351,6 +372,8 @@ class DocumentSession:
             "num_tokens": len(self.tokens), "tokens_sha256": _tokens_hash(self.tokens), "layers": layers,
             "sha256": {k: _array_hash(v) for k, v in arrays.items()},
         }
+        if base is not None:
+            meta["base"] = {"num_tokens": base_n, "tokens_sha256": _tokens_hash(base.tokens)}
         check_save_path(path, sum(v.nbytes for v in arrays.values()) + 2**16)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
@@ -395,9 +418,17 @@ class DocumentSession:
         return meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model, tokenizer) -> "DocumentSession":
+    def load(cls, path: str | os.PathLike, model, tokenizer, base: "DocumentSession | None" = None) -> "DocumentSession":
+        """base: the session a file saved with `save(..., base=)` continues (else ignored)."""
         path = Path(path)
         meta = cls.read_meta(path)
+        want = meta.get("base")
+        if want is not None and base is None:
+            raise SessionError(f"{path}: continues a document session; open it together with its documents")
+        if want is not None and (base.num_tokens != want["num_tokens"]
+                                 or _tokens_hash(base.tokens) != want["tokens_sha256"]):
+            raise SessionError(f"{path}: continues other documents than the ones given")
+        base = base if want is not None else None
         mid = model_identity(model)
         if meta["model_id"] != mid:
             raise SessionError(f"{path}: saved with a different model (model id {meta['model_id']}, loaded {mid})")
@@ -415,18 +446,29 @@ class DocumentSession:
         tokens = np.array(arrays["tokens"]).reshape(-1).tolist()
         if len(tokens) != meta["num_tokens"] or _tokens_hash(tokens) != meta["tokens_sha256"]:
             raise SessionError(f"{path}: corrupt: token ids do not match their hash")
+        if base is not None and tokens[:base.num_tokens] != list(base.tokens):
+            raise SessionError(f"{path}: corrupt: its tokens don't start with its documents'")
+        rows = len(tokens) - (base.num_tokens if base is not None else 0)
         cache = model.make_cache()
         for i, (entry, layer) in enumerate(zip(meta["layers"], model.layers)):
             if (entry["kind"] == "mla") != layer.is_mla:
                 raise SessionError(f"{path}: layer {i} kind '{entry['kind']}' does not match the model")
             a = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"L{i}.")}
-            _check_layer_arrays(path, i, entry, a)
+            _check_layer_arrays(path, i, entry, a, rows)
             try:
                 if entry.get("stored_bits") == 8:
                     a = {"kv": dequantize_rows({"wq": a["kv_q"], "scales": a["kv_scales"], "biases": a["kv_biases"],
                                                 "shape": tuple(entry["shape"]), "group_size": entry["group_size"],
                                                 "bits": 8, "dtype": getattr(mx, entry["dtype"].split(".")[-1])})}
                     mx.eval(a["kv"])
+                if entry["kind"] == "mla" and base is not None:  # the documents' rows are shared, not copied
+                    cache[i] = base.cache[i].copy()
+                    if a:
+                        cache[i].reserve(entry["offset"])
+                        cache[i].append(a["kv"])
+                    if cache[i].offset != entry["offset"]:
+                        raise ValueError(f"{cache[i].offset} tokens after its documents, {entry['offset']} listed")
+                    continue
                 if entry["kind"] == "mla":
                     cache[i] = MLACache(bits=entry.get("bits"))
                 cache[i].load_arrays(a, entry["offset"])
@@ -444,7 +486,8 @@ def info(path: str | os.PathLike) -> str:
     lines = [
         f"session:        {path}",
         f"format version: {meta['version']}",
-        f"tokens:         {meta['num_tokens']:,}",
+        f"tokens:         {meta['num_tokens']:,}"
+        + (f" (after a document session of {meta['base']['num_tokens']:,})" if meta.get("base") else ""),
         f"file size:      {size / 1e6:,.1f} MB",
         f"layers:         {len(meta['layers'])} ({len(mla)} MLA, {len(meta['layers']) - len(mla)} KDA)",
         f"MLA cache:      {'8-bit' if any(l.get('stored_bits') == 8 for l in mla) else 'full precision'}",

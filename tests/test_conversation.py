@@ -200,3 +200,32 @@ def test_chat_benchmark_prefills_only_each_new_message(tiny):
     assert all(r["prefilled_kept"] < r["prefilled_reprefill"] for r in rows[1:])
     assert rows[2]["prefilled_reprefill"] > rows[1]["prefilled_reprefill"] > rows[2]["prefilled_kept"]
     assert all(r["target_s"] > 0 and isinstance(r["meets_target"], bool) for r in rows)
+
+
+def test_a_document_chat_saves_only_what_follows_its_documents(tiny, tmp_path):
+    from kimi_mlx.session import DocumentSession, info
+
+    model, tok = tiny
+    conv = Conversation(model, tok, system_prompt="Be brief.")
+    docs = DocumentSession.create(model, tok, conv.prompts.document_prefix("The cat is called Tom. " * 40, "Be brief."))
+    full = docs.save(tmp_path / "docs.kimisession")
+    conv.set_documents(docs)
+    list(conv.send(QUESTIONS[0], max_tokens=5))
+    path = conv.save(tmp_path / "chat.state")
+    n = conv.last_checkpoint().num_tokens
+    assert path.stat().st_size < full.stat().st_size  # the documents' MLA rows aren't written again
+    assert f"tokens:         {n:,} (after a document session of {docs.num_tokens:,})" in info(path)
+
+    later = Conversation(model, tok, system_prompt="Be brief.")  # a restart: documents from their file
+    later.set_documents(DocumentSession.load(full, model, tok))
+    later.messages = list(conv.messages)
+    assert later.restore(path).num_tokens == n
+    got = _tokens(later.send(QUESTIONS[1], max_tokens=5))
+    ids = later.prompt_ids(later.messages[:-1])
+    assert later.reused_tokens == n and got == _full(model, tok, ids, 5)
+
+    with pytest.raises(SessionError, match="together with its documents"):
+        DocumentSession.load(path, model, tok)
+    other = DocumentSession.create(model, tok, conv.prompts.document_prefix("Another text.", "Be brief."))
+    with pytest.raises(SessionError, match="other documents"):
+        DocumentSession.load(path, model, tok, base=other)

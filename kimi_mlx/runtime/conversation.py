@@ -192,10 +192,13 @@ class Conversation:
         if ckpt is None:
             return None
         sess = DocumentSession(ckpt.ids.tolist(), ckpt.cache, model_identity(self.model), self.tokenizer.sha256)
-        return sess.save(path, mla_bits=self.mla_bits)
+        docs = self.documents
+        if docs is not None and not np.array_equal(ckpt.ids[:docs.num_tokens], as_ids(docs.tokens)):
+            docs = None
+        return sess.save(path, mla_bits=self.mla_bits, base=docs)  # with documents: only what follows them
 
     def restore(self, path: str | Path) -> Optional[Checkpoint]:
         """Keep the checkpoint saved at `path` (see `save`), to continue from it. SessionError if the file
-        is damaged or from another model or tokenizer."""
-        sess = DocumentSession.load(path, self.model, self.tokenizer)
+        is damaged, from another model or tokenizer, or continues other documents."""
+        sess = DocumentSession.load(path, self.model, self.tokenizer, base=self.documents)
         return self.store.add(Checkpoint(as_ids(sess.tokens), sess.cache, None, self.key))
