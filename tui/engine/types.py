@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
+# role, content, and a reply's token ids as generated (Delta.reply_ids, kept in the message's meta): the
+# engine continues from the state after them even where the text would re-encode differently
+from kimi_mlx.runtime.prompt import Message as ChatMessage
+
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 # Room kept free after the documents so a question and a reply still fit.
 DOC_RESERVE_TOKENS = 1024
@@ -71,18 +75,6 @@ class SamplingSettings:
         return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
-    content: str
-    # A reply's token ids as generated (Delta.reply_ids, kept in the message's meta): the engine
-    # continues from the state after them even where the text would re-encode differently.
-    ids: Optional[tuple] = field(default=None, compare=False)
-
-    def as_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
-
-
 @dataclass
 class Delta:
     """One step of a streamed reply (mirrors kimi_mlx's GenerationResponse)."""
@@ -100,7 +92,7 @@ class Delta:
     cached_tokens: int = 0
     # Memory held by the engine's kept conversation states (set on the last step).
     checkpoint_bytes: int = 0
-    # On the last step: the reply's token ids (see ChatMessage.ids).
+    # On the last step: the reply's token ids (ChatMessage.ids).
     reply_ids: Optional[list] = None
 
 
