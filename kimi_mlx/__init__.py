@@ -7,10 +7,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": ("kimi_mlx.weights", "load_model"),
-    "load": ("kimi_mlx.generate", "load"),
+    "load": ("kimi_mlx.runtime.model", "load"),
     "generate": ("kimi_mlx.generate", "generate"),
     "stream_generate": ("kimi_mlx.generate", "stream_generate"),
     "ModelConfig": ("kimi_mlx.config", "ModelConfig"),
+    "Conversation": ("kimi_mlx.runtime.conversation", "Conversation"),
 }
 
 
