@@ -220,6 +220,8 @@ def _offset_plus_100(m, a):
     (lambda m, a: m.update(version=1), "older kimi_mlx \\(session format 1\\)"),
     (lambda m, a: m.update(version=99), "format version 99 is not supported"),
     (lambda m, a: m["layers"][0].update(kind="rnn"), "layer 0 has no kind"),
+    (lambda m, a: m.update(base={"num_tokens": 41, "tokens_sha256": "0" * 64}), "'base' is not a token count"),
+    (lambda m, a: m.update(base=[40]), "'base' is not a token count"),
 ])
 def test_edited_metadata_refused_in_one_line(model, ids, tmp_path, edit, msg):
     p = DocumentSession.create(model, Tok(), ids[:40], step=64).save(tmp_path / "a.kimisession")
