@@ -106,10 +106,12 @@ def latent_attention(
             kn = kb.shape[1]
             s = (qflat @ kb.transpose(0, 2, 1)).reshape(B, H, tq, kn).astype(mx.float32) * scale
             s = _causal(s, first_q, ks)
-            v = kb[:, :, :d_v]  # [B, kn, d_v], shared by all heads
-
-            def pv(p):  # heads folded into rows: one matmul (a head-broadcast one is ~30x slower on the CPU)
-                return (p.astype(v.dtype).reshape(B, H * tq, kn) @ v).reshape(B, H, tq, d_v).astype(mx.float32)
+            def pv(p, kb=kb):
+                # heads folded into rows: one matmul (a head-broadcast one is ~30x slower on the CPU);
+                # against whole rows, then the value columns kept: the strided [:, :, :d_v] operand
+                # would be copied first (3x slower on the CPU at the real widths)
+                o = p.astype(kb.dtype).reshape(B, H * tq, kn) @ kb
+                return o[..., :d_v].reshape(B, H, tq, d_v).astype(mx.float32)
 
             m, l, acc = _online_softmax(m, l, acc, s, pv, exp)
             if big:  # keep at most one score tile alive on long contexts
@@ -139,6 +141,7 @@ def expanded_attention(q, blocks, expand, scale, q_offset, block_k: int = 1024,
     for ks, kb in keys:
         k, v = expand(kb.astype(mx.float32) if widen and kb.dtype != mx.float32 else kb)
         kt = k.astype(q.dtype).transpose(0, 1, 3, 2)  # once per key block, for every query block
+        v = mx.contiguous(v)  # a column slice of kv_b's output: copied once here, not in every matmul
         for i, (first_q, qb) in enumerate(qblocks):
             if ks > first_q + qb.shape[2] - 1:
                 continue  # every key of this block is in these queries' future
