@@ -27,6 +27,18 @@ def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 8):
             "group_size": group_size, "bits": bits}
 
 
+def segment_rows(data, s: int, e: int, D: int) -> mx.array:
+    """Full-precision rows s..e of an MLACache segment's data: a [B, cap, D] array, or the 8-bit
+    {"wq", "scales", "biases"} (groups along D, mx.quantize layout), dequantized."""
+    if not isinstance(data, dict):
+        return data[:, s:e]
+    B = data["wq"].shape[0]
+    q = {k: v[:, s:e].reshape(B * (e - s), -1) for k, v in data.items()}
+    gs = (data["wq"].shape[2] * 4) // data["scales"].shape[2]
+    return dequantize_rows({**q, "shape": (B, e - s, D), "dtype": data["scales"].dtype,
+                            "group_size": gs, "bits": 8})
+
+
 def dequantize_rows(q: dict) -> mx.array:
     B, T, D = q["shape"]
     x = mx.dequantize(q["wq"], q["scales"], q["biases"], group_size=q["group_size"], bits=q["bits"])
@@ -142,17 +154,8 @@ class MLACache:
 
     def blocks(self) -> list[mx.array]:
         """The cached rows as a list of [B, n, D] arrays in token order (full precision)."""
-        out = []
-        for s in self.segments():
-            if self.bits is None:
-                d = s["data"]
-                out.append(d if s["n"] == s["cap"] else d[:, : s["n"]])
-            else:
-                B = s["data"]["wq"].shape[0]
-                q = {k: v[:, : s["n"]].reshape(B * s["n"], -1) for k, v in s["data"].items()}
-                out.append(dequantize_rows({**q, "shape": (B, s["n"], s["D"]), "dtype": s["dtype"],
-                                            "group_size": self.group_size, "bits": 8}))
-        return out
+        return [s["data"] if self.bits is None and s["n"] == s["cap"] else segment_rows(s["data"], 0, s["n"], s["D"])
+                for s in self.segments()]
 
     # -- persistence -------------------------------------------------------
     def arrays(self) -> dict[str, mx.array]:

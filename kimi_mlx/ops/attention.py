@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..cache import segment_rows
+
 # Largest score tile, in elements (B * H * queries * keys); 2**23 fp32 = 32 MiB.
 TILE_ELEMS = 1 << 23
 
@@ -197,21 +199,8 @@ def _blocks(source) -> list[mx.array]:
     return list(source) if isinstance(source, (list, tuple)) else source.blocks()
 
 
-def _cached(source, T: int) -> int:
+def _cached(source) -> int:
     return sum(b.shape[1] for b in source) if isinstance(source, (list, tuple)) else source.offset
-
-
-def _rows(data, s: int, e: int, D: int) -> mx.array:
-    """Full-precision rows s..e of a segment's data (8-bit segments dequantized)."""
-    if not isinstance(data, dict):
-        return data[:, s:e]
-    from ..cache import dequantize_rows
-
-    B = data["wq"].shape[0]
-    q = {k: v[:, s:e].reshape(B * (e - s), -1) for k, v in data.items()}
-    gs = (data["wq"].shape[2] * 4) // data["scales"].shape[2]
-    return dequantize_rows({**q, "shape": (B, e - s, D), "dtype": data["scales"].dtype,
-                            "group_size": gs, "bits": 8})
 
 
 _TRUSTED: dict = {}
@@ -291,7 +280,7 @@ def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: 
     from metal_kernels import mla as K
 
     B, H, T, D = q.shape
-    q_offset = _cached(source, T) - T if q_offset is None else q_offset
+    q_offset = _cached(source) - T if q_offset is None else q_offset
     segs = _segments(source)
     if segs and K.backend() is not None and all(
             _kernels_trusted("decode", (k[0], D, d_v, k[2], k[3])) for k in (_seg_key(d, D) for d, *_ in segs)):
@@ -316,7 +305,7 @@ def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: 
     from metal_kernels import mla as K
 
     B, T, H, DK = q.shape
-    q_offset = _cached(source, T) - T if q_offset is None else q_offset
+    q_offset = _cached(source) - T if q_offset is None else q_offset
     segs = _segments(source)
     if segs and K.backend() is not None and _kernels_trusted("prefill", (q.dtype, DK, d_rope, d_v, segs[0][3])):
         per_key = B * H * (DK - d_rope + d_v) * q.dtype.size
@@ -325,7 +314,7 @@ def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: 
         for data, n, start, D in segs:
             for s in range(0, min(n, q_offset + T - start), blk):  # keys past the chunk: nobody sees them
                 e = min(n, s + blk)
-                rows = _rows(data, s, e, D)
+                rows = segment_rows(data, s, e, D)
                 state = K.mla_prefill_block(q, expand_kv(rows), rows, e - s, start + s, q_offset, scale,
                                             d_v, d_rope, init=state)
                 if state is None:
