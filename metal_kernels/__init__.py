@@ -1,4 +1,7 @@
-"""Custom KDA kernels: Metal on Apple GPUs, the CUDA twin on NVIDIA, one definition for both.
+"""Custom kernels: Metal on Apple GPUs, the CUDA twin on NVIDIA, one definition for both.
+
+The KDA kernels are launched from here; the MLA attention kernels from metal_kernels.mla
+(mla_template.py), through the same `_kernel` factory. KDA:
 
     kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None)
         -> (o [B,T,H,V] in q_raw's dtype, state [B,H,K,V] fp32)   or None

@@ -1,4 +1,4 @@
-"""Whole translation units around the rendered kernels, for checks outside MLX.
+"""Whole translation units around the rendered kernels (KDA and MLA), for checks outside MLX.
 
 MLX wraps a kernel body in its own signature (inputs, `<name>_shape` arrays for names the body
 mentions, outputs, then builtins on Metal / template constants on CUDA). These functions build
