@@ -112,3 +112,29 @@ def test_expanded_mla_prefill_matches_reference(fixture, threshold, monkeypatch)
     cache = model.make_cache()
     parts = [model(ids[:, a:b], cache=cache)[0] for a, b in ((0, 64), (64, 129), (129, 200))]
     assert max_abs(mx.concatenate(parts, axis=0), g["logits_200"]) < tol
+
+
+def test_cached_weight_views_follow_replaced_weights():
+    """The MLA absorbed weights and the KDA joined conv weight are made once, and again when the
+    weights are replaced (load_weights), never served stale."""
+    ids = mx.array([[3, 1, 4, 1, 5]])
+
+    def step(m):  # a 4-token prompt, then one decode step (the T = 1 paths)
+        cache = m.make_cache()
+        m(ids[:, :4], cache=cache)
+        return m(ids[:, 4:], cache=cache)
+
+    def attn(m, mla):
+        return next(l.self_attn for l in m.model.layers if l.is_mla == mla)
+
+    model = load_model(MODELS / "tiny_grouped")
+    a = step(model)
+    attn(model, True).kv_b_proj.weight = attn(model, True).kv_b_proj.weight * 2
+    attn(model, False).q_conv1d.weight = attn(model, False).q_conv1d.weight * 0.5
+    b = step(model)
+    fresh = load_model(MODELS / "tiny_grouped")
+    attn(fresh, True).kv_b_proj.weight = attn(model, True).kv_b_proj.weight
+    attn(fresh, False).q_conv1d.weight = attn(model, False).q_conv1d.weight
+    c = step(fresh)
+    assert max_abs(a, b) > 1e-3  # the change shows
+    assert max_abs(b, c) < 1e-5  # as in a model that had those weights from the start

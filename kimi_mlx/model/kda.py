@@ -25,9 +25,12 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None):
         state = mx.zeros((B, kc - 1, C), dtype=x.dtype)
     xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
     w = weight.astype(x.dtype)
-    out = xs[:, 0:T] * w[:, 0]
-    for j in range(1, kc):
-        out = out + xs[:, j:j + T] * w[:, j]
+    if T == 1:  # decode: one product and one sum instead of kc of each (a step's graph is host-bound)
+        out = (xs * w.T).sum(axis=1, keepdims=True)
+    else:
+        out = xs[:, 0:T] * w[:, 0]
+        for j in range(1, kc):
+            out = out + xs[:, j:j + T] * w[:, j]
     return nn.silu(out), xs[:, -(kc - 1):]
 
 
@@ -55,13 +58,23 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.RMSNorm(K, eps=cfg.rms_norm_eps)
         self.o_proj = nn.Linear(P, d, bias=False)
 
+    def _conv_weight(self) -> mx.array:
+        """The q|k|v conv weights side by side, joined once (not on every token) and again only
+        when a weight array is replaced. Kept in __dict__: not a parameter of the module."""
+        ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+        key = tuple(id(w) for w in ws)
+        cached = self.__dict__.get("_conv_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, mx.concatenate(ws, axis=0), ws)  # ws: keep the ids valid
+            self.__dict__["_conv_cache"] = cached
+        return cached[1]
+
     def __call__(self, x: mx.array, cache: KDACache | None = None) -> mx.array:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
         qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        w = mx.concatenate([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], axis=0)
-        qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
+        qkv, conv_state = causal_short_conv(qkv, self._conv_weight(), cache.conv if cache is not None else None)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, K)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
         o, state = kda_gated(

@@ -19,8 +19,9 @@ class _Absorbed:
     """W_uk and W_uv^T split out of kv_b_proj once, not every step (a quantized kv_b_proj would
     be dequantized per token). A plain object, so nn.Module does not take it for a parameter."""
 
-    def __init__(self, key, w_uk, w_uv_t):
+    def __init__(self, key, w_uk, w_uv_t, sources):
         self.key, self.w_uk, self.w_uv_t = key, w_uk, w_uv_t
+        self.sources = sources  # the arrays keyed by id: held so that no new array reuses an id
 
 
 class KimiMLA(nn.Module):
@@ -74,12 +75,13 @@ class KimiMLA(nn.Module):
         return k, kv[..., self.nope:]
 
     def _absorbed_weights(self, dtype) -> _Absorbed:
-        key = (id(self.kv_b_proj.get("weight")), id(self.kv_b_proj.get("scales")), dtype)
+        sources = (self.kv_b_proj.get("weight"), self.kv_b_proj.get("scales"), self.kv_b_proj.get("biases"))
+        key = (*(id(a) for a in sources), dtype)
         cached = self.__dict__.get("_absorbed_cache")
         if cached is None or cached.key != key:
             H = self.num_heads
             w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank).astype(dtype)
-            cached = _Absorbed(key, w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1)))
+            cached = _Absorbed(key, w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1)), sources)
             self.__dict__["_absorbed_cache"] = cached
         return cached
 
