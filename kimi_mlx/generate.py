@@ -159,8 +159,9 @@ def stream_from_logits(model, tokenizer, cache, logits: mx.array, history: Seque
     eos = set(int(t) for t in tokenizer.eos_token_ids)
     detok = StreamingDetokenizer(tokenizer)
     tic = time.perf_counter() if tic is None else tic
-    steps = _token_steps(model, cache, logits, mx.array(list(history), dtype=mx.int32), sampler, processors,
-                         max_tokens)
+    # the history only matters to logits processors (a long conversation's ids are not copied otherwise)
+    hist = mx.array(list(history) if processors else [], dtype=mx.int32)
+    steps = _token_steps(model, cache, logits, hist, sampler, processors, max_tokens)
     prompt_tps = gen_tps = 0.0
     token, logprobs, n, finish = -1, None, 0, None
     for n, (token, logprobs) in enumerate(steps, 1):

@@ -205,7 +205,7 @@ async def test_ctrl_l_focuses_the_chat_list(tmp_path):
 
 @aio
 async def test_stopping_while_thinking_leaves_no_empty_bubble(tmp_path):
-    engine = FakeEngine(token_delay=0.5)  # "thinking": no token yet
+    engine = FakeEngine(token_delay=2.0)  # "thinking": no token yet (a loaded machine takes a while to press Esc)
     app = make_app(tmp_path, engine)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)

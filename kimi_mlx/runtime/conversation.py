@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..generate import check_prompt_length, stream_from_logits
+from ..sampling import make_logits_processors, make_sampler
 from ..session import DocumentSession, ProgressFn, SessionError, model_identity, prefill
 from .checkpoints import Checkpoint, CheckpointStore, as_ids
 from .prompt import Message, PromptBuilder, as_messages
@@ -118,9 +120,6 @@ class Conversation:
         """Stream the reply to the messages (GenerationResponse per token, see generate.stream_generate);
         when it ends the reply is appended to the messages and the states kept as checkpoints.
         Each response's `cached_tokens` is the part of the prompt taken from a checkpoint."""
-        from ..generate import check_prompt_length, stream_from_logits
-        from ..sampling import make_logits_processors, make_sampler
-
         opts = {**DEFAULT_SAMPLING, **sampling}
         if opts["max_tokens"] < 1:
             raise ValueError(f"max_tokens must be >= 1, got {opts['max_tokens']}")
@@ -134,7 +133,7 @@ class Conversation:
         processors = make_logits_processors(opts["repetition_penalty"])
         self.reused_tokens, self.prefilled_tokens = reused, len(new)
         return self._stream(ids, arr, cache, logits, new, sampler, processors, opts["max_tokens"], progress,
-                            should_stop, stream_from_logits)
+                            should_stop)
 
     def _start(self, ids: np.ndarray):
         """(cache to continue, its logits or None, tokens it holds) for a prompt of `ids`."""
@@ -148,8 +147,7 @@ class Conversation:
             return self.model.make_cache(mla_bits=self.mla_bits), None, 0
         return ckpt.cache.copy(), ckpt.logits, ckpt.num_tokens
 
-    def _stream(self, ids, arr, cache, logits, new, sampler, processors, max_tokens, progress, should_stop,
-                stream_from_logits):
+    def _stream(self, ids, arr, cache, logits, new, sampler, processors, max_tokens, progress, should_stop):
         tic = time.perf_counter()
         cache.reserve(cache.offset + len(new) + max_tokens)
         if new:
