@@ -279,3 +279,31 @@ def test_hub_download_reports_size(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
     with pytest.raises(ModelLoadError, match="not in the local cache"):
         G.resolve_model_path("someone/some-model", log=logs.append)
+
+
+def test_download_says_what_fits_this_machine(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from kimi_mlx import planner
+    from kimi_mlx.runtime import model as G
+
+    class Sib:
+        rfilename, size = "model.safetensors", 98_000_000_000
+
+    class Info:
+        sha, siblings = "0" * 40, [Sib()]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, **kw: Info())
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: str(tmp_path))
+    monkeypatch.setattr(G.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**15})())
+    monkeypatch.setattr(planner, "machine_memory_bytes", lambda usable=True: 16 * 10**9)
+    logs = []
+    G.resolve_model_path("moonshotai/Kimi-Linear-48B-A3B-Instruct", log=logs.append)
+    assert "warning" in logs[-1] and G.DEFAULT_MODEL in logs[-1]
+    logs.clear()
+    G.resolve_model_path(G.DEFAULT_MODEL, log=logs.append)
+    assert "warning" in logs[-1] and "more memory" in logs[-1]
+    logs.clear()
+    G.resolve_model_path("a/b", log=logs.append, for_running=False)  # convert.py's source: no memory advice
+    assert len(logs) == 1 and "Downloading" in logs[0]

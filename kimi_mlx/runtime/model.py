@@ -79,8 +79,9 @@ def _announce(repo: str, files, missing: int, log: LogFn, cache_dir: str, for_ru
     log(f"Running it needs about {format_bytes(need)} of memory for the weights and runtime, plus the cache"
         + (f"; this machine has about {format_bytes(have)} usable." if have else "."))
     if have and need > have:
-        log(f"warning: that is more memory than this machine has free; a quantized conversion such as "
-            f"{DEFAULT_MODEL} (4-bit, about 27 GB) is a better fit.")
+        pick = (f"a quantized conversion such as {DEFAULT_MODEL} (4-bit, about 27 GB) is a better fit"
+                if repo != DEFAULT_MODEL else "it needs a machine with more memory (or a smaller quantization)")
+        log(f"warning: that is more memory than this machine has free; {pick}.")
 
 
 def _download(repo: str, log: LogFn, patterns: Sequence[str], for_running: bool) -> Path:
