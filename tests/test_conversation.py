@@ -159,6 +159,9 @@ def test_arrays_the_documents_hold_are_not_counted(tiny):
     assert store.nbytes == 0
     store.held_elsewhere("chat", None)
     assert store.nbytes == docs.nbytes
+    store.held_elsewhere("chat", docs)
+    store.forget("chat")  # a deleted chat: nothing of it is kept, its documents not held
+    assert len(store) == 0 and store.nbytes == 0 and not store._held
 
 
 def test_checkpoint_memory_is_bounded_least_recently_used_first(tiny):

@@ -119,6 +119,11 @@ class CheckpointStore:
         """The most recently added or used checkpoint of conversation `key`."""
         return next((c for c in reversed(self._items.values()) if c.key == key), None)
 
+    def forget(self, key: str) -> None:
+        """Conversation `key` is gone: its checkpoints, and its hold on its documents' arrays."""
+        self.drop(key)
+        self._held.pop(key, None)
+
     def drop(self, key: Optional[str] = None, keep: Sequence[int] | np.ndarray | None = None) -> int:
         """Forget the checkpoints of conversation `key` (all when key is None), except those
         that are a prefix of `keep`. Returns how many went."""

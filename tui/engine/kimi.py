@@ -262,7 +262,7 @@ class KimiEngine:
             gone = self._forget.pop()
             self._restore_tried.discard(gone)
             if self._chats.pop(gone, None) is not None:
-                self._store.drop(gone)
+                self._store.forget(gone)
         conv = self._chats.get(key)
         if conv is None:
             conv = self._chats[key] = Conversation(self._model, self._tokenizer, store=self._store, key=key,
