@@ -225,3 +225,20 @@ def test_the_app_continues_turns_and_old_chats_after_a_restart(tmp_path):
             replies[1].meta["finish_reason"] == "length")
 
     asyncio.run(run())
+
+
+def test_a_document_chat_left_for_another_lets_go_of_its_documents(engine, tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 30)
+    info = engine.prefill_documents([str(tmp_path / "a.txt")], str(tmp_path / "chat-1.session"), lambda p: None,
+                                    threading.Event(), system_prompt="sys")
+    msgs = [ChatMessage("system", "sys"), ChatMessage("user", "hello there")]
+    a, b = str(tmp_path / "chat-1.state"), str(tmp_path / "chat-2.state")
+    first = list(engine.stream_reply(msgs, GREEDY, info, threading.Event(), chat_state=a))[-1]
+    list(engine.stream_reply(msgs, GREEDY, None, threading.Event(), chat_state=b))
+    engine.flush()
+    assert a not in engine._chats and all(c.key != a for c in engine._store)  # nothing holds the documents
+    # back in the first chat: its saved state (after its documents) is continued
+    reply = ChatMessage("assistant", engine._tokenizer.decode(first.reply_ids), tuple(first.reply_ids))
+    turn2 = msgs + [reply, ChatMessage("user", "and?")]
+    last = list(engine.stream_reply(turn2, GREEDY, info, threading.Event(), chat_state=a))[-1]
+    assert last.cached_tokens == first.context_tokens - (first.finish_reason == "length")

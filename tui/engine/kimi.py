@@ -263,6 +263,13 @@ class KimiEngine:
             self._restore_tried.discard(gone)
             if self._chats.pop(gone, None) is not None:
                 self._store.forget(gone)
+        for other, c in list(self._chats.items()):
+            # another chat's documents (and its states, which share their arrays) would stay in memory
+            # unbounded once the app let go of them: that chat continues from its saved state instead
+            if other != key and c.documents is not None:
+                self._store.forget(other)
+                del self._chats[other]
+                self._restore_tried.discard(other)
         conv = self._chats.get(key)
         if conv is None:
             conv = self._chats[key] = Conversation(self._model, self._tokenizer, store=self._store, key=key,
