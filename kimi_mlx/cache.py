@@ -78,10 +78,10 @@ class MLACache:
 
     A segment is one buffer that appends write into (in place when nothing else holds it), so
     the attention kernels read a whole segment in one call; a full segment is never copied or
-    grown, the next one is allocated. `reserve(tokens)` sizes the next segment for a known total
-    (a prefill, a prompt plus its reply), so one segment usually holds everything; without it a
-    new segment takes max(page_tokens, 1/8 of what is cached), so capacity overshoots by at most
-    about an eighth. A snapshot (`copy()`) shares every segment; the first append after it copies
+    grown, the next one is allocated. `reserve(tokens)` sizes the next segment exactly for a known
+    total (a prefill, a prompt plus its reply, a loaded session), so one segment usually holds
+    everything; without it a new segment takes max(page_tokens, 1/8 of what is cached), so
+    capacity overshoots by at most about an eighth. A snapshot (`copy()`) shares every segment; the first append after it copies
     the last one only if that one still has room.
 
     With `bits=8` rows are stored quantized per token (groups of `group_size` channels, affine,
@@ -114,8 +114,11 @@ class MLACache:
 
     # -- writing -----------------------------------------------------------
     def _new_segment(self, B: int, D: int, dtype, need: int) -> dict:
-        growth = -(-(self.offset // 8) // self.page_tokens) * self.page_tokens
-        cap = max(need, self._reserve - self.offset, self.page_tokens, growth)
+        if self._reserve - self.offset >= need:
+            cap = self._reserve - self.offset  # a known total: exactly that (a loaded session stays full)
+        else:
+            growth = -(-(self.offset // 8) // self.page_tokens) * self.page_tokens
+            cap = max(need, self.page_tokens, growth)
         if self.bits is None:
             data = mx.zeros((B, cap, D), dtype=dtype)
         else:
