@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import time_runs
+from .common import _available_bytes, fmt_len, machine_info, model_costs, parse_lengths  # noqa: F401
 
 # ours-plain: ours without the CPU fast path; mlx-lm+fast: mlx-lm with our CPU fast path swapped in
 # (isolates what the model code does, e.g. attention memory, from the CPU matmul kernels)
@@ -563,57 +563,6 @@ def _mlx_lm_attention_bytes(n: int, step: int, heads: int = 32, itemsize: int = 
     return 3 * heads * min(step, n) * n * itemsize
 
 
-def machine_info() -> dict:
-    from .. import _blas
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import importlib.metadata as md
-
-        versions = {p: md.version(p) for p in ("mlx", "mlx-lm")}
-    except Exception:
-        versions = {}
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        mem = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "device": str(mx.default_device()), "blas": _blas.blas_info(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, **versions}
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def parse_lengths(s: str) -> list[int]:
-    out = []
-    for part in s.split(","):
-        part = part.strip().lower()
-        if part:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-    return out
-
-
-def fmt_len(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def _fmt_prefill(r: dict) -> str:
     for key, pre in (("prefill_tok_s", ""), ("prefill_tok_s_est", "~")):
         x = r.get(key)
@@ -913,7 +862,6 @@ def main(argv=None) -> int:
     old = json.loads(path.read_text()) if a.append and path.exists() else {}
     results, profiles, checks = [], [], dict(old.get("checks", {}))
     runs = list(old.get("runs", [])) + [{"args": vars(a), "machine": info}]
-    from .roofline import model_costs
 
     def save():
         keys = {(r["dtype"], r["impl"], r["length"]) for r in results}

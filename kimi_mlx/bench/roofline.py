@@ -21,53 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import best_seconds, time_runs
-
-# bytes per weight: 4-bit with a bf16 scale and bias per 64 values; the router at 8 bits; MLA's
-# kv_b stays bf16 in q4 (bench/model.py keeps it dense so both implementations hold the same weights)
-_BYTES = {"fp32": 4.0, "bf16": 2.0, "q4": 0.5 + 4 / 64}
-_BYTES_ROUTER = {"fp32": 4.0, "bf16": 2.0, "q4": 1.0 + 4 / 64}
-_BYTES_KVB = {"fp32": 4.0, "bf16": 2.0, "q4": 2.0}
-
-
-def model_costs(c: dict, dtype: str, n: int) -> dict:
-    """Analytic per-token costs of a (published-style) config at context depth n."""
-    d, V = c["hidden_size"], c["vocab_size"]
-    lac = c["linear_attn_config"]
-    H, K = lac["num_heads"], lac["head_dim"]
-    P = H * K
-    Hm, nope, rope, vd, rank = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
-                                c["v_head_dim"], c["kv_lora_rank"])
-    F, Fd, E, k = c["moe_intermediate_size"], c["intermediate_size"], c["num_experts"], c["num_experts_per_token"]
-    shared = c.get("num_shared_experts", 1) or 0
-    mla = {i - 1 for i in lac["full_attn_layers"]}
-    L = c["num_hidden_layers"]
-    params = 0.0  # matmul weights read per token, excluding the router, MLA's kv_b and lm_head
-    router = 0.0
-    kvb = 0.0
-    attn_flops = 0.0  # beyond the projections, per token averaged over a prefill of n tokens
-    cache_bytes = 0.0  # read per decode token at depth n
-    act = 2 if dtype == "bf16" else 4
-    for i in range(L):
-        if i in mla:
-            params += d * Hm * (nope + rope) + d * (rank + rope) + Hm * vd * d
-            kvb += Hm * (nope + vd) * rank
-            attn_flops += Hm * n * (2 * rank + rope)  # scores + values over n/2 keys on average
-            cache_bytes += n * (rank + rope) * act
-        else:
-            params += 4 * d * P + 2 * (d * K + K * P) + d * H
-            attn_flops += H * 8 * K * K  # decay, k^T S, rank-1 update, readout
-            cache_bytes += 2 * H * K * K * 4  # fp32 state, read and written
-        if i < c["first_k_dense_replace"]:
-            params += 3 * d * Fd
-        else:
-            params += (k + shared) * 3 * d * F
-            router += d * E
-    w_bytes = (params * _BYTES[dtype] + router * _BYTES_ROUTER[dtype] + kvb * _BYTES_KVB[dtype]
-               + d * V * _BYTES[dtype] + d * 4)
-    return {"active_params": int(params + router + kvb),
-            "decode_bytes_per_token": int(w_bytes + cache_bytes),
-            "prefill_flops_per_token": int(2 * (params + router + kvb + d * V / n) + attn_flops)}
-
+from .common import fmt_len, machine_info, model_costs
 
 def _best(f, reps: int = 5) -> float:
     return best_seconds(f, reps)
@@ -196,8 +150,6 @@ def print_tables(limits: dict, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .model import fmt_len
-
     t = Table(title="Machine limits (best of several runs)")
     t.add_column("measure")
     t.add_column("value", justify="right")
@@ -247,8 +199,6 @@ def main(argv=None) -> int:
     ap.add_argument("--matmul-n", type=int, default=2048, help="matmul test size (n x n)")
     ap.add_argument("--json", default="out/bench_roofline.json")
     a = ap.parse_args(argv)
-    from .model import machine_info
-
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, BLAS: {info['blas'].get('source')}", flush=True)
     limits = measure_limits(a.mib, a.matmul_n)
