@@ -53,6 +53,7 @@ import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
 import metal_kernels as mk  # noqa: E402
+from kimi_mlx.bench.kda import fla_naive_recurrent_kda, fla_ops  # noqa: E402
 from kimi_mlx.ops.kda import kda_gates  # noqa: E402
 from kimi_mlx.ops.kda_chunked import kda_chunked  # noqa: E402
 
@@ -570,20 +571,13 @@ def main():
     except Exception:  # noqa: BLE001
         env["fla"] = None
     log("env", env)
-    try:
-        from fla.ops.kda.naive import naive_recurrent_kda
-    except ImportError:  # no triton (CPU dry run): load the pure-torch file on its own
-        import importlib.util
-        import importlib.metadata as md
-        path = [p for p in md.files("fla-core") if str(p).endswith("ops/kda/naive.py")][0]
-        spec = importlib.util.spec_from_file_location("fla_kda_naive", path.locate())
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        naive_recurrent_kda = mod.naive_recurrent_kda
+    naive_recurrent_kda = fla_naive_recurrent_kda()  # the FLA harness shared with `bench kda`
     fla = None
     if not ARGS.dry_run:
-        from fla.ops.kda import chunk_kda, fused_recurrent_kda
-        fla = (chunk_kda, fused_recurrent_kda)
+        ops = fla_ops()
+        if ops is None:
+            raise SystemExit("FLA's chunk_kda needs a CUDA torch with fla-core and triton")
+        fla = ops[:2]
     torch.manual_seed(0)
     ok = True
     if "correctness" not in skip:

@@ -249,6 +249,26 @@ def kernel_backend() -> str | None:
     return metal_kernels.backend()
 
 
+def fla_naive_recurrent_kda():
+    """FLA's reference `naive_recurrent_kda` (pure PyTorch). Loaded by file path when importing
+    `fla.ops` fails (it needs triton, absent on the CPU); raises ImportError without fla-core."""
+    try:
+        from fla.ops.kda.naive import naive_recurrent_kda
+        return naive_recurrent_kda
+    except ImportError:
+        import importlib.metadata as md
+        import importlib.util
+
+        try:
+            path = next(p for p in md.files("fla-core") or [] if str(p).endswith("ops/kda/naive.py"))
+        except (md.PackageNotFoundError, StopIteration):
+            raise ImportError("fla-core with fla/ops/kda/naive.py is not installed") from None
+        spec = importlib.util.spec_from_file_location("fla_kda_naive", path.locate())
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.naive_recurrent_kda
+
+
 def fla_ops():
     """(chunk_kda, fused_recurrent_kda, torch) when FLA and a CUDA torch import, else None."""
     try:
