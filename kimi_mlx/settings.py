@@ -32,12 +32,12 @@ USER_SETTINGS = {
 # Kernel tuning and debugging, read where the kernels are dispatched (metal_kernels, ops).
 KERNEL_SETTINGS = {
     "KIMI_MLX_KDA": ("", "reference: the plain per-token KDA recurrence everywhere (debugging)"),
-    "KIMI_MLX_KDA_SPLIT": ("on CUDA, off Metal", "KDA prefill kernel: share intra-chunk work across threadgroups (0/1)"),
+    "KIMI_MLX_KDA_SPLIT": ("on CUDA, off Metal", "KDA prefill kernel: share intra-chunk work across threadgroups (on/off)"),
     "KIMI_MLX_KDA_BV": ("by shape", "KDA kernels: value-block width"),
     "KIMI_MLX_KDA_LA": ("2 x slices", "KDA prefill kernel: look-ahead chunks"),
     "KIMI_MLX_KDA_PREC": ("by dtype", "KDA kernels: internal precisions"),
     "KIMI_MLX_KDA_NT": ("by backend", "KDA prefill kernel: threads per threadgroup"),
-    "KIMI_MLX_KDA_PF": ("1 when NT <= 256", "KDA prefill kernel: prefetch (0/1)"),
+    "KIMI_MLX_KDA_PF": ("on when NT <= 256", "KDA prefill kernel: prefetch (on/off)"),
     "KIMI_MLX_KDA_POISON": ("off", "fill KDA kernel outputs with NaN first (tests: unwritten elements show)"),
     "KIMI_MLX_MLA": ("", "reference: the MLX-ops MLA attention instead of the kernels"),
     "KIMI_MLX_MLA_TGS": ("264 CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
@@ -54,6 +54,18 @@ def parse_switch(value: Optional[str], default: str = "auto") -> str:
 
 def is_off(value: Optional[str]) -> bool:
     return parse_switch(value, "") == "off"
+
+
+def kernel_setting(name: str) -> Optional[str]:
+    """A kernel tuning variable, read on every call (benchmarks change them between calls)."""
+    if name not in KERNEL_SETTINGS:
+        raise KeyError(f"{name} is not in settings.KERNEL_SETTINGS")
+    return os.environ.get(name) or None
+
+
+def kernel_switch(name: str, default: str = "") -> str:
+    """kernel_setting parsed like every switch: 'on', 'off', or the value (e.g. 'reference')."""
+    return parse_switch(kernel_setting(name), default)
 
 
 def _positive_int(value: Optional[str]) -> Optional[int]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import os
+
+from kimi_mlx.settings import kernel_setting, kernel_switch
 
 from . import dialect as _dialect
 from . import sources as _sources
@@ -38,7 +39,7 @@ _CUDA_SMEM_LIMIT = 232448  # bytes of shared memory one block may take on sm_90 
 
 def backend() -> str | None:
     """'metal', 'cuda' or None (no kernel: use the MLX-ops path)."""
-    if os.environ.get("KIMI_MLX_KDA", "").lower() == "reference":
+    if kernel_switch("KIMI_MLX_KDA") == "reference":
         return None
     import mlx.core as mx
 
@@ -84,7 +85,7 @@ def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_
 
 def _poison():
     """KIMI_MLX_KDA_POISON=1 fills outputs with NaN before the kernel (tests: unwritten elements show)."""
-    return float("nan") if os.environ.get("KIMI_MLX_KDA_POISON") else None
+    return float("nan") if kernel_switch("KIMI_MLX_KDA_POISON", "off") != "off" else None
 
 
 def _precisions(dtype, be: str, env: str | None) -> tuple[int, int]:
@@ -102,7 +103,7 @@ def _precisions(dtype, be: str, env: str | None) -> tuple[int, int]:
 def _slice_width(be: str, B: int, H: int, K: int, V: int) -> int | None:
     """Columns of V per threadgroup: wide slices repeat less intra-chunk work, narrow ones give
     more threadgroups when B*H is small. KIMI_MLX_KDA_BV overrides."""
-    env = os.environ.get("KIMI_MLX_KDA_BV")
+    env = kernel_setting("KIMI_MLX_KDA_BV")
     cands = [int(env)] if env else [64, 32, 16]
     ok = [bv for bv in cands if V % bv == 0 and bv <= 64 and
           (be == "metal" or 4 * prefill_smem_floats(K, bv) <= _CUDA_SMEM_LIMIT)]
@@ -125,15 +126,15 @@ def _use_split(be: str, nslices: int, scratch_bytes: int) -> bool:
     (it needs device-scope atomics and fences, MSL 3.2). KIMI_MLX_KDA_SPLIT=0 turns it off.
     Calls whose scratch would pass 4 GiB (past ~128K tokens x 32 heads) run fused instead;
     the model prefills in steps of 2048 tokens, far below that."""
-    env = os.environ.get("KIMI_MLX_KDA_SPLIT")
-    on = env == "1" if env in ("0", "1") else be == "cuda"
+    env = kernel_switch("KIMI_MLX_KDA_SPLIT")
+    on = env == "on" if env in ("on", "off") else be == "cuda"
     return on and nslices > 1 and scratch_bytes <= _SPLIT_MAX_BYTES
 
 
 def _lookahead(nslices: int) -> int:
     """SPLIT: how many chunks ahead of its state pass a threadgroup may claim intra-chunk work
     (KIMI_MLX_KDA_LA overrides; tuning)."""
-    return int(os.environ.get("KIMI_MLX_KDA_LA", 2 * nslices))
+    return int(kernel_setting("KIMI_MLX_KDA_LA") or 2 * nslices)
 
 
 _sync_calls = itertools.count(1)
@@ -182,8 +183,8 @@ def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof
         S = init if has_init else mx.zeros((B, H, K, V), mx.float32)
         return mx.zeros((B, 0, H, V), dt), S
     smem = prefill_smem_floats(K, bv)
-    pi, ps = _precisions(dt, be, os.environ.get("KIMI_MLX_KDA_PREC"))
-    nt = int(os.environ.get("KIMI_MLX_KDA_NT", _PREFILL_THREADS))
+    pi, ps = _precisions(dt, be, kernel_setting("KIMI_MLX_KDA_PREC"))
+    nt = int(kernel_setting("KIMI_MLX_KDA_NT") or _PREFILL_THREADS)
     if dt == mx.float32 and be == "cuda":
         nt = 256  # the fp32 (3xtf32) build needs more than 128 registers per thread
     nt = min(nt, 64 * K // 8)  # the chunk load gives each thread at least one row of 8 channels
@@ -192,7 +193,7 @@ def _prefill(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None, prof
     xs_item, xf_item = split_item_sizes(K)
     split = _use_split(be, V // bv, B * H * nch * xs_item * ts.size)
     # prefetch a chunk ahead where registers allow it (256 threads; not with SPLIT)
-    pf = not split and os.environ.get("KIMI_MLX_KDA_PF", "1" if nt <= 256 else "0") == "1"
+    pf = not split and kernel_switch("KIMI_MLX_KDA_PF", "on" if nt <= 256 else "off") == "on"
     kern = _kernel(be, "prefill", 0 if be == "metal" else 4 * smem, prof, nt if be == "cuda" else 0)
     ntg = B * H * (V // bv)
     if split:

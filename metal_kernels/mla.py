@@ -11,7 +11,8 @@ take); the caller then runs the plain MLX-ops path in kimi_mlx/ops/attention.py.
 from __future__ import annotations
 
 import functools
-import os
+
+from kimi_mlx.settings import kernel_setting, kernel_switch
 
 from . import dialect as _dialect
 from .mla_template import MAX_SPLITS, decode_smem_floats, prefill_smem_floats
@@ -23,7 +24,7 @@ _MIN_KEYS_PER_SPLIT = 128
 
 def backend() -> str | None:
     """The kernels' backend ('metal' / 'cuda'), or None: KIMI_MLX_MLA=reference forces the plain path."""
-    if os.environ.get("KIMI_MLX_MLA", "").lower() == "reference":
+    if kernel_switch("KIMI_MLX_MLA") == "reference":
         return None
     from . import backend as _be
 
@@ -79,7 +80,7 @@ def _dummy(dt_name: str):
 
 def _target_threadgroups(be: str) -> int:
     """Enough threadgroups to fill the GPU about twice (H100/H200: 132 multiprocessors)."""
-    env = os.environ.get("KIMI_MLX_MLA_TGS")
+    env = kernel_setting("KIMI_MLX_MLA_TGS")
     return int(env) if env else (264 if be == "cuda" else 80)
 
 
@@ -108,15 +109,15 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     if D % _kstep(be, prec) or d_v % 8 or d_v > D:
         return None
     if q8:
-        cap = seg["wq"].shape[1]
         dq = seg["wq"].shape[2] * 4
         qg = dq // seg["scales"].shape[2]
         if qg % 8 or dq < D:
             return None
         rows, wq, sc, bi = _dummy(str(dt).split(".")[-1]), seg["wq"], seg["scales"], seg["biases"]
     else:
-        cap, dq, qg = seg.shape[1], D, 64
-        rows, wq, sc, bi = seg, _dummy("uint32"), _dummy(str(dt).split(".")[-1]), _dummy(str(dt).split(".")[-1])
+        dq, qg = D, 64
+        dummy = _dummy(str(dt).split(".")[-1])
+        rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
     row_blocks = -(-M // 32) * B
     kps = _keys_per_split(be, n, row_blocks, max_splits)
     ns = -(-n // kps)

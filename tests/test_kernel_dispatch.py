@@ -123,5 +123,9 @@ def test_kernel_split_dispatch_rules(monkeypatch):
     assert not metal_kernels._use_split("cuda", 4, 1 << 20)
     monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", "1")
     assert metal_kernels._use_split("metal", 4, 1 << 20)
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", "off")  # "off" means the same as everywhere else
+    assert not metal_kernels._use_split("cuda", 4, 1 << 20)
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", "on")
+    assert metal_kernels._use_split("metal", 4, 1 << 20)
     # every call's sync slots start at a different value (mx.compile cannot merge two of them)
     assert len({metal_kernels._sync_value() for _ in range(5)}) == 5
