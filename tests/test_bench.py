@@ -162,7 +162,7 @@ def tiny_ours():
 def test_prefill_chunks_run_every_layer(tiny_ours, monkeypatch):
     """Each chunk's last-position logits are evaluated: the chunked prefill's output is the full
     forward's (so the MLA layer, not the last, and the layers after it run in prefill)."""
-    from kimi_mlx.bench import model as mb
+    from kimi_mlx.bench import run as mb  # the run step of bench model
 
     c, model = tiny_ours
     seen = []
@@ -178,7 +178,7 @@ def test_prefill_chunks_run_every_layer(tiny_ours, monkeypatch):
 
 def test_warm_up_runs_every_variant(tiny_ours, monkeypatch):
     """Two prefill chunks (the second from a state) and two decode steps before any timing."""
-    from kimi_mlx.bench import model as mb
+    from kimi_mlx.bench import run as mb  # the run step of bench model
 
     c, model = tiny_ours
     chunks, steps = [], []
