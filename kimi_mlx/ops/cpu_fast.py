@@ -231,25 +231,45 @@ def _model_dtype(m, x: mx.array) -> mx.Dtype:
 
 
 def enable_cpu_fast_path(model: nn.Module, force: bool = False, min_rows: int | None = None) -> dict:
-    """Swap the module classes for their CPU-fast subclasses, in place. No-op (returns {}) unless the
-    default device is the CPU (or force). Returns how many modules of each kind were swapped."""
+    """Replace the modules by their CPU-fast subclasses (sharing their arrays). No-op (returns {})
+    unless the default device is the CPU (or force). Returns how many modules of each kind."""
     if not (force or _is_cpu()):
         return {}
     swap = {nn.QuantizedLinear: CPUQuantizedLinear}
     swap.update({c: _CPU_SUBCLASS[c] for c in _switch_glu_classes()})
     counts: dict[str, int] = {}
+    replaced = []
     for path, m in model.named_modules():
-        new = swap.get(type(m))
+        cls = swap.get(type(m))
         if type(m) is nn.Linear and m["weight"].dtype in (mx.bfloat16, mx.float16):
-            new = CPULinear
-        if new is not None:
-            m.__class__ = new  # a subclass with no extra state: only __call__ changes
+            cls = CPULinear
+        if cls is not None:
+            new = _rebuilt(cls, m)
             if min_rows is not None:
-                m.min_rows = min_rows
-            if path.endswith(KEEP_DTYPE) and new in (CPULinear, CPUQuantizedLinear):
-                m.keep_dtype = True
-            counts[new.__name__] = counts.get(new.__name__, 0) + 1
+                new.min_rows = min_rows
+            if path.endswith(KEEP_DTYPE) and cls in (CPULinear, CPUQuantizedLinear):
+                new.keep_dtype = True
+            replaced.append((path, new))
+            counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
+    _replace(model, replaced)
     return counts
+
+
+def _rebuilt(cls: type, m: nn.Module) -> nn.Module:
+    """A module of class cls holding m's arrays and settings (nothing is copied): the fast path
+    replaces modules the way nn.quantize does, instead of changing the class of a live one."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in m.__dict__.items() if k not in ("min_rows", "keep_dtype")})
+    dict.update(new, m)  # the dict entries themselves (nn.Module.update sets parameters)
+    return new
+
+
+def _replace(model: nn.Module, replaced: list) -> None:
+    if replaced:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(replaced))
 
 
 ENV_VAR = "KIMI_MLX_CPU_FAST"
@@ -302,8 +322,6 @@ def auto_enable_cpu_fast_path(model: nn.Module) -> dict:
 
 def disable_cpu_fast_path(model: nn.Module) -> None:
     """Undo enable_cpu_fast_path (benchmarks compare both in one process)."""
-    for _, m in model.named_modules():
-        if type(m) in (CPUQuantizedLinear, CPULinear) or isinstance(m, _CPUSwitchGLUMixin):
-            m.__class__ = m._plain if isinstance(m, _CPUSwitchGLUMixin) else type(m).__mro__[1]
-            m.__dict__.pop("min_rows", None)
-            m.__dict__.pop("keep_dtype", None)
+    _replace(model, [(path, _rebuilt(m._plain if isinstance(m, _CPUSwitchGLUMixin) else type(m).__mro__[1], m))
+                     for path, m in model.named_modules()
+                     if type(m) in (CPUQuantizedLinear, CPULinear) or isinstance(m, _CPUSwitchGLUMixin)])
