@@ -18,10 +18,10 @@ What is counted:
   correction bias stay fp32.
 * per-sequence state: KDA recurrent state (fp32 [H, K, V] per KDA layer), the
   short-conv tail ((kernel-1) x 3P per KDA layer, 16-bit), and the MLA latent
-  cache ([kv_lora_rank + qk_rope_head_dim] per token per MLA layer), stored in
-  pages of ``PAGE_TOKENS`` as ``kimi_mlx.cache.MLACache`` does. With
-  ``mla_bits=8`` full pages are 8-bit + per-group scale/bias and the last,
-  partial page stays 16-bit.
+  cache ([kv_lora_rank + qk_rope_head_dim] per token per MLA layer), in one
+  segment reserved for the context (at least ``PAGE_TOKENS`` rows) as
+  ``kimi_mlx.cache.MLACache`` keeps it. With ``mla_bits=8`` every row is 8-bit
+  + per-group scale/bias.
 * prefill temporaries for one chunk (see :func:`prefill_peak_bytes`).
 * a fixed runtime overhead (MLX/Metal runtime, Python, tokenizer, token ids).
 """
@@ -208,29 +208,22 @@ def _mla_cache_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, gro
     n_mla = len(a.mla_layers)
     if tokens <= 0 or n_mla == 0:
         return 0
-    full_row = _mla_row_bytes(a, 16, group_size)
-    if mla_bits >= 16:
-        # pages are allocated whole
-        rows = math.ceil(tokens / page_tokens) * page_tokens if page_tokens else tokens
-        return int(n_mla * batch * rows * full_row)
-    # quantized full pages + a 16-bit tail that has not filled a page yet
-    full_pages = tokens // page_tokens if page_tokens else 0
-    q_rows = full_pages * page_tokens if page_tokens else tokens
-    tail = tokens - q_rows
-    return int(n_mla * batch * (q_rows * _mla_row_bytes(a, mla_bits, group_size) + tail * full_row))
+    # one segment reserved for the whole context (generation and prefill reserve it), never
+    # smaller than page_tokens rows; 8-bit rows are quantized as they are appended
+    rows = max(tokens, page_tokens)
+    return int(n_mla * batch * rows * _mla_row_bytes(a, min(mla_bits, 16), group_size))
 
 
 def _dequant_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, page_tokens: int) -> int:
-    """16-bit copy of one MLA layer's quantized pages while attention reads them.
+    """16-bit copy of one MLA layer's quantized rows while the MLX-ops attention reads them.
 
-    kimi_mlx.ops.attention.latent_attention keeps every dequantized page of the
-    layer it is running alive until it returns, so an 8-bit cache costs one
-    layer's worth of bf16 rows on top (one layer at a time, not all seven).
+    The plain path (CPU) dequantizes a layer's segment before attending to it, so an 8-bit cache
+    costs one layer's worth of bf16 rows on top (one layer at a time, not all seven); the GPU
+    kernels dequantize in the kernel and need none of it (not counted: the estimate stays safe).
     """
     if mla_bits >= 16 or tokens <= 0 or not a.mla_layers:
         return 0
-    q_rows = (tokens // page_tokens) * page_tokens if page_tokens else tokens
-    return int(batch * q_rows * (a.kv_lora_rank + a.qk_rope_head_dim) * 2)
+    return int(batch * tokens * (a.kv_lora_rank + a.qk_rope_head_dim) * 2)
 
 
 def _context_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, group_size: int,

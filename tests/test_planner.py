@@ -124,13 +124,13 @@ def test_state_and_cache_numbers():
 
 def test_cache_pages():
     state, conv = kda_state_bytes(PUBLISHED)
-    # whole 4096-token pages are allocated at 16 bits
+    # one segment reserved for the context, never smaller than 4096 rows (16-bit rows: 7 x 1152 B)
     assert cache_bytes(PUBLISHED, 1) - state - conv == 8064 * 4096
-    assert cache_bytes(PUBLISHED, 4097) - state - conv == 8064 * 8192
+    assert cache_bytes(PUBLISHED, 4097) - state - conv == 8064 * 4097
     assert cache_bytes(PUBLISHED, 1, page_tokens=0) - state - conv == 8064
-    # 8-bit: full pages quantized, the partial tail stays 16-bit
+    # 8-bit: every row quantized as it is appended (612 B with the scales and biases)
     q = cache_bytes(PUBLISHED, 4096 + 10, mla_bits=8) - state - conv
-    assert q == 7 * (4096 * 612 + 10 * 1152)
+    assert q == 7 * (4096 + 10) * 612
 
 
 def test_prefill_peak_is_modest_and_grows_with_chunk():
@@ -170,7 +170,6 @@ def test_8bit_cache_counts_one_dequantized_layer():
 def test_max_context_is_exact_boundary():
     budget = 36 * 10**9
     n = max_context(PUBLISHED, budget, bits=4)
-    assert n % 4096 == 0  # whole pages at 16 bits
     assert plan(PUBLISHED, n, bits=4, machine_bytes=budget).fits
     assert not plan(PUBLISHED, n + 1, bits=4, machine_bytes=budget).fits
     n8 = max_context(PUBLISHED, budget, bits=4, mla_bits=8)
