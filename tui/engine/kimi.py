@@ -292,13 +292,16 @@ class KimiEngine:
                 self.load_log.append(f"chat checkpoint not used: {e}")
 
     def _save(self, conv, chat_state: Optional[str]) -> None:
-        if chat_state:
+        # runs queued on the MLX thread after the reply: the chat may have been deleted meanwhile
+        if chat_state and chat_state not in self._forget:
             from kimi_mlx.session import SessionError
 
             try:
                 conv.save(chat_state)
             except SessionError as e:  # e.g. disk full: the chat works on, the next start prefills
                 self.load_log.append(f"chat checkpoint not saved: {e}")
+            if chat_state in self._forget:  # deleted while it was being written: don't leave it behind
+                Path(chat_state).unlink(missing_ok=True)
 
     def stream_reply(self, messages, settings, documents, cancel, chat_state: Optional[str] = None) -> Iterator[Delta]:
         """chat_state: the file that keeps this chat's last checkpoint across restarts (also its key)."""
