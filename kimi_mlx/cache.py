@@ -98,7 +98,7 @@ class MLACache:
         self.bits = bits
         self.group_size = group_size
         # {"data": array [B, cap, D] (or {"wq", "scales", "biases"} when bits=8), "cap", "n",
-        #  "start": absolute position of its first row, "D", "dtype"}
+        #  "start": absolute position of its first row, "D": the row width}
         self.segs: list[dict] = []
         self.offset = 0
         self._reserve = 0
@@ -126,7 +126,7 @@ class MLACache:
             data = {"wq": mx.zeros((B, cap, dq // 4), dtype=mx.uint32),
                     "scales": mx.zeros((B, cap, dq // self.group_size), dtype=dtype),
                     "biases": mx.zeros((B, cap, dq // self.group_size), dtype=dtype)}
-        return {"data": data, "cap": cap, "n": 0, "start": self.offset, "D": D, "dtype": dtype}
+        return {"data": data, "cap": cap, "n": 0, "start": self.offset, "D": D}
 
     def append(self, kv: mx.array) -> None:
         """kv: [B, T, D] new latent rows (normed latent | k_pe)."""

@@ -18,6 +18,19 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def derived(module: nn.Module, name: str, sources: tuple, make, *extra):
+    """make(), computed from some of module's arrays (`sources`) once, and again only when one of
+    them is replaced (load_weights) or `extra` changes. Kept in the instance __dict__, so nn.Module
+    doesn't take it for a parameter (name must not be a method or attribute of the module: it would
+    shadow it); the sources are held so that no new array reuses their ids."""
+    key = (*map(id, sources), *extra)
+    hit = module.__dict__.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, make(), sources)
+        module.__dict__[name] = hit
+    return hit[1]
+
+
 def linear_weight(layer: nn.Module) -> mx.array:
     """The dense weight of a Linear or QuantizedLinear (dequantized)."""
     if isinstance(layer, nn.QuantizedLinear):

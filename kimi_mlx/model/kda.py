@@ -7,6 +7,7 @@ import mlx.nn as nn
 from ..cache import KDACache
 from ..config import ModelConfig
 from ..ops.kda import kda_gated
+from .common import derived
 
 
 class ShortConvWeight(nn.Module):
@@ -58,23 +59,14 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.RMSNorm(K, eps=cfg.rms_norm_eps)
         self.o_proj = nn.Linear(P, d, bias=False)
 
-    def _conv_weight(self) -> mx.array:
-        """The q|k|v conv weights side by side, joined once (not on every token) and again only
-        when a weight array is replaced. Kept in __dict__: not a parameter of the module."""
-        ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
-        key = tuple(id(w) for w in ws)
-        cached = self.__dict__.get("_conv_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, mx.concatenate(ws, axis=0), ws)  # ws: keep the ids valid
-            self.__dict__["_conv_cache"] = cached
-        return cached[1]
-
     def __call__(self, x: mx.array, cache: KDACache | None = None) -> mx.array:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
         qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        qkv, conv_state = causal_short_conv(qkv, self._conv_weight(), cache.conv if cache is not None else None)
+        ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+        w = derived(self, "_conv_w_cache", ws, lambda: mx.concatenate(ws, axis=0))  # joined once, not every token
+        qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, K)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
         o, state = kda_gated(

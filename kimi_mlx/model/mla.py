@@ -12,16 +12,7 @@ import mlx.nn as nn
 from ..cache import MLACache
 from ..config import ModelConfig
 from ..ops.attention import expand_min_queries, mla_decode_attention, mla_prefill_attention
-from .common import linear_weight
-
-
-class _Absorbed:
-    """W_uk and W_uv^T split out of kv_b_proj once, not every step (a quantized kv_b_proj would
-    be dequantized per token). A plain object, so nn.Module does not take it for a parameter."""
-
-    def __init__(self, key, w_uk, w_uv_t, sources):
-        self.key, self.w_uk, self.w_uv_t = key, w_uk, w_uv_t
-        self.sources = sources  # the arrays keyed by id: held so that no new array reuses an id
+from .common import derived, linear_weight
 
 
 class KimiMLA(nn.Module):
@@ -74,22 +65,19 @@ class KimiMLA(nn.Module):
         k = mx.concatenate([kv[..., : self.nope], k_pe.astype(kv.dtype)], axis=-1)
         return k, kv[..., self.nope:]
 
-    def _absorbed_weights(self, dtype) -> _Absorbed:
-        sources = (self.kv_b_proj.get("weight"), self.kv_b_proj.get("scales"), self.kv_b_proj.get("biases"))
-        key = (*(id(a) for a in sources), dtype)
-        cached = self.__dict__.get("_absorbed_cache")
-        if cached is None or cached.key != key:
-            H = self.num_heads
-            w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank).astype(dtype)
-            cached = _Absorbed(key, w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1)), sources)
-            self.__dict__["_absorbed_cache"] = cached
-        return cached
+    def _split_kv_b(self, dtype):
+        """(W_uk [H, nope, rank], W_uv^T [H, rank, v]) out of kv_b_proj, in dtype."""
+        H = self.num_heads
+        w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank).astype(dtype)
+        return w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1))
 
     def _absorbed(self, q: mx.array, source) -> mx.array:
-        a = self._absorbed_weights(q.dtype)
+        # split once, not every token (a quantized kv_b_proj would be dequantized per token)
+        sources = (self.kv_b_proj.get("weight"), self.kv_b_proj.get("scales"), self.kv_b_proj.get("biases"))
+        w_uk, w_uv_t = derived(self, "_split_kv_b_cache", sources, lambda: self._split_kv_b(q.dtype), q.dtype)
         # absorb W_uk into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
-        q_lat = q[..., : self.nope] @ a.w_uk  # [B, H, T, rank]
+        q_lat = q[..., : self.nope] @ w_uk  # [B, H, T, rank]
         qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
 
         o_lat = mla_decode_attention(qa, source, self.scale, self.rank)  # [B, H, T, rank]
-        return o_lat @ a.w_uv_t.astype(o_lat.dtype)  # [B, H, T, v]
+        return o_lat @ w_uv_t.astype(o_lat.dtype)  # [B, H, T, v]

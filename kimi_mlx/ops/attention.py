@@ -58,6 +58,11 @@ def _exp2(x):
     return mx.power(2.0, x)
 
 
+def _softmax_exp(scale: float):
+    """(exp, scale) for the online softmax: base 2 with the scale times log2(e) on the CPU."""
+    return (_exp2, scale * _LOG2E) if _base2() else (mx.exp, scale)
+
+
 def _online_softmax(m, l, acc, s, pv, exp=mx.exp):
     """One key tile of the online softmax: running max m, normaliser l, output acc (all fp32).
     exp: mx.exp, or _exp2 when the scores were scaled by log2(e)."""
@@ -88,7 +93,7 @@ def latent_attention(
     """
     B, H, T, D = q.shape
     widen = _widen(q)
-    exp, scale = (_exp2, scale * _LOG2E) if _base2() else (mx.exp, scale)
+    exp, scale = _softmax_exp(scale)
     if block_k is None:
         block_k = max(1024, tile_elems // max(1, B * H * T))
     keys = _key_blocks(blocks, block_k)
@@ -134,7 +139,7 @@ def expanded_attention(q, blocks, expand, scale, q_offset, block_k: int = 1024,
     """
     B, H, T, _ = q.shape
     widen = _widen(q)
-    exp, scale = (_exp2, scale * _LOG2E) if _base2() else (mx.exp, scale)
+    exp, scale = _softmax_exp(scale)
     bq = max(1, min(T, tile_elems // max(1, B * H * block_k)))
     qblocks = [(q_offset + qs, q[:, :, qs:qs + bq]) for qs in range(0, T, bq)]
     state = [(None, None, None)] * len(qblocks)
