@@ -12,7 +12,7 @@ A sampler maps log-probabilities [B, V] to token ids [B]; a logits processor map
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 
@@ -102,14 +102,17 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
 
 
 def make_logits_processors(repetition_penalty: Optional[float] = None,
-                           repetition_context_size: int = 20) -> List[LogitsProcessor]:
+                           repetition_context_size: int = 20,
+                           logit_bias: Optional[Dict[int, float]] = None) -> List[LogitsProcessor]:
     """Processors applied to the raw logits before sampling (empty list when none is set).
 
     repetition_penalty > 1 makes recently seen tokens (the last `repetition_context_size`
     prompt + generated tokens) less likely; 1.0 or None disables it.
+    logit_bias: {token id: value} added to those tokens' logits (OpenAI's; -100 all but bans one).
     """
+    procs: List[LogitsProcessor] = [_bias(logit_bias)] if logit_bias else []
     if repetition_penalty is None or repetition_penalty == 1.0:
-        return []
+        return procs
     if repetition_penalty <= 0:
         raise ValueError(f"repetition penalty must be > 0, got {repetition_penalty}")
     if repetition_context_size < 1:
@@ -125,4 +128,15 @@ def make_logits_processors(repetition_penalty: Optional[float] = None,
         logits[:, recent] = mx.where(seen < 0, seen * penalty, seen / penalty)
         return logits
 
-    return [repetition]
+    return procs + [repetition]
+
+
+def _bias(logit_bias: Dict[int, float]) -> LogitsProcessor:
+    ids = mx.array([int(k) for k in logit_bias], dtype=mx.int32)
+    values = mx.array([float(v) for v in logit_bias.values()], dtype=mx.float32)
+
+    def bias(tokens: mx.array, logits: mx.array) -> mx.array:
+        logits[:, ids] = logits[:, ids] + values
+        return logits
+
+    return bias

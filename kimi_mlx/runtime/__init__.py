@@ -4,13 +4,14 @@
     prompt.py        PromptBuilder: token ids from the tokenizer's chat template, documents first
     checkpoints.py   CheckpointStore: kept states, found again by token prefix, bounded by bytes
     conversation.py  Conversation: owns the cache; each turn prefills only what is new
+    mlx_thread.py    MLXThread: the one thread (and MLX stream) an app runs all model work on
 
 Names are loaded on first use, so `runtime.model` (DEFAULT_MODEL, the resolver) doesn't load MLX.
 """
 _LAZY = {
     "Checkpoint": "checkpoints", "CheckpointStore": "checkpoints", "Conversation": "conversation",
     "DEFAULT_MODEL": "model", "MODEL_FILE_PATTERNS": "model", "ModelLoadError": "model", "load": "model",
-    "resolve_model_path": "model", "Message": "prompt", "PromptBuilder": "prompt", "PromptError": "prompt",
+    "resolve_model_path": "model", "MLXThread": "mlx_thread", "Message": "prompt", "PromptBuilder": "prompt", "PromptError": "prompt",
 }
 
 

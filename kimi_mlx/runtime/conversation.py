@@ -22,7 +22,7 @@ from .checkpoints import Checkpoint, CheckpointStore, as_ids
 from .prompt import Message, PromptBuilder, as_messages
 
 DEFAULT_SAMPLING = {"max_tokens": 256, "temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-                    "repetition_penalty": None, "seed": None}
+                    "repetition_penalty": None, "seed": None, "logit_bias": None}
 
 
 class Conversation:
@@ -116,24 +116,29 @@ class Conversation:
             return False
 
     def reply(self, progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None,
-              **sampling) -> Iterator:
+              ids: Optional[Sequence[int]] = None, keep_at: Sequence[int] = (), **sampling) -> Iterator:
         """Stream the reply to the messages (GenerationResponse per token, see generate.stream_generate);
         when it ends the reply is appended to the messages and the states kept as checkpoints.
-        Each response's `cached_tokens` is the part of the prompt taken from a checkpoint."""
+        Each response's `cached_tokens` is the part of the prompt taken from a checkpoint.
+
+        ids: the prompt's token ids as given (a server's request) instead of `prompt_ids()`.
+        keep_at: prompt lengths whose states are kept as checkpoints too on the way (e.g. where messages
+        begin), so a later prompt that shares only that much continues from there."""
         opts = {**DEFAULT_SAMPLING, **sampling}
         if opts["max_tokens"] < 1:
             raise ValueError(f"max_tokens must be >= 1, got {opts['max_tokens']}")
-        ids = self.prompt_ids()
+        ids = self.prompt_ids() if ids is None else [int(t) for t in ids]
         arr = as_ids(ids)
         cache, logits, reused = self._start(arr)
         new = ids[reused:]
         check_prompt_length(self.model, max(len(new), 1), reused)
         sampler = make_sampler(temp=opts["temp"], top_p=opts["top_p"], top_k=opts["top_k"], min_p=opts["min_p"],
                                seed=opts["seed"])
-        processors = make_logits_processors(opts["repetition_penalty"])
+        processors = make_logits_processors(opts["repetition_penalty"], logit_bias=opts["logit_bias"])
         self.reused_tokens, self.prefilled_tokens = reused, len(new)
+        keep = sorted({int(k) for k in keep_at if reused < int(k) < len(ids)})
         return self._stream(ids, arr, cache, logits, new, sampler, processors, opts["max_tokens"], progress,
-                            should_stop)
+                            should_stop, keep)
 
     def _start(self, ids: np.ndarray):
         """(cache to continue, its logits or None, tokens it holds) for a prompt of `ids`."""
@@ -147,12 +152,21 @@ class Conversation:
             return self.model.make_cache(mla_bits=self.mla_bits), None, 0
         return ckpt.cache.copy(), ckpt.logits, ckpt.num_tokens
 
-    def _stream(self, ids, arr, cache, logits, new, sampler, processors, max_tokens, progress, should_stop):
+    def _stream(self, ids, arr, cache, logits, new, sampler, processors, max_tokens, progress, should_stop,
+                keep=()):
         tic = time.perf_counter()
-        cache.reserve(cache.offset + len(new) + max_tokens)
+        base = cache.offset  # the prompt's tokens before `new`
+        for end in keep:  # prefill to each kept length (its MLA segment ends there: shared, never copied)
+            done = cache.offset - base
+            cache = prefill(self.model, new[done:end - base], cache, step=self.prefill_step,
+                            progress=_offset_progress(progress, done, len(new)), should_stop=should_stop)
+            self.store.add(Checkpoint(arr[:end].copy(), cache.copy(), None, self.key))
+        cache.reserve(len(ids) + max_tokens)
         if new:
-            cache, logits = prefill(self.model, new, cache, step=self.prefill_step, progress=progress,
-                                    should_stop=should_stop, return_logits=True)
+            done = cache.offset - base
+            cache, logits = prefill(self.model, new[done:], cache, step=self.prefill_step,
+                                    progress=_offset_progress(progress, done, len(new)), should_stop=should_stop,
+                                    return_logits=True)
         self.store.add(Checkpoint(arr, cache.copy(), logits, self.key))
         start = cache.offset
         tokens, text, finish = [], [], None
@@ -200,3 +214,10 @@ class Conversation:
         is damaged, from another model or tokenizer, or continues other documents."""
         sess = DocumentSession.load(path, self.model, self.tokenizer, base=self.documents)
         return self.store.add(Checkpoint(as_ids(sess.tokens), sess.cache, None, self.key))
+
+
+def _offset_progress(progress: Optional[ProgressFn], done: int, total: int) -> Optional[ProgressFn]:
+    """A prefill's progress reported as part of a longer one (`done` of `total` tokens before it)."""
+    if progress is None or not done:
+        return progress
+    return lambda d, t, tps, eta: progress(done + d, total, tps, eta)

@@ -47,10 +47,12 @@ class PromptBuilder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def chat(self, messages: Sequence, after_documents: bool = False) -> list[int]:
+    def chat(self, messages: Sequence, after_documents: bool = False, starts: Optional[list] = None) -> list[int]:
         """The whole conversation, ending with the generation prompt.
 
-        after_documents: only what follows `document_prefix` (the first user message onwards)."""
+        after_documents: only what follows `document_prefix` (the first user message onwards).
+        starts: when given, where each message's content begins in the ids is appended to it (the
+        ids before it depend only on the earlier messages and this one's role: a shared prefix)."""
         tok = self.tokenizer
         messages = as_messages(messages)
         msgs = [{"role": m.role, "content": _MARK.format(i)} for i, m in enumerate(messages)]
@@ -67,6 +69,8 @@ class PromptBuilder:
             skip = after_documents and i <= first_user  # in the document prefix already
             if not skip and rendered[pos:j]:
                 ids += tok.encode(rendered[pos:j], allow_special=True)
+            if starts is not None:
+                starts.append(len(ids))
             if not (after_documents and i < first_user):
                 ids += list(m.ids) if m.ids is not None else tok.encode(m.content)
             pos = j + len(mark)
