@@ -301,6 +301,9 @@ def _build_parser():
     p.add_argument("--session", metavar="FILE", help="answer --prompt from a saved document session")
     p.add_argument("--mla-cache-bits", type=int, choices=[8], default=None,
                    help="store the MLA latent cache at 8 bits (half the memory, slightly less exact)")
+    p.add_argument("--split", metavar="N,N,...",
+                   help="under mlx.launch: decoder layers per rank, e.g. 14,13 (default: by each rank's memory; "
+                        "see docs/DISTRIBUTED.md)")
     return p
 
 
@@ -342,6 +345,12 @@ def _check_args(args, parser) -> None:
         parser.error("--max-tokens must be >= 1")
     if args.prefill_step_size < 1:
         parser.error("--prefill-step-size must be >= 1")
+    if args.split is not None:
+        from .distributed import launched
+
+        if not launched():
+            parser.error("--split splits the layers between the ranks of mlx.launch; run under it "
+                         "(see docs/DISTRIBUTED.md)")
     # sampler arguments are checked by building one (same messages as the API)
     try:
         make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
@@ -464,8 +473,24 @@ def _start_reply(model, tok, prompt, docs, args, stop):
 
 
 def _run(args, stop: _Interrupt) -> int:
+    from . import distributed
+
+    pipe = distributed.start(args.split)  # None unless mlx.launch started several ranks
+    if pipe is None:
+        return _generate(args, stop, lambda: load(args.model))
+    if not pipe.leader:  # ranks > 0 hold their layers and follow rank 0's commands
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides how Ctrl-C ends the run
+        pipe.load(args.model)
+        return pipe.follow()
+    try:
+        return _generate(args, stop, lambda: pipe.load(args.model))
+    finally:
+        pipe.close()
+
+
+def _generate(args, stop: _Interrupt, load_model) -> int:
     prompt, docs = _read_inputs(args)
-    model, tok = load(args.model)
+    model, tok = load_model()
     stop.arm()
     start, n_prompt, n_cached = _start_reply(model, tok, prompt, docs, args, stop)
     if start is None:
@@ -520,6 +545,7 @@ def _chain(first, rest):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
+    from .distributed.link import PipelineError
     from .documents import DocumentError
     from .planner import PlanError
     from .session import PrefillCancelled, SessionError
@@ -546,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError) as e:
+    except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError,
+            PipelineError) as e:
         _err(e)
         return 1
     except (ValueError, OSError) as e:  # runtime.PromptError is a ValueError

@@ -44,6 +44,8 @@ __all__ = [
     "param_count",
     "param_breakdown",
     "weight_bytes",
+    "weight_bytes_by_layer",
+    "context_for_budget",
     "kda_state_bytes",
     "mla_bytes_per_token",
     "cache_bytes",
@@ -116,15 +118,31 @@ def param_breakdown(cfg: "ModelConfig | dict") -> "dict[str, int]":
     ``fp32``: tensors kept in fp32 (A_log, dt_bias, router correction bias).
     """
     a = _config(cfg)
+    out = _edge_params(a)
+    for i in range(a.num_hidden_layers):
+        for k, v in _layer_params(a, i).items():
+            out[k] += v
+    return out
+
+
+def _edge_params(a: ModelConfig) -> "dict[str, int]":
+    """The embedding, the final norm and the head."""
+    d = a.hidden_size
+    return {"matrix": a.vocab_size * d * (1 if a.tie_word_embeddings else 2), "half": d, "fp32": 0}
+
+
+def _layer_params(a: ModelConfig, i: int) -> "dict[str, int]":
     d = a.hidden_size
     matrix = half = fp32 = 0
-
-    # embeddings and head
-    matrix += a.vocab_size * d * (1 if a.tie_word_embeddings else 2)
-    half += d  # final norm
-
     P = a.linear_num_heads * a.linear_head_dim
-    for _ in a.kda_layers:
+    if a.is_mla(i):
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        matrix += a.num_attention_heads * qk * d  # q_proj (no q LoRA: ModelConfig refuses one)
+        matrix += (a.kv_lora_rank + a.qk_rope_head_dim) * d  # kv_a_proj_with_mqa
+        half += a.kv_lora_rank  # kv_a_layernorm
+        matrix += a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank  # kv_b_proj
+        matrix += d * a.num_attention_heads * a.v_head_dim  # o_proj
+    else:
         matrix += 3 * P * d  # q, k, v
         half += 3 * P * a.short_conv_kernel_size  # depthwise short convs
         matrix += a.linear_head_dim * d + P * a.linear_head_dim  # f_a, f_b (gate low-rank)
@@ -133,24 +151,14 @@ def param_breakdown(cfg: "ModelConfig | dict") -> "dict[str, int]":
         matrix += a.linear_head_dim * d + P * a.linear_head_dim  # g_a, g_b (output gate)
         half += a.linear_head_dim  # o_norm
         matrix += d * P  # o_proj
-
-    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    for _ in a.mla_layers:
-        matrix += a.num_attention_heads * qk * d  # q_proj (no q LoRA: ModelConfig refuses one)
-        matrix += (a.kv_lora_rank + a.qk_rope_head_dim) * d  # kv_a_proj_with_mqa
-        half += a.kv_lora_rank  # kv_a_layernorm
-        matrix += a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim) * a.kv_lora_rank  # kv_b_proj
-        matrix += d * a.num_attention_heads * a.v_head_dim  # o_proj
-
-    for i in range(a.num_hidden_layers):
-        half += 2 * d  # input / post-attention norms
-        if a.is_moe(i):
-            half += a.num_experts * d  # router
-            fp32 += a.num_experts  # e_score_correction_bias
-            matrix += a.num_experts * 3 * a.moe_intermediate_size * d
-            matrix += 3 * a.num_shared_experts * a.moe_intermediate_size * d
-        else:
-            matrix += 3 * a.intermediate_size * d
+    half += 2 * d  # input / post-attention norms
+    if a.is_moe(i):
+        half += a.num_experts * d  # router
+        fp32 += a.num_experts  # e_score_correction_bias
+        matrix += a.num_experts * 3 * a.moe_intermediate_size * d
+        matrix += 3 * a.num_shared_experts * a.moe_intermediate_size * d
+    else:
+        matrix += 3 * a.intermediate_size * d
     return {"matrix": matrix, "half": half, "fp32": fp32}
 
 
@@ -168,10 +176,21 @@ def _quantized_bytes(n: int, bits: int, group_size: int) -> float:
 
 def weight_bytes(cfg: "ModelConfig | dict", bits: int = 16, group_size: int = 64) -> int:
     """Bytes of all weights with matrices at ``bits`` (16 = unquantized bf16)."""
+    return _bytes_of(param_breakdown(cfg), bits, group_size)
+
+
+def _bytes_of(b: "dict[str, int]", bits: int, group_size: int) -> int:
     if bits not in (2, 3, 4, 5, 6, 8, 16, 32):
         raise ValueError(f"unsupported weight bits: {bits}")
-    b = param_breakdown(cfg)
     return int(_quantized_bytes(b["matrix"], bits, group_size) + 2 * b["half"] + 4 * b["fp32"])
+
+
+def weight_bytes_by_layer(cfg: "ModelConfig | dict", bits: int = 16, group_size: int = 64) -> "tuple[int, list[int]]":
+    """(bytes of the embedding, final norm and head; [bytes of decoder layer i]): how a pipeline
+    split weighs its parts. Their sum is weight_bytes up to the rounding of whole groups."""
+    a = _config(cfg)
+    return (_bytes_of(_edge_params(a), bits, group_size),
+            [_bytes_of(_layer_params(a, i), bits, group_size) for i in range(a.num_hidden_layers)])
 
 
 # --------------------------------------------------------------------------
@@ -204,8 +223,8 @@ def mla_bytes_per_token(cfg: "ModelConfig | dict", mla_bits: int = 16, group_siz
 
 
 def _mla_cache_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, group_size: int,
-                     page_tokens: int) -> int:
-    n_mla = len(a.mla_layers)
+                     page_tokens: int, n_mla: Optional[int] = None) -> int:
+    n_mla = len(a.mla_layers) if n_mla is None else n_mla
     if tokens <= 0 or n_mla == 0:
         return 0
     # one segment reserved for the whole context (generation and prefill reserve it), never
@@ -214,22 +233,23 @@ def _mla_cache_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, gro
     return int(n_mla * batch * rows * _mla_row_bytes(a, min(mla_bits, 16), group_size))
 
 
-def _dequant_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, page_tokens: int) -> int:
+def _dequant_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, page_tokens: int,
+                   n_mla: Optional[int] = None) -> int:
     """16-bit copy of one MLA layer's quantized rows while the MLX-ops attention reads them.
 
     The plain path (CPU) dequantizes a layer's segment before attending to it, so an 8-bit cache
     costs one layer's worth of bf16 rows on top (one layer at a time, not all seven); the GPU
     kernels dequantize in the kernel and need none of it (not counted: the estimate stays safe).
     """
-    if mla_bits >= 16 or tokens <= 0 or not a.mla_layers:
+    if mla_bits >= 16 or tokens <= 0 or not (len(a.mla_layers) if n_mla is None else n_mla):
         return 0
     return int(batch * tokens * (a.kv_lora_rank + a.qk_rope_head_dim) * 2)
 
 
 def _context_bytes(a: ModelConfig, tokens: int, batch: int, mla_bits: int, group_size: int,
-                   page_tokens: int) -> int:
-    return (_mla_cache_bytes(a, tokens, batch, mla_bits, group_size, page_tokens)
-            + _dequant_bytes(a, tokens, batch, mla_bits, page_tokens))
+                   page_tokens: int, n_mla: Optional[int] = None) -> int:
+    return (_mla_cache_bytes(a, tokens, batch, mla_bits, group_size, page_tokens, n_mla)
+            + _dequant_bytes(a, tokens, batch, mla_bits, page_tokens, n_mla))
 
 
 def cache_bytes(cfg: "ModelConfig | dict", context_tokens: int, batch: int = 1, mla_bits: int = 16, *,
@@ -430,20 +450,20 @@ def _default_group(cfg: ModelConfig) -> int:
 
 
 def _max_tokens_for(a: ModelConfig, budget: float, batch: int, mla_bits: int, group_size: int,
-                    page_tokens: int) -> int:
+                    page_tokens: int, n_mla: Optional[int] = None) -> int:
     """Largest n whose length-dependent bytes fit the budget (monotone in n)."""
     if budget < 0:
         return 0
-    if not a.mla_layers:
+    if not (len(a.mla_layers) if n_mla is None else n_mla):
         return sys.maxsize  # constant-size state: length is not memory-bound
     lo, hi = 0, 1
-    while _context_bytes(a, hi, batch, mla_bits, group_size, page_tokens) <= budget:
+    while _context_bytes(a, hi, batch, mla_bits, group_size, page_tokens, n_mla) <= budget:
         lo, hi = hi, hi * 2
         if hi > 1 << 40:
             return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _context_bytes(a, mid, batch, mla_bits, group_size, page_tokens) <= budget:
+        if _context_bytes(a, mid, batch, mla_bits, group_size, page_tokens, n_mla) <= budget:
             lo = mid
         else:
             hi = mid
@@ -515,6 +535,14 @@ def max_context(cfg: "ModelConfig | dict", machine_bytes: Optional[int] = None, 
             raise PlanError("machine memory is unknown; pass machine_bytes")
         return sys.maxsize
     return p.max_context_tokens
+
+
+def context_for_budget(cfg: "ModelConfig | dict", budget_bytes: float, mla_layers: Optional[int] = None,
+                       mla_bits: int = 16, mla_group_size: int = 64, page_tokens: int = PAGE_TOKENS) -> int:
+    """Largest context whose MLA cache (of ``mla_layers`` of the MLA layers; default all) fits
+    ``budget_bytes``; sys.maxsize when no MLA layer is counted, 0 when the budget is negative.
+    (A pipeline rank holds only its layers' caches.)"""
+    return _max_tokens_for(_config(cfg), budget_bytes, 1, mla_bits, mla_group_size, page_tokens, mla_layers)
 
 
 def check_fits(cfg: "ModelConfig | dict", context_tokens: int, **kwargs: Any) -> Plan:

@@ -278,6 +278,10 @@ def _check_meta(path: Path, meta, header: dict) -> None:
     layers = meta.get("layers")
     if not isinstance(layers, list) or not layers:
         bad("'layers' is missing or not a list")
+    split = meta.get("split")
+    if split is not None and (not isinstance(split, list) or len(split) < 2 or not all(_is_count(c) for c in split)
+                              or sum(split) != len(layers)):
+        bad("'split' is not a count of layers per rank")
     for i, e in enumerate(layers):
         if not isinstance(e, dict) or e.get("kind") not in ("kda", "mla"):
             bad(f"layer {i} has no kind 'kda' or 'mla'")
@@ -291,6 +295,19 @@ def _check_meta(path: Path, meta, header: dict) -> None:
                     or not isinstance(gs, int) or gs < 1 or not isinstance(shape, list) or len(shape) != 3
                     or not all(isinstance(d, int) and d >= 1 for d in shape) or shape[1] != rows):
                 bad(f"layer {i} has an invalid 8-bit cache description")
+
+
+def _split_text(split) -> str:
+    return f"a pipeline of {len(split)} ranks (--split {','.join(map(str, split))})" if split else "one process"
+
+
+def _check_split(path: Path, saved, running) -> None:
+    """A session is resumed by the same split of the layers as saved it (its caches are per rank)."""
+    if (saved or None) == (list(running) if running else None):
+        return
+    fix = (f"resume it under mlx.launch -n {len(saved)} with --split {','.join(map(str, saved))}" if saved
+           else "resume it without mlx.launch")
+    raise SessionError(f"{path}: saved by {_split_text(saved)}, but this run is {_split_text(running)}; {fix}")
 
 
 def _is_count(v) -> bool:
@@ -350,7 +367,9 @@ class DocumentSession:
             raise ValueError("the base session's tokens don't start this session")
         arrays: dict[str, mx.array] = {"tokens": mx.array(np.asarray(self.tokens, dtype=np.int32))}
         layers = []
-        for i, c in enumerate(self.cache):
+        # a pipeline's cache (kimi_mlx.distributed): the other ranks' layers fetched to this one
+        cache = self.cache.gathered() if hasattr(self.cache, "gathered") else self.cache
+        for i, c in enumerate(cache):
             entry = {"kind": c.kind, "offset": c.offset}
             if isinstance(c, MLACache):
                 entry["bits"] = c.bits
@@ -374,6 +393,8 @@ class DocumentSession:
         }
         if base is not None:
             meta["base"] = {"num_tokens": base_n, "tokens_sha256": _tokens_hash(base.tokens)}
+        if getattr(self.cache, "split", None):
+            meta["split"] = list(self.cache.split)  # layers per rank of the pipeline that saved it
         check_save_path(path, sum(v.nbytes for v in arrays.values()) + 2**16)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
@@ -436,6 +457,7 @@ class DocumentSession:
             raise SessionError(f"{path}: saved with a different tokenizer")
         if len(meta["layers"]) != len(model.layers):
             raise SessionError(f"{path}: has {len(meta['layers'])} layers, the model has {len(model.layers)}")
+        _check_split(path, meta.get("split"), getattr(model, "split", None))
         try:
             arrays = mx.load(str(path), format="safetensors")
         except Exception as e:
@@ -476,6 +498,8 @@ class DocumentSession:
                 raise SessionError(f"{path}: corrupt: layer {i} cannot be restored ({' '.join(str(e).split())})") from None
         if cache.offset != len(tokens):
             raise SessionError(f"{path}: corrupt: cache holds {cache.offset} tokens, the session lists {len(tokens)}")
+        if hasattr(model, "adopt_cache"):  # a pipeline: other ranks' layers go to them
+            cache = model.adopt_cache(cache)
         return cls(tokens, cache, mid, tokenizer.sha256)
 
 
@@ -490,6 +514,7 @@ def info(path: str | os.PathLike) -> str:
         + (f" (after a document session of {meta['base']['num_tokens']:,})" if meta.get("base") else ""),
         f"file size:      {size / 1e6:,.1f} MB",
         f"layers:         {len(meta['layers'])} ({len(mla)} MLA, {len(meta['layers']) - len(mla)} KDA)",
+        f"saved by:       {_split_text(meta.get('split'))}",
         f"MLA cache:      {'8-bit' if any(l.get('stored_bits') == 8 for l in mla) else 'full precision'}",
         f"model id:       {meta['model_id']}",
         f"tokenizer hash: {meta['tokenizer_hash'][:32]}",

@@ -218,25 +218,31 @@ def scan_file(path: Path, header: dict | None = None) -> dict:
     return scan
 
 
-def weights_identity(model_dir: Path, cfg: ModelConfig) -> str:
+def weights_identity(model_dir: Path, cfg: ModelConfig, digests: dict[str, str] | None = None) -> str:
     """Identity of a checkpoint: the digest of every weight file's bytes, the config (the
-    quantization block included) and nothing else; two directories with the same bytes agree."""
+    quantization block included) and nothing else; two directories with the same bytes agree.
+    digests: {shard file name: sha256} already known (a pipeline's ranks each scan their own
+    shards); the other shards are scanned here."""
     h = hashlib.sha256(b"kimi-mlx-weights-v1\0")
     keep = {k: v for k, v in cfg.raw.items() if k not in ("transformers_version", "_name_or_path")}
     h.update(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update(json.dumps(cfg.quantization, sort_keys=True, default=str).encode())
-    for digest in sorted(scan_file(s)["sha256"] for s in find_shards(model_dir)):
+    digests = digests or {}
+    for digest in sorted(digests.get(s.name) or scan_file(s)["sha256"] for s in find_shards(model_dir)):
         h.update(b"\0" + digest.encode())
     return h.hexdigest()[:32]
 
 
-def load_raw(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
+def load_raw(model_dir: Path, keep=None) -> tuple[dict[str, mx.array], dict[str, Path]]:
     """All tensors of all shards, lazily (mx.load maps tensors on demand), with their source file.
+    keep(name): only the tensors it accepts (checkpoint names); shards holding none are not opened.
 
-    Every shard is scanned first (once per file, see scan_file): a tensor holding NaN or inf is refused."""
+    Every shard read is scanned first (once per file, see scan_file): a tensor holding NaN or inf is refused."""
     weights, source = {}, {}
     for shard in find_shards(model_dir):
         header = read_safetensors_header(shard)
+        if keep is not None and not any(keep(k) for k in header if k != "__metadata__"):
+            continue
         bad = scan_file(shard, header)["nonfinite"]
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -247,6 +253,8 @@ def load_raw(model_dir: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
             raise WeightsError(f"{shard}: cannot be read as safetensors ({e})") from None
         for k, v in tensors.items():
+            if keep is not None and not keep(k):
+                continue
             if k in weights:
                 raise WeightsError(f"{shard}: tensor '{k}' also appears in {source[k]}")
             weights[k] = v
@@ -440,13 +448,17 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], source: di
 
 
 def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | None = None,
-               context_tokens: int | None = None, cpu_fast_path: bool | None = None):
+               context_tokens: int | None = None, cpu_fast_path: bool | None = None, *, keep=None, build=None):
     """Load a Kimi-Linear model directory (published HF layout, or our / mlx-lm converted layout).
 
     context_tokens: if given, first check that the weights (their size on disk) plus the cache for
     that many tokens fit this machine; raises planner.PlanError (a ValueError) before reading any weights.
     cpu_fast_path: None (default) enables kimi_mlx.ops.cpu_fast on the CPU backend when it is faster
     (see cpu_fast_path_wanted; KIMI_MLX_CPU_FAST=off disables it); False never, True always.
+    keep / build: a part of the model (a pipeline rank, kimi_mlx.distributed): keep(name) picks the
+    checkpoint tensors to read (see load_raw), build(cfg) makes the module they go into. The part's
+    `weights_identity` is then left unset (it covers every shard); `shard_digests` has the digests
+    of the shards it read.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -456,10 +468,10 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
         from .planner import check_fits
 
         check_fits(cfg, context_tokens, weights_bytes=sum(s.stat().st_size for s in find_shards(model_dir)))
-    weights, source = load_raw(model_dir)
+    weights, source = load_raw(model_dir, keep)
     check_dtypes(weights, source, cfg, model_dir)
     weights, source = sanitize(weights, cfg, source)
-    model = build_model(cfg)
+    model = (build or build_model)(cfg)
     if cfg.quantization:
         apply_quantization(model, cfg.quantization, weights)
     if dtype is not None:
@@ -470,7 +482,12 @@ def load_model(path: str | os.PathLike, lazy: bool = False, dtype: mx.Dtype | No
         mx.eval(model.parameters())
     model.eval()
     model.model_dir = model_dir
-    model.weights_identity = weights_identity(model_dir, cfg)  # scans are remembered: no second read
+    if keep is None:
+        model.weights_identity = weights_identity(model_dir, cfg)  # scans are remembered: no second read
+    else:
+        # a plain attribute (nn.Module would file a dict among the parameters)
+        object.__setattr__(model, "shard_digests",
+                           {s.name: scan_file(s)["sha256"] for s in sorted(set(source.values()))})
     from .ops import cpu_fast
 
     if cpu_fast_path is None:

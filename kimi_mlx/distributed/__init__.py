@@ -1,0 +1,32 @@
+"""Pipeline parallel over the ranks mlx.launch starts (mx.distributed; ring backend or JACCL).
+
+    mlx.launch --hostfile hosts.json --backend ring -- python -m kimi_mlx.generate --model M --prompt hi
+
+Each rank holds a contiguous run of layers and their caches; rank 0 also the embedding and the head,
+and does the tokenizing, sampling and I/O. See docs/DISTRIBUTED.md.
+
+    start(split)            None outside mlx.launch; else this process joined to the other ranks (Pipeline)
+    Pipeline.load(path)     rank 0: (PipelineModel, tokenizer), used like any model; others: their part
+    Pipeline.follow()       ranks > 0: serve rank 0's commands until it stops (the seam for any front end)
+    Pipeline.close()        rank 0: tell the others to stop
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .link import DEFAULT_TIMEOUT, PeerLost, PeerTimeout, PipelineError, launched
+from .pipeline import Follower, Pipeline, PipelineCache, PipelineModel, RemoteLayerCache, StageModel, connect
+from .split import choose_split, parse_split
+
+__all__ = ["start", "launched", "Pipeline", "PipelineModel", "PipelineCache", "RemoteLayerCache", "StageModel",
+           "Follower", "PipelineError", "PeerLost", "PeerTimeout", "choose_split", "parse_split", "connect",
+           "DEFAULT_TIMEOUT"]
+
+
+def start(split: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> Optional[Pipeline]:
+    """This process as one rank of a pipeline when mlx.launch started several; None otherwise.
+    split: layers per rank ("14,13"); None: chosen from each rank's memory. timeout: seconds a rank
+    waits for data it is owed before it gives up on a silent peer (a dead one is seen at once)."""
+    if not launched():
+        return None
+    return Pipeline(connect(timeout), split)

@@ -1,0 +1,547 @@
+"""Pipeline parallel: each rank holds a contiguous run of decoder layers and their caches.
+
+Rank 0 (the leader) holds the embedding, its layers, the final norm and the head, and runs all the
+usual code (generate, Conversation, sessions, the server) on a `PipelineModel`, which looks like
+a model: `model(ids, cache, last_n)` gives logits, `model.make_cache()` a cache, and so on. The
+other ranks (followers) run `Follower.run()`: they wait for rank 0's commands and do their part.
+
+One forward pass goes around the ring 0 -> 1 -> ... -> N-1 -> 0: each rank sends the next a header
+(what to do, the batch and token count, the cache ids of every layer, the queued cache
+operations) and its hidden states [B, T, d], exactly as computed (no cast: the logits are the
+single-process logits). The last rank sends back only the positions whose logits are wanted, and
+nothing for a prefill chunk that needs none, so rank 0 starts the next chunk while the others still
+work on this one. Per decode token one hidden vector crosses each link.
+
+Caches live where their layers are. Rank 0's cache (`PipelineCache`, a KimiCache) holds its own
+layers' caches and, for the others, `RemoteLayerCache` handles: copying, reserving and dropping one
+only queues an operation (sent with the next command); loading arrays into one (a saved session)
+sends them to the rank that holds it, and `PipelineCache.gathered()` fetches them back (saving).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import weakref
+from itertools import count
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..cache import KDACache, KimiCache, MLACache
+from ..config import ModelConfig
+from ..model.kimi_linear import DecoderLayer, KimiLinearModel, Model
+from . import split as S
+from .link import DEFAULT_TIMEOUT, Link, PipelineError, code_dtype, dtype_code, pack, ring_allgather, unpack
+
+OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP = 1, 2, 3, 4
+_HEAD = 8  # op, B, T, logits rows wanted, dtype of what follows, bytes of queued ops, 2 spare
+
+
+# ---------------------------------------------------------------------------
+# one rank's part of the model
+# ---------------------------------------------------------------------------
+class _Elsewhere(nn.Module):
+    """A decoder layer another rank holds: no parameters here."""
+
+    def __init__(self, is_mla: bool):
+        super().__init__()
+        self.is_mla = is_mla
+
+
+class _StageInner(KimiLinearModel):
+    def __init__(self, cfg: ModelConfig, layers: range, edges: bool):
+        super(KimiLinearModel, self).__init__()
+        if edges:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.layers = [DecoderLayer(cfg, i) if i in layers else _Elsewhere(cfg.is_mla(i))
+                       for i in range(cfg.num_hidden_layers)]
+
+
+class StageModel(Model):
+    """The model with only `layers` (the others are empty placeholders, so every parameter keeps its
+    checkpoint name) and, with `edges`, the embedding, final norm and head."""
+
+    def __init__(self, cfg: ModelConfig, layers: range, edges: bool):
+        super(Model, self).__init__()
+        self.config = cfg
+        self.model = _StageInner(cfg, layers, edges)
+        if edges and not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.stage_layers = layers
+
+    def run_layers(self, h: mx.array, caches) -> mx.array:
+        for i in self.stage_layers:
+            h = self.model.layers[i](h, caches[i] if caches is not None else None)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+
+def _keeps(layers: range, edges: bool):
+    """Which checkpoint tensors a rank reads: its layers', and with edges everything that is no layer's."""
+    def keep(name: str) -> bool:
+        m = S._LAYER.match(name)
+        if m:
+            return int(m.group(1)) in layers
+        return edges and not name.startswith("model.mtp")
+    return keep
+
+
+def load_stage(model_dir: Path, cfg: ModelConfig, layers: range, edges: bool) -> StageModel:
+    from ..weights import load_model
+
+    return load_model(model_dir, keep=_keeps(layers, edges), build=lambda c: StageModel(c, layers, edges))
+
+
+# ---------------------------------------------------------------------------
+# the group and the split
+# ---------------------------------------------------------------------------
+def connect(timeout: float = DEFAULT_TIMEOUT) -> Link:
+    """Join the ranks mlx.launch started (MLX's ring backend when a ring hostfile is given, else
+    whatever MLX finds, e.g. JACCL)."""
+    import os
+
+    from .link import _hostfile_nodes
+
+    backend = "ring" if _hostfile_nodes() else ("jaccl" if os.environ.get("MLX_IBV_DEVICES") else "any")
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except Exception as e:  # RuntimeError / ValueError from the backend
+        raise PipelineError(f"cannot join the other ranks ({backend} backend): {' '.join(str(e).split())}") from None
+    if group.size() < 2:
+        raise PipelineError("launched as a single rank: nothing to split (run without mlx.launch)")
+    return Link(group, timeout)
+
+
+class Pipeline:
+    """This process's place in a pipeline: `load(path)` loads its part (after agreeing with the other
+    ranks on the model and the split); then rank 0 gets a PipelineModel, the others `follow()`."""
+
+    def __init__(self, link: Link, split: Optional[str] = None):
+        self.link, self.split_arg = link, split
+        self.rank, self.size = link.rank, link.size
+        self.model: Optional[PipelineModel] = None
+        self.stage: Optional[StageModel] = None
+        self.counts: Optional[list[int]] = None
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def plan(self, model_dir: Path, cfg: ModelConfig) -> list[int]:
+        """The split every rank agrees on (checked: the same config and --split everywhere)."""
+        import hashlib
+        import socket
+
+        edge, layer_bytes = S.model_bytes(model_dir, cfg)
+        digest = hashlib.sha256(json.dumps(cfg.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        mine = {"config": digest, "split": self.split_arg, "budget": S.split_budget(), "host": socket.gethostname(),
+                "layers": layer_bytes, "edge": edge}
+        every = ring_allgather(self.link, mine)
+        for r, other in enumerate(every):
+            if other["config"] != digest:
+                raise PipelineError(f"rank {r} ({other['host']}) loads a model with another config.json than "
+                                    f"rank {self.rank}; every rank needs the same model")
+            if other["split"] != self.split_arg:
+                raise PipelineError(f"rank {r} was given --split {other['split']}, rank {self.rank} "
+                                    f"--split {self.split_arg}")
+            if other["layers"] != layer_bytes or other["edge"] != edge:
+                raise PipelineError(f"rank {r} ({other['host']}) has other weight files than rank {self.rank} "
+                                    "(tensor sizes differ); every rank needs the same model")
+        if self.split_arg:
+            return S.parse_split(self.split_arg, cfg.num_hidden_layers, self.size)
+        return S.choose_split(cfg, edge, layer_bytes, [o["budget"] for o in every])
+
+    def load(self, path, tokenizer: bool = True):
+        """(PipelineModel, tokenizer) on rank 0 (tokenizer None when not wanted); (StageModel, None) on
+        the others."""
+        from ..runtime.model import resolve_model_path
+        from ..weights import weights_identity
+
+        model_dir = resolve_model_path(path)
+        cfg = ModelConfig.from_file(model_dir)
+        tok = None
+        if self.leader and tokenizer:
+            from ..tokenizer import load_tokenizer
+
+            tok = load_tokenizer(model_dir)  # a broken tokenizer fails before the weights are read
+        self.counts = self.plan(model_dir, cfg)
+        mine = S.ranges(self.counts)[self.rank]
+        self.stage = load_stage(model_dir, cfg, mine, self.leader)
+        digests = ring_allgather(self.link, self.stage.shard_digests)
+        if not self.leader:
+            return self.stage, None
+        every = {}
+        for d in digests:
+            every.update(d)
+        self.model = PipelineModel(self.link, self.stage, self.counts, weights_identity(model_dir, cfg, every))
+        return self.model, tok
+
+    def follow(self) -> int:
+        return Follower(self.link, self.stage).run()
+
+    def close(self) -> None:
+        """Rank 0: tell the others to stop (they exit once every rank has the word)."""
+        if self.model is not None:
+            self.model.stop()
+
+
+# ---------------------------------------------------------------------------
+# rank 0: the pipelined model
+# ---------------------------------------------------------------------------
+class RemoteLayerCache:
+    """Rank 0's handle of a layer cache another rank keeps (id `cid`). Nothing is held here."""
+
+    _ids = count(1)
+
+    def __init__(self, model: "PipelineModel", layer: int, is_mla: bool, bits: Optional[int] = None,
+                 offset: int = 0, announce: bool = True):
+        self._model = weakref.ref(model)
+        self.cid, self.layer, self.is_mla, self.bits = next(self._ids), layer, is_mla, bits
+        self.kind = "mla" if is_mla else "kda"
+        self.group_size = 64
+        self.offset = offset
+        if announce:
+            model.queue(["new", self.cid, layer, int(is_mla), bits])
+
+    def copy(self) -> "RemoteLayerCache":
+        c = RemoteLayerCache(self._model(), self.layer, self.is_mla, self.bits, self.offset, announce=False)
+        self._model().queue(["copy", self.cid, c.cid, self.layer])
+        return c
+
+    def reserve(self, total_tokens: int) -> None:
+        self._model().queue(["reserve", self.cid, self.layer, int(total_tokens)])
+
+    def load_arrays(self, arrays: dict[str, mx.array], offset: int) -> None:
+        self._model().put([(self, "load", arrays, offset)])
+        self.offset = offset
+
+    def append(self, kv: mx.array) -> None:
+        self._model().put([(self, "append", {"kv": kv}, self.offset + kv.shape[1])])
+        self.offset += kv.shape[1]
+
+    def arrays(self) -> dict:
+        return {}  # held by another rank: see PipelineCache.gathered
+
+    def eval_arrays(self) -> list:
+        return []
+
+    def segments(self) -> list:
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def __del__(self):
+        model = self._model()
+        if model is not None:
+            model.queue(["free", self.cid, self.layer])
+
+
+class _FetchedMLA(MLACache):
+    """An MLA layer's rows fetched for saving, as MLACache.arrays() gives them (8-bit caches are not
+    quantized a second time)."""
+
+    def __init__(self, arrays: dict, offset: int, bits: Optional[int], group_size: int):
+        super().__init__(bits=bits, group_size=group_size)
+        self._arrays, self.offset = arrays, offset
+
+    def arrays(self) -> dict:
+        return self._arrays
+
+
+class PipelineCache(KimiCache):
+    """A KimiCache whose other ranks' layers are RemoteLayerCache handles. `split`: layers per rank."""
+
+    def __init__(self, items=(), split: Optional[Sequence[int]] = None, model=None):
+        super().__init__(items)
+        self.split = list(split) if split else None
+        self._model = model
+
+    def copy(self) -> "PipelineCache":
+        return PipelineCache((c.copy() for c in self), self.split, self._model)
+
+    def reserve(self, total_tokens: int) -> None:
+        for c in self:
+            if isinstance(c, MLACache) or (isinstance(c, RemoteLayerCache) and c.is_mla):
+                c.reserve(total_tokens)
+
+    def gathered(self) -> KimiCache:
+        """Every layer's cache here on rank 0 (other ranks' fetched): what a saved session holds."""
+        remote = [c for c in self if isinstance(c, RemoteLayerCache)]
+        got = self._model.fetch(remote) if remote else {}
+        out = KimiCache()
+        for c in self:
+            if not isinstance(c, RemoteLayerCache):
+                out.append(c)
+                continue
+            arrays, offset = got[c.cid]
+            if c.is_mla:
+                out.append(_FetchedMLA(arrays, offset, c.bits, c.group_size))
+            else:
+                k = KDACache()
+                k.load_arrays(arrays, offset)
+                out.append(k)
+        return out
+
+
+class _Hidden:
+    """`model.model(ids, cache)`: a forward pass without logits (prefill chunks); returns None."""
+
+    def __init__(self, pm: "PipelineModel"):
+        self._pm = pm
+
+    def __call__(self, input_ids: mx.array, cache=None):
+        self._pm.forward(input_ids, cache, 0)
+
+
+class PipelineModel:
+    """Rank 0's view of the whole pipeline, used like kimi_mlx's Model (see the module docstring)."""
+
+    def __init__(self, link: Link, stage: StageModel, counts: Sequence[int], identity: str):
+        self.link, self.stage, self.split = link, stage, list(counts)
+        self.config = stage.config
+        self.weights_identity = identity
+        self.model_dir = getattr(stage, "model_dir", None)
+        self.cpu_fast_path = getattr(stage, "cpu_fast_path", None)
+        self.layers = [SimpleNamespace(is_mla=self.config.is_mla(i)) for i in range(self.config.num_hidden_layers)]
+        self.model = _Hidden(self)
+        self._ops: list = []
+        self._stopped = False
+        self._mine = S.ranges(counts)[0]
+        self._pending: Optional[mx.array] = None  # the last lazy receive: done before anything else arrives
+
+    # -- what generation uses -----------------------------------------------
+    def parameters(self):
+        return self.stage.parameters()  # rank 0's share
+
+    def make_cache(self, mla_bits: Optional[int] = None) -> PipelineCache:
+        items = [(MLACache(bits=mla_bits) if l.is_mla else KDACache()) if i in self._mine
+                 else RemoteLayerCache(self, i, l.is_mla, mla_bits) for i, l in enumerate(self.layers)]
+        return PipelineCache(items, self.split, self)
+
+    def adopt_cache(self, cache: KimiCache) -> PipelineCache:
+        """A cache built here for all layers (a loaded session): other ranks' layers are sent to them."""
+        items, moves = list(cache), []
+        for i, c in enumerate(items):
+            if i in self._mine or isinstance(c, RemoteLayerCache):
+                continue
+            stub = RemoteLayerCache(self, i, c.kind == "mla", getattr(c, "bits", None), c.offset, announce=False)
+            moves.append((stub, "load", c.arrays(), c.offset))
+            items[i] = stub
+        if moves:
+            self.put(moves)
+        return PipelineCache(items, self.split, self)
+
+    def __call__(self, input_ids: mx.array, cache: Optional[KimiCache] = None, last_n: Optional[int] = None):
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        h = self.forward(input_ids, cache, last_n or input_ids.shape[1])
+        return self.stage.head(h)
+
+    # -- the ring ----------------------------------------------------------------
+    def queue(self, op: list) -> None:
+        if not self._stopped:
+            self._ops.append(op)
+
+    def _header(self, op: int, B: int = 0, T: int = 0, want: int = 0, dtype: int = 0, cache=None, arg=None):
+        """The command's arrays: the header, then (when there are any) the queued cache operations
+        and the command's argument, as JSON."""
+        if self._pending is not None:  # receives must run in the order the data comes in
+            mx.eval(self._pending)
+            self._pending = None
+        ops = json.dumps({"ops": self._ops, "arg": arg}).encode() if self._ops or arg is not None else b""
+        self._ops = []
+        ids = [c.cid if isinstance(c, RemoteLayerCache) else -1 for c in cache] if cache is not None \
+            else [-1] * len(self.layers)
+        head = mx.array([op, B, T, want, dtype, len(ops), 0, 0] + ids, dtype=mx.int64)
+        return [head] + ([mx.array(np.frombuffer(ops, dtype=np.uint8))] if ops else [])
+
+    def forward(self, input_ids: mx.array, cache, want: int) -> Optional[mx.array]:
+        """Embedding and this rank's layers here, the rest around the ring. want: positions (from the
+        end) whose hidden states come back (0: none, a prefill chunk)."""
+        if self._stopped:
+            raise PipelineError("the pipeline was stopped")
+        B, T = input_ids.shape
+        h = self.stage.run_layers(self.stage.model.embed_tokens(input_ids), cache)
+        msg = self._header(OP_FORWARD, B, T, want, dtype_code(h.dtype), cache)
+        self.link.send(msg + [h], "hidden states")
+        if cache is not None:
+            for c in cache:
+                if isinstance(c, RemoteLayerCache):
+                    c.offset += T
+        if not want:
+            return None
+        head = self.link.recv((4,), mx.int64, "the last rank's hidden states")
+        dt, b, t, d = (int(x) for x in head.tolist())
+        self._pending = self.link.recv_lazy((b, t, d), code_dtype(dt), "the last rank's hidden states")
+        return self._pending
+
+    def fetch(self, stubs: Sequence[RemoteLayerCache]) -> dict:
+        """{cid: (arrays, offset)} of other ranks' layer caches."""
+        ids = [s.cid for s in stubs]
+        self.link.send(self._header(OP_FETCH, arg=ids), "a fetch request")
+        got = {}
+        for _ in range(self.link.size - 1):
+            meta, arrays = unpack(self.link.recv_blob("cached states"))
+            for cid, offset in meta:
+                got[cid] = ({k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(cid)},
+                            offset)
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise PipelineError(f"the other ranks don't hold layer cache {missing[0]}")
+        return got
+
+    def put(self, moves) -> None:
+        """moves: (stub, "load" | "append", arrays, offset after): sent to the ranks holding the layers."""
+        per_rank: list[list] = [[] for _ in range(self.link.size)]
+        owners = S.ranges(self.split)
+        for stub, action, arrays, offset in moves:
+            r = next(k for k, rg in enumerate(owners) if stub.layer in rg)
+            per_rank[r].append((stub, action, arrays, offset))
+        blobs = []
+        for r in range(1, self.link.size):
+            meta = [[s.cid, s.layer, action, int(s.is_mla), s.bits, offset] for s, action, _, offset in per_rank[r]]
+            blobs.append(pack(meta, {f"{s.cid}.{k}": v for s, _, a, _ in per_rank[r] for k, v in a.items()}))
+        self.link.send(self._header(OP_PUT), "cached states")
+        self.link.send_blobs(blobs, "cached states")
+
+    def stop(self) -> None:
+        """Tell the followers to exit; wait (briefly) until the word has gone around the ring."""
+        if self._stopped or self.link.broken:
+            self._stopped = True
+            return
+        try:
+            self.link.send(self._header(OP_STOP), "the stop command")
+            self._stopped = True
+            self.link.recv((1,), mx.int64, "the last rank's goodbye", timeout=60.0)
+        except PipelineError:
+            pass
+        finally:
+            self._stopped = True
+            self.link.closing = True
+
+
+# ---------------------------------------------------------------------------
+# ranks > 0
+# ---------------------------------------------------------------------------
+class Follower:
+    """A rank > 0: does what rank 0's commands say, with its layers, until told to stop."""
+
+    def __init__(self, link: Link, stage: StageModel):
+        self.link, self.stage = link, stage
+        self.cfg = stage.config
+        self.mine = stage.stage_layers
+        self.last = link.rank == link.size - 1
+        self.caches: dict[int, object] = {}  # cid -> KDACache / MLACache of one of our layers
+
+    def run(self) -> int:
+        L = self.cfg.num_hidden_layers
+        while True:
+            head = self.link.recv((_HEAD + L,), mx.int64, "the next command", timeout=None)
+            h = [int(x) for x in head.tolist()]
+            op, B, T, want, dt, nops = h[:6]
+            ids = h[_HEAD:]
+            ops = self.link.recv((nops,), mx.uint8, "queued cache operations") if nops else None
+            arg = None
+            if ops is not None:
+                payload = json.loads(np.array(ops).tobytes())
+                self._apply(payload["ops"])
+                arg = payload["arg"]
+            relay = [head] + ([ops] if ops is not None else [])
+            if op == OP_FORWARD:
+                self._forward(relay, B, T, want, dt, ids)
+            elif op == OP_FETCH:
+                self._relay(relay)
+                self._fetch(arg)
+            elif op == OP_PUT:
+                self._relay(relay)
+                self._put()
+            elif op == OP_STOP:
+                self.link.closing = not self.last  # the last rank still says goodbye
+                if self.last:
+                    self.link.send([mx.array([1], dtype=mx.int64)], "goodbye")
+                    self.link.closing = True
+                else:
+                    self._relay(relay)
+                return 0
+            else:
+                raise PipelineError(f"unknown command {op} from rank 0 (ranks of different kimi_mlx versions?)")
+
+    def _relay(self, msg: list) -> None:
+        if not self.last:
+            self.link.send(msg, "a command")
+
+    def _apply(self, ops: list) -> None:
+        for op in ops:
+            kind, cid, layer = op[0], op[1], op[2 if op[0] != "copy" else 3]
+            if layer not in self.mine:
+                continue
+            if kind == "new":
+                self.caches[cid] = MLACache(bits=op[4]) if op[3] else KDACache()
+            elif kind == "copy":
+                self.caches[op[2]] = self.caches[cid].copy()
+            elif kind == "reserve":
+                c = self.caches.get(cid)
+                if isinstance(c, MLACache):
+                    c.reserve(op[3])
+            elif kind == "free":
+                self.caches.pop(cid, None)
+
+    def _forward(self, relay: list, B: int, T: int, want: int, dt: int, ids: list[int]) -> None:
+        x = self.link.recv((B, T, self.cfg.hidden_size), code_dtype(dt), "hidden states")
+        caches = None
+        if any(i >= 0 for i in ids):
+            caches = {i: self.caches[ids[i]] for i in self.mine}
+        h = self.stage.run_layers(x, caches)
+        keep = []
+        if caches is not None:
+            for c in caches.values():
+                keep += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
+        if not self.last:
+            relay[0] = mx.array([OP_FORWARD, B, T, want, dtype_code(h.dtype)] + [int(v) for v in relay[0][5:].tolist()],
+                                dtype=mx.int64)
+            self.link.send(relay + [h], "hidden states", extra=keep)
+        elif want:
+            out = h[:, -want:]
+            self.link.send([mx.array([dtype_code(out.dtype), *out.shape], dtype=mx.int64), out], "hidden states",
+                           extra=keep)
+        else:
+            mx.eval(h, *keep)
+
+    def _fetch(self, ids: list[int]) -> None:
+        before = [self.link.recv_blob("cached states") for _ in range(self.link.rank - 1)]
+        meta, arrays = [], {}
+        for cid in ids:
+            c = self.caches.get(cid)
+            if c is None:
+                continue
+            meta.append([cid, c.offset])
+            arrays.update({f"{cid}.{k}": v for k, v in c.arrays().items()})
+        self.link.send_blobs(before + [pack(meta, arrays)], "cached states")
+
+    def _put(self) -> None:
+        blobs = [self.link.recv_blob("cached states") for _ in range(self.link.size - self.link.rank)]
+        if len(blobs) > 1:
+            self.link.send_blobs(blobs[1:], "cached states")
+        meta, arrays = unpack(blobs[0])
+        for cid, layer, action, is_mla, bits, offset in meta:
+            a = {k.split(".", 1)[1]: mx.contiguous(v) for k, v in arrays.items() if k.split(".", 1)[0] == str(cid)}
+            if action == "load":
+                c = MLACache(bits=bits) if is_mla else KDACache()
+                c.load_arrays(a, offset)
+                self.caches[cid] = c
+            else:
+                self.caches[cid].append(a["kv"])
+        mx.eval([v for c in self.caches.values() for v in
+                 (c.eval_arrays() if isinstance(c, MLACache) else c.arrays().values())])
