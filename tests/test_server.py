@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import select
+import shlex
 import shutil
 import socket
 import subprocess
@@ -352,13 +353,13 @@ def test_a_client_that_disconnects_cancels_its_generation(server, http):
             h = http.get("/health").json()
             assert h["running"] is not None and h["running"]["phase"] == "generate"
     # the connection is closed: the generation stops within a few tokens, not after 5000
-    h = _wait_health(http, _idle, timeout=5)
+    h = _wait_health(http, _idle, timeout=30)
     assert h["requests"]["cancelled"] == before["cancelled"] + 1
     assert h["requests"]["completed"] == before["completed"]
     # a non-streaming request whose client gives up
     with pytest.raises(httpx.ReadTimeout):
         _post(http, {**body, "stream": False}, timeout=httpx.Timeout(30, read=0.5))
-    h = _wait_health(http, lambda h: _idle(h) and h["requests"]["cancelled"] == before["cancelled"] + 2, timeout=5)
+    h = _wait_health(http, lambda h: _idle(h) and h["requests"]["cancelled"] == before["cancelled"] + 2, timeout=30)
     assert h["requests"]["completed"] == before["completed"]
 
 
@@ -381,7 +382,7 @@ def test_health_answers_during_a_long_prefill(server, http, loaded):
     t.join()
     assert result["r"].status_code == 200
     assert any(0 < s["done"] < s["total"] for s in seen), seen  # answered mid-prefill, with its progress
-    assert slowest < 1.0
+    assert slowest < 5.0  # not blocked for the prefill (generous: CI machines can be busy)
 
 
 def test_concurrent_streams_all_finish_in_arrival_order(server):
@@ -404,16 +405,18 @@ def test_concurrent_streams_all_finish_in_arrival_order(server):
             return await asyncio.gather(*(consume(s) for s in streams))
 
     results = asyncio.run(run())
-    firsts = [f for f, _ in results]
-    assert firsts == sorted(firsts)  # served first come, first served
-    seqs = []
+    timings = []
     for _, chunks in results:
         last = chunks[-1]
         assert last.usage.completion_tokens == 30 and chunks[-2].choices[0].finish_reason == "length"
-        seqs.append(last.model_extra["timings"]["seq"])
-    assert seqs == sorted(seqs)
-    waits = [chunks[-1].model_extra["timings"] for _, chunks in results]
-    assert waits[-1]["queue_position"] >= 1 and waits[-1]["queue_ms"] > waits[0]["queue_ms"]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        timings.append(last.model_extra["timings"])
+    seqs = [t["seq"] for t in timings]
+    assert seqs == sorted(seqs)  # arrival order is creation order
+    assert [t["started"] for t in timings] == list(range(timings[0]["started"], timings[0]["started"] + 6))
+    assert all(t["queue_position"] <= i for i, t in enumerate(timings))  # none waited behind a later one
+    queued = [t["queue_ms"] for t in timings]
+    assert queued == sorted(queued)
 
 
 def test_prefix_cache_is_bounded_lru(model_dir):
@@ -436,3 +439,34 @@ def test_cli_errors_exit_cleanly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kimi_mlx.server", "--model", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def _readme_section_blocks(lang: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## The server (OpenAI-compatible)"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(rf"^```{lang}\n(.*?)^```", section, flags=re.M | re.S)
+
+
+def _for_this_server(text: str, server: str) -> str:
+    return text.replace("http://127.0.0.1:8080", server).replace("Kimi-Linear-4bit", "tiny_chat")
+
+
+def test_the_readme_examples_work(server, tmp_path):
+    """The README's curl lines (sent with httpx: curl may not be installed) and its openai-client block."""
+    curls = [line for line in _readme_section_blocks("sh")[0].splitlines() if line.startswith("curl ")]
+    assert len(curls) == 3
+    for line in curls:
+        argv = shlex.split(_for_this_server(line, server))
+        url = next(a for a in argv if a.startswith("http"))
+        headers = dict(h.split(": ", 1) for h in (argv[i + 1] for i, a in enumerate(argv) if a == "-H"))
+        data = next((argv[i + 1] for i, a in enumerate(argv) if a == "-d"), None)
+        r = httpx.request("POST" if data else "GET", url, content=data, timeout=60,
+                          headers={**headers, "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200, (line, r.text)
+        assert ("data: [DONE]" in r.text) if "-N" in argv else r.json()
+    (code,) = _readme_section_blocks("py")
+    code = _for_this_server(code, server).replace('api_key="unused"', f'api_key="{KEY}"')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"\d+ of \d+ prompt tokens cached", r.stdout)

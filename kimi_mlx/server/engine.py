@@ -82,6 +82,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: int = 0
     ahead: int = 0  # jobs queued or running when it arrived
+    started: int = 0  # its place in the order jobs started in
     queued_at: float = 0.0
 
     def emit(self, *event) -> None:
@@ -110,7 +111,8 @@ class Engine:
         self.sessions: list = []  # (path, DocumentSession)
         self.context_length: Optional[int] = None
         self._mlx: Optional[MLXThread] = None
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(1)  # arrival order
+        self._starts = itertools.count(1)  # start order (first come first served: the same order)
         self._lock = threading.Lock()  # the counters and the remembered reply ids
         self._waiting = 0
         self._running: Optional[dict] = None
@@ -250,7 +252,7 @@ class Engine:
             self._count("cancelled")
             job.emit("cancelled")
             return
-        started = time.perf_counter()
+        started, job.started = time.perf_counter(), next(self._starts)
         self._set_running(job, phase="prefill", done=0, total=len(job.ids))
         try:
             self._generate(job, self._mlx.should_stop(job.cancel), started)
@@ -314,7 +316,7 @@ class Engine:
             self._remember_reply(conv)
         n_out = n_fed - (r.finish_reason == "stop" and not matcher.hit)
         end = time.perf_counter()
-        timings = {"seq": job.seq, "queue_position": job.ahead, "queue_ms": (started - job.queued_at) * 1e3,
+        timings = {"seq": job.seq, "started": job.started, "queue_position": job.ahead, "queue_ms": (started - job.queued_at) * 1e3,
                    "prompt_ms": (t_first - started) * 1e3, "generation_ms": (end - t_first) * 1e3,
                    "prefilled_tokens": len(job.ids) - r.cached_tokens}
         self._count("completed")
