@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 PAGE_TOKENS = 4096
+TAIL_ROWS = 256  # appends shorter than this (decode steps) go to a tail segment of this many rows
 
 
 def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 8):
@@ -84,6 +85,13 @@ class MLACache:
     capacity overshoots by at most about an eighth. A snapshot (`copy()`) shares every segment; the first append after it copies
     the last one only if that one still has room.
 
+    Short appends (decode steps) go to a small tail segment instead: a pipelined decode step
+    still reads the segment that the next step appends to, and MLX copies a buffer that something
+    in flight holds rather than write it in place, so appending into the big segment would copy
+    the whole context every token. A full tail becomes a closed segment; closed decode segments
+    are concatenated pairwise while the older is no larger than the newer (a binary counter), so
+    there are O(log) of them and each row is copied O(log) times, never the prefilled context.
+
     With `bits=8` rows are stored quantized per token (groups of `group_size` channels, affine,
     as mx.quantize), which halves memory at a small accuracy cost; the kernels dequantize as they
     read, the reference path one segment at a time.
@@ -113,12 +121,13 @@ class MLACache:
         self._reserve = max(self._reserve, int(total_tokens))
 
     # -- writing -----------------------------------------------------------
-    def _new_segment(self, B: int, D: int, dtype, need: int) -> dict:
+    def _capacity(self, need: int) -> int:
         if self._reserve - self.offset >= need:
-            cap = self._reserve - self.offset  # a known total: exactly that (a loaded session stays full)
-        else:
-            growth = -(-(self.offset // 8) // self.page_tokens) * self.page_tokens
-            cap = max(need, self.page_tokens, growth)
+            return self._reserve - self.offset  # a known total: exactly that (a loaded session stays full)
+        growth = -(-(self.offset // 8) // self.page_tokens) * self.page_tokens
+        return max(need, self.page_tokens, growth)
+
+    def _new_segment(self, B: int, D: int, dtype, cap: int) -> dict:
         if self.bits is None:
             data = mx.zeros((B, cap, D), dtype=dtype)
         else:
@@ -128,27 +137,71 @@ class MLACache:
                     "biases": mx.zeros((B, cap, dq // self.group_size), dtype=dtype)}
         return {"data": data, "cap": cap, "n": 0, "start": self.offset, "D": D}
 
+    def _write(self, seg: dict, rows: mx.array) -> None:
+        B, take, _ = rows.shape
+        at = mx.array([0, seg["n"], 0])
+        if self.bits is None:
+            seg["data"] = mx.slice_update(seg["data"], rows, at, axes=(0, 1, 2))
+        else:
+            q = quantize_rows(rows, self.group_size)
+            seg["data"] = {k: mx.slice_update(seg["data"][k], q[k].reshape(B, take, -1), at, axes=(0, 1, 2))
+                           for k in ("wq", "scales", "biases")}
+        seg["n"] += take
+        self.offset += take
+
+    @property
+    def tail_rows(self) -> int:
+        """Appends shorter than this go to the tail (at most a page)."""
+        return min(TAIL_ROWS, self.page_tokens)
+
     def append(self, kv: mx.array) -> None:
         """kv: [B, T, D] new latent rows (normed latent | k_pe)."""
         B, T, D = kv.shape
+        if T < self.tail_rows:
+            return self._append_tail(kv)
+        self._close_tail()
         pos = 0
         while pos < T:
-            if not self.segs or self.segs[-1]["n"] == self.segs[-1]["cap"]:
-                self.segs.append(self._new_segment(B, D, kv.dtype, T - pos))
+            if not self.segs or self.segs[-1]["n"] == self.segs[-1]["cap"] or self.segs[-1].get("small"):
+                self.segs.append(self._new_segment(B, D, kv.dtype, self._capacity(T - pos)))
             seg = self.segs[-1]
             take = min(seg["cap"] - seg["n"], T - pos)
-            rows = kv[:, pos:pos + take]
-            at = mx.array([0, seg["n"], 0])
-            if self.bits is None:
-                seg["data"] = mx.slice_update(seg["data"], rows, at, axes=(0, 1, 2))
-            else:
-                q = quantize_rows(rows, self.group_size)
-                q = {"wq": q["wq"], "scales": q["scales"], "biases": q["biases"]}
-                seg["data"] = {k: mx.slice_update(seg["data"][k], q[k].reshape(B, take, -1), at, axes=(0, 1, 2))
-                               for k in q}
-            seg["n"] += take
+            self._write(seg, kv[:, pos:pos + take])
             pos += take
-            self.offset += take
+
+    def _append_tail(self, kv: mx.array) -> None:
+        B, T, D = kv.shape
+        tail = self.segs[-1] if self.segs and self.segs[-1].get("tail") else None
+        if tail is not None and tail["n"] + T > tail["cap"]:
+            self._close_tail()
+            tail = None
+        if tail is None:
+            tail = {**self._new_segment(B, D, kv.dtype, self.tail_rows), "tail": True, "small": True}
+            self.segs.append(tail)
+        self._write(tail, kv)
+
+    @staticmethod
+    def _sliced(data, s: int, e: int):
+        return {k: v[:, s:e] for k, v in data.items()} if isinstance(data, dict) else data[:, s:e]
+
+    def _close_tail(self) -> None:
+        """The tail becomes a closed small segment (its used rows only); then closed small segments
+        merge pairwise while the older is no larger than the newer."""
+        if not self.segs or not self.segs[-1].get("tail"):
+            return
+        tail = self.segs.pop()
+        if tail["n"] == 0:
+            return
+        self.segs.append({**tail, "data": self._sliced(tail["data"], 0, tail["n"]), "cap": tail["n"], "tail": False})
+        while len(self.segs) >= 2 and self.segs[-2].get("small") and self.segs[-2]["n"] <= self.segs[-1]["n"]:
+            b = self.segs.pop()
+            a = self.segs.pop()
+            if isinstance(a["data"], dict):
+                data = {k: mx.concatenate([a["data"][k], b["data"][k]], axis=1) for k in a["data"]}
+            else:
+                data = mx.concatenate([a["data"], b["data"]], axis=1)
+            n = a["n"] + b["n"]
+            self.segs.append({**a, "data": data, "n": n, "cap": n})
 
     # -- reading -----------------------------------------------------------
     def segments(self) -> list[dict]:
@@ -176,11 +229,12 @@ class MLACache:
         assert self.offset == offset, (self.offset, offset)
 
     def eval_arrays(self) -> list[mx.array]:
-        """What generation evaluates to keep the graph short: the segment being written."""
-        if not self.segs:
-            return []
-        d = self.segs[-1]["data"]
-        return list(d.values()) if isinstance(d, dict) else [d]
+        """What generation evaluates to keep the graph short: the segments (evaluated ones cost nothing)."""
+        out = []
+        for seg in self.segs:
+            d = seg["data"]
+            out += list(d.values()) if isinstance(d, dict) else [d]
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -66,18 +66,18 @@ def test_cache_segments_reserve_growth_and_snapshots():
     rows = mx.random.normal((2, 300, 24))
     c = MLACache(page_tokens=16)
     c.reserve(300)
-    for a, b in ((0, 5), (5, 200), (200, 300)):
+    for a, b in ((0, 20), (20, 200), (200, 300)):
         c.append(rows[:, a:b])
     assert len(c.segments()) == 1 and c.segments()[0]["cap"] == 300
     assert max_abs(mx.concatenate(c.blocks(), axis=1), rows) == 0.0
 
     g = MLACache(page_tokens=16)
-    for a in range(0, 300, 7):
-        g.append(rows[:, a:a + 7])
+    for a in range(0, 300, 17):
+        g.append(rows[:, a:a + 17])
     caps = [s["cap"] for s in g.segs]
     assert sum(s["n"] for s in g.segs) == 300 and sum(caps) - 300 < max(16, 300 // 8) + 16
     assert all(c2 >= 16 for c2 in caps) and len(caps) < 300 // 16
-    assert [s["start"] for s in g.segs] == [sum(caps[:i]) for i in range(len(caps))]
+    assert [s["start"] for s in g.segs] == [sum(s2["n"] for s2 in g.segs[:i]) for i in range(len(caps))]
     assert max_abs(mx.concatenate(g.blocks(), axis=1), rows) == 0.0
 
     snap = g.copy()
@@ -93,6 +93,35 @@ def test_cache_segments_reserve_growth_and_snapshots():
         dst.load_arrays(src.arrays(), 100)
         assert len(dst.segments()) == 1 and dst.segments()[0]["cap"] == 100
         assert max_abs(dst.arrays()["kv"], src.arrays()["kv"]) < (0.05 if bits else 0.0) + 1e-7
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_cache_decode_appends_never_touch_the_prefilled_segment(bits):
+    """Decode steps append to a small tail: the prefilled segment is never written again (a
+    pipelined step still reads it, so writing it would copy the whole context every token). Full
+    tails close and merge pairwise, so closed decode segments stay few, sizes decreasing."""
+    mx.random.seed(4)
+    rows = mx.random.normal((2, 700, 64))
+    c = MLACache(page_tokens=16, bits=bits, group_size=32 if bits else 64)
+    c.reserve(700)
+    c.append(rows[:, :100])
+    big = c.segs[0]["data"]
+    mx.eval(big)
+    for t in range(100, 600):
+        c.append(rows[:, t:t + 1])
+        assert c.segs[0]["data"] is big and c.segs[0]["n"] == 100
+        small = [s["n"] for s in c.segs[1:] if not s.get("tail")]
+        assert small == sorted(small, reverse=True) and len(set(small)) == len(small)
+        assert len(c.segs) <= 2 + (t - 100).bit_length()
+    c.append(rows[:, 600:640])  # a long append after decode (the next turn) starts a new segment
+    c.append(rows[:, 640:643])
+    assert c.offset == 643 and [s["start"] for s in c.segs] == [sum(s2["n"] for s2 in c.segs[:i]) for i in range(len(c.segs))]
+    tol = 0.05 if bits else 0.0
+    assert max_abs(mx.concatenate(c.blocks(), axis=1), rows[:, :643]) <= tol
+    snap = c.copy()
+    c.append(rows[:, :1] * 0 + 9)
+    assert max_abs(mx.concatenate(snap.blocks(), axis=1), rows[:, :643]) <= tol
+    assert float(c.blocks()[-1][:, -1].min()) == pytest.approx(9.0, abs=0.05)
 
 
 def test_prefill_reserves_one_mla_segment():

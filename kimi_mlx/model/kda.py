@@ -60,21 +60,37 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(P, d, bias=False)
 
     def __call__(self, x: mx.array, cache: KDACache | None = None) -> mx.array:
+        parts = self.project(x, cache.conv if cache is not None else None)
+        return self.output(self.attend(parts, cache), x.dtype)
+
+    # A layer is project -> attend -> output; a compiled decode step runs project and output
+    # compiled (pure functions of their arguments) and attend, the kernel, between them.
+    def project(self, x: mx.array, conv_state: mx.array | None):
+        """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state)."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
         qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         w = derived(self, "_conv_w_cache", ws, lambda: mx.concatenate(ws, axis=0))  # joined once, not every token
-        qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
+        qkv, conv_state = causal_short_conv(qkv, w, conv_state)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, K)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
-        o, state = kda_gated(
-            qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
-            qkv[..., 2 * P:].reshape(B, T, H, K), f, self.b_proj(x), self.dt_bias, self.A_log,
-            self.o_norm.weight, gate, self.eps, cache.state if cache is not None else None)
+        return (qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
+                qkv[..., 2 * P:].reshape(B, T, H, K), f, gate, self.b_proj(x), conv_state)
+
+    decode_project = project  # what attend takes
+
+    def attend(self, parts, cache: KDACache | None) -> mx.array:
+        """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""
+        q, k, v, f, gate, b, conv_state = parts
+        o, state = kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps,
+                             cache.state if cache is not None else None)
         if cache is not None:
             cache.conv, cache.state = conv_state, state
-            cache.offset += T
-        o = o.astype(x.dtype)
-        return self.o_proj(o.reshape(B, T, P))
+            cache.offset += q.shape[1]
+        return o
+
+    def output(self, o: mx.array, dtype) -> mx.array:
+        B, T = o.shape[:2]
+        return self.o_proj(o.astype(dtype).reshape(B, T, -1))

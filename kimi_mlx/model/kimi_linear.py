@@ -6,7 +6,7 @@ import mlx.nn as nn
 
 from ..cache import KDACache, KimiCache, MLACache
 from ..config import ModelConfig
-from .common import MLP
+from .common import MLP, compile_decode, compiled_for
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
@@ -22,8 +22,27 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if x.shape[1] == 1 and cache is not None and cache.offset and compile_decode():
+            c = compiled_for(self)
+            if c.safe:
+                return self._decode(x, cache, c)
         h = x + self.self_attn(self.input_layernorm(x), cache)
+        return self._mlp_block(h)
+
+    def _mlp_block(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _decode(self, x: mx.array, cache, compiled) -> mx.array:
+        """One token as two compiled pieces around the attention kernel: everything before it
+        (norm, projections, short conv / query absorption) and everything after it (o_proj,
+        residuals, MoE). Same maths as __call__: fused elementwise ops, and no graph to rebuild."""
+        attn = self.self_attn
+        state = () if self.is_mla else (cache.conv,)
+        pre = compiled("pre", lambda x, *state: attn.decode_project(self.input_layernorm(x), *state))
+        parts = pre(x, *state)
+        o = attn.attend(parts, cache)
+        post = compiled("post", lambda x, o: self._mlp_block(x + attn.output(o, x.dtype)))
+        return post(x, o)
 
 
 class KimiLinearModel(nn.Module):

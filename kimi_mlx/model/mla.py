@@ -33,23 +33,54 @@ class KimiMLA(nn.Module):
 
     def __call__(self, x: mx.array, cache: MLACache | None = None) -> mx.array:
         B, T, _ = x.shape
-        H = self.num_heads
-        q = self.q_proj(x).reshape(B, T, H, self.nope + self.rope)
-        ckv = self.kv_a_proj_with_mqa(x)
-        latent = self.kv_a_layernorm(ckv[..., : self.rank])
-        rows = mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)  # [B, T, rank + rope]
-
+        if T < expand_min_queries():  # the absorbed form
+            return self.output(self.attend(self.decode_project(x), cache), x.dtype)
+        q, rows = self.project(x)
         if cache is not None:
             cache.append(rows)
-            source = cache
-        else:
-            source = [rows]
-        if T >= expand_min_queries():
-            o = mla_prefill_attention(q, source, self._expand_kv, self.scale, self.rope, self.v_dim,
-                                      expand=self._expand)  # [B, T, H, v]
-        else:
-            o = self._absorbed(q.transpose(0, 2, 1, 3), source).transpose(0, 2, 1, 3)
-        return self.o_proj(o.reshape(B, T, H * self.v_dim))
+        source = cache if cache is not None else [rows]
+        o = mla_prefill_attention(q, source, self._expand_kv, self.scale, self.rope, self.v_dim,
+                                  expand=self._expand)  # [B, T, H, v]
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    # The absorbed path is project -> absorb -> attend -> output; a compiled decode step runs
+    # project + absorb and output compiled, and attend (cache append + kernel) between them.
+    def project(self, x: mx.array):
+        """x [B, T, d] -> (q [B, T, H, nope + rope], cache rows [B, T, rank + rope])."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.nope + self.rope)
+        ckv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(ckv[..., : self.rank])
+        return q, mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)
+
+    def decode_project(self, x: mx.array):
+        """What attend takes: (absorbed queries, cache rows)."""
+        q, rows = self.project(x)
+        return self.absorb(q), rows
+
+    def _absorb_weights(self, dtype):
+        # split once, not every token (a quantized kv_b_proj would be dequantized per token)
+        sources = (self.kv_b_proj.get("weight"), self.kv_b_proj.get("scales"), self.kv_b_proj.get("biases"))
+        return derived(self, "_split_kv_b_cache", sources, lambda: self._split_kv_b(dtype), dtype)
+
+    def absorb(self, q: mx.array) -> mx.array:
+        """q [B, T, H, nope + rope] -> [B, H, T, rank + rope]: q_nope . (W_uk c) == (W_uk^T q_nope) . c"""
+        q = q.transpose(0, 2, 1, 3)
+        w_uk, _ = self._absorb_weights(q.dtype)
+        return mx.concatenate([q[..., : self.nope] @ w_uk, q[..., self.nope:]], axis=-1)
+
+    def attend(self, parts, cache: MLACache | None) -> mx.array:
+        """Appends the rows to the cache, then absorbed attention -> latent output [B, H, T, rank]."""
+        qa, rows = parts
+        if cache is not None:
+            cache.append(rows)
+        return mla_decode_attention(qa, cache if cache is not None else [rows], self.scale, self.rank)
+
+    def output(self, o_lat: mx.array, dtype) -> mx.array:
+        B, H, T, _ = o_lat.shape
+        _, w_uv_t = self._absorb_weights(dtype)
+        o = (o_lat @ w_uv_t.astype(o_lat.dtype)).transpose(0, 2, 1, 3)  # [B, T, H, v]
+        return self.o_proj(o.reshape(B, T, H * self.v_dim).astype(dtype))
 
     def _expand_kv(self, rows: mx.array) -> mx.array:
         """Cached rows [B, n, rank + rope] -> per-head [k_nope | v] [B, n, H, nope + v]."""
@@ -70,14 +101,3 @@ class KimiMLA(nn.Module):
         H = self.num_heads
         w = linear_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank).astype(dtype)
         return w[:, : self.nope], mx.contiguous(w[:, self.nope:].transpose(0, 2, 1))
-
-    def _absorbed(self, q: mx.array, source) -> mx.array:
-        # split once, not every token (a quantized kv_b_proj would be dequantized per token)
-        sources = (self.kv_b_proj.get("weight"), self.kv_b_proj.get("scales"), self.kv_b_proj.get("biases"))
-        w_uk, w_uv_t = derived(self, "_split_kv_b_cache", sources, lambda: self._split_kv_b(q.dtype), q.dtype)
-        # absorb W_uk into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
-        q_lat = q[..., : self.nope] @ w_uk  # [B, H, T, rank]
-        qa = mx.concatenate([q_lat, q[..., self.nope:]], axis=-1)
-
-        o_lat = mla_decode_attention(qa, source, self.scale, self.rank)  # [B, H, T, rank]
-        return o_lat @ w_uv_t.astype(o_lat.dtype)  # [B, H, T, v]

@@ -181,6 +181,7 @@ def switch_glu_reference(glu, x: mx.array, indices: mx.array) -> mx.array:
 
 
 class _CPUSwitchGLUMixin:
+    compile_safe = False  # switch_glu_blocks reads the routing on the host: never inside mx.compile
     min_pairs = SWITCH_MIN_PAIRS
     min_rows = LINEAR_MIN_ROWS
 
