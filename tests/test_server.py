@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from kimi_mlx.server.bench import start_server, stop_server
 from kimi_mlx.server.engine import KEEP_GAP, StopMatcher
 
 from helpers import MODELS
@@ -32,27 +34,6 @@ KEY = "test-key"
 CONTEXT = 12288
 NO_EOS = {"385": -100, "386": -100}  # [EOS], <|im_end|>
 DOC = "".join(f"Paragraph {i}: the harbour master logged ship {i * 7} at dawn.\n" for i in range(120))
-
-
-def _start(argv, timeout=120.0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "kimi_mlx.server", "--port", "0", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.monotonic()
-    line = proc.stdout.readline()  # the server prints its address once it listens
-    m = re.search(r"on (http://\S+)/v1", line)
-    if m is None:
-        proc.kill()
-        raise AssertionError(f"server did not start in {time.monotonic() - t0:.0f}s: {line!r} {proc.stderr.read()}")
-    return proc, m.group(1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +66,10 @@ def session_file(loaded, model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir, session_file):
-    proc, url = _start(["--model", str(model_dir), "--api-key", KEY, "--session", str(session_file),
-                        "--prefix-cache-mb", "256"])
+    proc, url = start_server(["--model", str(model_dir), "--api-key", KEY, "--session", str(session_file),
+                              "--prefix-cache-mb", "256"])
     yield url
-    _stop(proc)
+    stop_server(proc)
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
 
 
@@ -342,16 +323,23 @@ def test_a_50mb_body_is_refused_unread(server, http):
 
 
 # -- serving behaviour ----------------------------------------------------------------------------
+@contextmanager
+def _streaming(server, body):
+    """A streaming request left open (its first chunk read) until the block ends, then closed."""
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()  # kept: a line iterator that goes away closes the response
+            assert next(line for line in lines if line.startswith("data: "))
+            yield
+
+
 def test_a_client_that_disconnects_cancels_its_generation(server, http):
     _wait_health(http, _idle)
     before = http.get("/health").json()["requests"]
     body = _msgs(max_tokens=5000, logit_bias=NO_EOS, stream=True, temperature=0)
-    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
-        with c.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            h = http.get("/health").json()
-            assert h["running"] is not None and h["running"]["phase"] == "generate"
+    with _streaming(server, body):
+        h = http.get("/health").json()
+        assert h["running"] is not None and h["running"]["phase"] == "generate"
     # the connection is closed: the generation stops within a few tokens, not after 5000
     h = _wait_health(http, _idle, timeout=30)
     assert h["requests"]["cancelled"] == before["cancelled"] + 1
@@ -361,6 +349,27 @@ def test_a_client_that_disconnects_cancels_its_generation(server, http):
         _post(http, {**body, "stream": False}, timeout=httpx.Timeout(30, read=0.5))
     h = _wait_health(http, lambda h: _idle(h) and h["requests"]["cancelled"] == before["cancelled"] + 2, timeout=30)
     assert h["requests"]["completed"] == before["completed"]
+
+
+def test_a_queued_request_whose_client_leaves_never_runs(server, http):
+    _wait_health(http, _idle)
+    before = http.get("/health").json()["requests"]
+    with _streaming(server, _msgs(max_tokens=5000, logit_bias=NO_EOS, stream=True, temperature=0)):
+        # queued behind the long one; its client gives up while it waits
+        with pytest.raises(httpx.ReadTimeout):
+            _post(http, _msgs(max_tokens=20, logit_bias=NO_EOS), timeout=httpx.Timeout(30, read=0.3))
+        assert http.get("/health").json()["waiting"] == 1  # still in the queue, marked cancelled
+    h = _wait_health(http, lambda h: _idle(h) and h["requests"]["cancelled"] == before["cancelled"] + 2, timeout=30)
+    assert h["requests"]["completed"] == before["completed"]  # it would have completed had it run
+
+
+def test_a_prompt_that_departs_from_a_kept_one_is_kept_there(client):
+    """Three completions of one long token sequence with different endings: the second keeps the state where
+    it departs from the first, and the third continues from there."""
+    base = [(i * 37) % 500 + 20 for i in range(KEEP_GAP + 300)]
+    cached = [client.completions.create(model="tiny_chat", prompt=base + end, max_tokens=2, temperature=0)
+              .usage.prompt_tokens_details.cached_tokens for end in ([1, 2, 3], [4, 5, 6], [7, 8, 9])]
+    assert cached == [0, 0, len(base)]
 
 
 def test_health_answers_during_a_long_prefill(server, http, loaded):
@@ -420,7 +429,7 @@ def test_concurrent_streams_all_finish_in_arrival_order(server):
 
 
 def test_prefix_cache_is_bounded_lru(model_dir):
-    proc, url = _start(["--model", str(model_dir), "--prefix-cache-mb", "2"])
+    proc, url = start_server(["--model", str(model_dir), "--prefix-cache-mb", "2"])
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
             for i in range(8):
@@ -432,7 +441,7 @@ def test_prefix_cache_is_bounded_lru(model_dir):
             again = c.post("/v1/chat/completions", json=body).json()
             assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"]
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_cli_errors_exit_cleanly(tmp_path):

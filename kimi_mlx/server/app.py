@@ -137,15 +137,21 @@ class Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(request, job, reply)
 
-    async def _events(self, job: Job):
-        """The job's events; None every KEEPALIVE_S while nothing happens. Cancels the job if left early."""
+    async def _events(self, job: Job, gone: Optional[asyncio.Future] = None):
+        """The job's events; None every KEEPALIVE_S while nothing happens. Ends early when `gone` (the
+        client went away) is done; leaving early, for whatever reason, cancels the job."""
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
+                get = asyncio.ensure_future(job.events.get())
+                done, _ = await asyncio.wait({get, gone} if gone else {get}, timeout=KEEPALIVE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if gone is not None and gone.done():
+                        return
                     yield None
                     continue
+                ev = get.result()
                 yield ev
                 if ev[0] in ("done", "error", "cancelled"):
                     return
@@ -173,13 +179,11 @@ class Server:
                 yield sse(b"[DONE]")
 
     async def _whole(self, request: Request, job: Job, reply: Reply) -> Response:
-        watch = asyncio.ensure_future(_until_disconnect(request))
+        gone = asyncio.ensure_future(_until_disconnect(request))
         text = []
         try:
-            async for ev in self._events(job):
-                if watch.done():  # the client went away: _events' exit cancels the job
-                    return Response(status_code=499)
-                if ev is None:
+            async for ev in self._events(job, gone):
+                if ev is None or ev[0] == "start":
                     continue
                 if ev[0] == "delta":
                     text.append(ev[1])
@@ -188,9 +192,9 @@ class Server:
                     return JSONResponse(reply.whole("".join(text), finish, use, timings))
                 elif ev[0] == "error":
                     return _error(ev[1])
-            return Response(status_code=499)  # cancelled
+            return Response(status_code=499)  # the client went away: nobody reads this
         finally:
-            watch.cancel()
+            gone.cancel()
 
 
 # -- command line -------------------------------------------------------------------------
