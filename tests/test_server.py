@@ -444,10 +444,13 @@ def test_prefix_cache_is_bounded_lru(model_dir):
         stop_server(proc)
 
 
-def test_cli_errors_exit_cleanly(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kimi_mlx.server", "--model", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("bad", ["model", "session"])
+def test_cli_errors_exit_cleanly(tmp_path, model_dir, bad):
+    argv = ["--model", str(tmp_path / "none")] if bad == "model" else [
+        "--model", str(model_dir), "--session", str(tmp_path / "gone.kimisession")]
+    r = subprocess.run([sys.executable, "-m", "kimi_mlx.server", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert ("no such model directory" if bad == "model" else "session file not found") in r.stderr
 
 
 def _readme_section_blocks(lang: str) -> list[str]:

@@ -106,7 +106,7 @@ class Server:
 
     async def sessions(self, request: Request):
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": self.engine.session_info()})
+        return JSONResponse({"object": "list", "data": self.engine.session_info})
 
     async def chat(self, request: Request):
         return await self._generate(request, chat_request)

@@ -107,8 +107,9 @@ class Engine:
         self.cache_bytes = settings().checkpoint_bytes if cache_bytes is None else int(cache_bytes)
         self.session_paths = list(sessions)
         self.prefill_step, self.default_max_tokens = prefill_step, default_max_tokens
-        self.model = self.tokenizer = self.store = None
+        self.model = self.tokenizer = self.prompts = self.store = None
         self.sessions: list = []  # (path, DocumentSession)
+        self.session_info: list = []  # what /v1/sessions lists
         self.context_length: Optional[int] = None
         self._mlx: Optional[MLXThread] = None
         self._seq = itertools.count(1)  # arrival order
@@ -119,7 +120,6 @@ class Engine:
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self._cache_status: dict = {}
         self._reply_ids: "OrderedDict[str, tuple]" = OrderedDict()
-        self._user_prefix: list = []  # the chat template's ids before a lone user message's content
 
     # -- life ----------------------------------------------------------------
     def start(self) -> "Engine":
@@ -132,11 +132,9 @@ class Engine:
         self.store = CheckpointStore(self.cache_bytes)
         cfg = getattr(self.model, "config", None)
         self.context_length = getattr(cfg, "model_max_length", None) or None
-        starts: list = []
-        ids = self._chat_ids([("user", "")], starts)
-        self._user_prefix = ids[:starts[0]]
         for path in self.session_paths:
             self.sessions.append((str(path), self._mlx.call(lambda p=path: self._load_session(p))))
+        self.session_info = [self._describe(path, s) for path, s in self.sessions]
         self._mlx.call(self._publish)
         return self
 
@@ -189,14 +187,14 @@ class Engine:
         want = req.max_tokens if req.max_tokens is not None else self.default_max_tokens
         return max(1, min(want, room) if room is not None else want)
 
-    def session_info(self) -> list[dict]:
-        """The sessions: tokens, and the text a first user message must begin with to continue one."""
-        out = []
-        for path, s in self.sessions:
-            n = len(self._user_prefix)
-            text = (self.tokenizer.decode(list(s.tokens[n:])) if list(s.tokens[:n]) == self._user_prefix else None)
-            out.append({"id": Path(path).name, "path": path, "tokens": s.num_tokens, "user_text_prefix": text})
-        return out
+    def _describe(self, path: str, sess) -> dict:
+        """A session: its tokens, and the text a first user message must begin with to continue it (None when
+        it was made with a system prompt)."""
+        starts: list = []
+        before = self._chat_ids([("user", "")], starts)[:starts[0]]
+        n, tokens = len(before), list(sess.tokens)
+        text = self.tokenizer.decode(tokens[n:]) if tokens[:n] == before else None
+        return {"id": Path(path).name, "path": path, "tokens": sess.num_tokens, "user_text_prefix": text}
 
     # -- queue (event loop) ------------------------------------------------------
     def submit(self, job: Job) -> None:
