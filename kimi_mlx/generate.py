@@ -572,8 +572,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError,
-            PipelineError) as e:
+    except PipelineError as e:
+        if not e.quiet:  # an error every rank found is said by rank 0 only
+            _err(e)
+        return 1
+    except (ConfigError, WeightsError, TokenizerError, SessionError, DocumentError, PlanError, ModelLoadError) as e:
         _err(e)
         return 1
     except (ValueError, OSError) as e:  # runtime.PromptError is a ValueError

@@ -37,7 +37,10 @@ _DTYPES = [mx.float32, mx.bfloat16, mx.float16, mx.int32, mx.uint32, mx.uint8, m
 
 
 class PipelineError(RuntimeError):
-    """The pipeline can't go on (the message is one line, ready to show)."""
+    """The pipeline can't go on (the message is one line, ready to show). quiet: every rank found the
+    same (e.g. a bad --split), and rank 0 says it."""
+
+    quiet = False
 
 
 class PeerLost(PipelineError):
@@ -243,9 +246,12 @@ class Link:
         mx.eval(a)
         return a
 
-    def recv_lazy(self, shape, dtype, what: str) -> mx.array:
-        """An array from the left neighbour, once it is arriving; received when evaluated."""
-        self.wait(what)
+    def recv_lazy(self, shape, dtype, what: str, wait: bool = True) -> mx.array:
+        """An array from the left neighbour, received when evaluated. wait: first until it is arriving
+        (else call `wait` before evaluating it: a receive issued early spins a core in MLX's ring
+        backend, which on a shared host slows the rank that computes what it waits for)."""
+        if wait:
+            self.wait(what)
         return mx.distributed.recv(tuple(shape), dtype, self.left, group=self.group)
 
     # -- blobs: JSON + arrays ------------------------------------------------

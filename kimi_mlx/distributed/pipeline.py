@@ -35,7 +35,7 @@ from ..cache import KDACache, KimiCache, MLACache
 from ..config import ModelConfig
 from ..model.kimi_linear import DecoderLayer, KimiLinearModel, Model
 from . import split as S
-from .link import DEFAULT_TIMEOUT, Link, PipelineError, code_dtype, dtype_code, pack, ring_allgather, unpack
+from .link import DEFAULT_TIMEOUT, Link, PeerLost, PeerTimeout, PipelineError, code_dtype, dtype_code, pack, ring_allgather, unpack
 
 OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP = 1, 2, 3, 4
 _HEAD = 8  # op, B, T, logits rows wanted, dtype of what follows, bytes of queued ops, 2 spare
@@ -138,7 +138,15 @@ class Pipeline:
         return self.rank == 0
 
     def plan(self, model_dir: Path, cfg: ModelConfig) -> list[int]:
-        """The split every rank agrees on (checked: the same config and --split everywhere)."""
+        """The split every rank agrees on (checked: the same config and --split everywhere). Every
+        rank reaches the same verdict; only rank 0 reports an error."""
+        try:
+            return self._plan(model_dir, cfg)
+        except PipelineError as e:
+            e.quiet = not self.leader and not isinstance(e, (PeerLost, PeerTimeout))
+            raise
+
+    def _plan(self, model_dir: Path, cfg: ModelConfig) -> list[int]:
         import hashlib
         import socket
 
@@ -169,6 +177,7 @@ class Pipeline:
 
         model_dir = resolve_model_path(path)
         cfg = ModelConfig.from_file(model_dir)
+        self.link.closing = False  # a model loaded after an earlier one stopped
         tok = None
         if self.leader and tokenizer:
             from ..tokenizer import load_tokenizer
@@ -374,8 +383,9 @@ class PipelineModel:
             raise PipelineError("the pipeline was stopped")
         B, T = input_ids.shape
         h = self.stage.run_layers(self.stage.model.embed_tokens(input_ids), cache)
-        msg = self._header(OP_FORWARD, B, T, want, dtype_code(h.dtype), cache)
-        self.link.send(msg + [h], "hidden states")
+        # the header first, before computing: the next rank builds its graph meanwhile
+        self.link.send(self._header(OP_FORWARD, B, T, want, dtype_code(h.dtype), cache), "a command")
+        self.link.send([h], "hidden states")
         if cache is not None:
             for c in cache:
                 if isinstance(c, RemoteLayerCache):
@@ -499,6 +509,8 @@ class Follower:
                 self.caches.pop(cid, None)
 
     def _forward(self, relay: list, B: int, T: int, want: int, dt: int, ids: list[int]) -> None:
+        # received before the graph is built: layers may read values on the host while building
+        # (the KDA C kernel), which would take the data before a later wait saw it
         x = self.link.recv((B, T, self.cfg.hidden_size), code_dtype(dt), "hidden states")
         caches = None
         if any(i >= 0 for i in ids):
@@ -509,8 +521,8 @@ class Follower:
             for c in caches.values():
                 keep += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
         if not self.last:
-            relay[0] = mx.array([OP_FORWARD, B, T, want, dtype_code(h.dtype)] + [int(v) for v in relay[0][5:].tolist()],
-                                dtype=mx.int64)
+            rest = [int(v) for v in relay[0][5:].tolist()]
+            relay[0] = mx.array([OP_FORWARD, B, T, want, dtype_code(h.dtype)] + rest, dtype=mx.int64)
             self.link.send(relay + [h], "hidden states", extra=keep)
         elif want:
             out = h[:, -want:]
