@@ -41,6 +41,7 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_KDA_POISON": ("off", "fill KDA kernel outputs with NaN first (tests: unwritten elements show)"),
     "KIMI_MLX_MLA": ("", "reference: the MLX-ops MLA attention instead of the kernels"),
     "KIMI_MLX_COMPILE": ("on a GPU", "decode steps run as mx.compile'd pieces per layer (fused elementwise ops, no per-token graph build): on, off, auto"),
+    "KIMI_MLX_MLA_NBUF": ("2 on CUDA (bf16)", "MLA kernels: key/value tile buffers (2: async copies overlap the math; 1 on Metal)"),
     "KIMI_MLX_MLA_TGS": ("264 CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
 }
 

@@ -16,6 +16,10 @@ The KDA kernels (kda_template.py) are written once against the names defined her
   SYNC_PTR(p), sync_add/sync_load/sync_load_acquire/sync_store_release, SPIN_PAUSE()
                       device-scope counters and flags between threadgroups (prefill SPLIT)
   ld8/st8/zero8/get8  8 consecutive elements of a global array in one go
+  ASYNC_COPY16(dst, src, valid), ASYNC_COMMIT(), ASYNC_WAIT1(), ASYNC_WAIT0()
+                      16 bytes global -> tile memory without registers (CUDA cp.async, zeros when
+                      !valid; waits leave at most 1 / 0 committed groups in flight). ASYNC_COPIES
+                      is 1 where they exist; Metal has none (the kernels copy synchronously there)
   FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_c,store_c,scale,mma}
                       16x8 output tiles on the matrix units: simdgroup_matrix 8x8 pairs on
                       Metal, mma.sync m16n8k16 (bf16) or m16n8k8 (tf32, 3xtf32) on CUDA
@@ -163,6 +167,11 @@ DFN void st8(PT p, thread const float* x) {
 }
 #define KDA_CLOCK() 0L
 #define PREFETCH_L2(p) do { } while (0)
+#define ASYNC_COPIES 0
+#define ASYNC_COPY16(dst, src, valid) do { } while (0)
+#define ASYNC_COMMIT() do { } while (0)
+#define ASYNC_WAIT1() do { } while (0)
+#define ASYNC_WAIT0() do { } while (0)
 
 // Counters and flags shared by threadgroups (device atomics; fences at device scope, MSL 3.2)
 #define SYNC_PTR(p) ((device atomic_int*)(p))
@@ -370,6 +379,16 @@ DFN void sync_store_release(int* p, int v) {
 // a hint: bring the 128-byte line at p into L2 (no registers, nothing waits for it)
 DFN void kda_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 #define PREFETCH_L2(p) kda_prefetch_l2((const void*)(p))
+// cp.async (sm_80+): 16 bytes global -> shared, bypassing L1 and registers; src-size 0 writes zeros
+DFN void kda_cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+#define ASYNC_COPIES 1
+#define ASYNC_COPY16(dst, src, valid) kda_cp_async16((void*)(dst), (const void*)(src), (valid))
+#define ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
+#define ASYNC_WAIT1() asm volatile("cp.async.wait_group 1;\n" ::: "memory")
+#define ASYNC_WAIT0() asm volatile("cp.async.wait_group 0;\n" ::: "memory")
 
 template <int P>
 DFN void frag_mma(FragC& c, FragA<P>& a, FragB<P>& b) {

@@ -78,6 +78,15 @@ def _dummy(dt_name: str):
     return a
 
 
+def _nbuf(be: str, most: int, smem_bytes) -> int:
+    """Tile buffers of a kernel: KIMI_MLX_MLA_NBUF (capped at `most`), else 2 on CUDA when the
+    shape allows (`most`) and smem_bytes(2) fits, else 1 (Metal: no async copies to overlap)."""
+    env = kernel_setting("KIMI_MLX_MLA_NBUF")
+    if env:
+        return max(1, min(most, int(env)))
+    return 2 if be == "cuda" and most >= 2 and smem_bytes(2) <= _CUDA_SMEM_LIMIT else 1
+
+
 def _target_threadgroups(be: str) -> int:
     """Enough threadgroups to fill the GPU about twice (H100/H200: 132 multiprocessors)."""
     env = kernel_setting("KIMI_MLX_MLA_TGS")
@@ -121,7 +130,9 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     row_blocks = -(-M // 32) * B
     kps = _keys_per_split(be, n, row_blocks, max_splits)
     ns = -(-n // kps)
-    smem = decode_smem_floats(D, st.size)
+    # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
+    nbuf = _nbuf(be, 1 if q8 or st != dt else 2, lambda nb: 4 * decode_smem_floats(D, st.size, nb))
+    smem = decode_smem_floats(D, st.size, nbuf)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nt = 32 * _DECODE_NW
@@ -134,7 +145,7 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     outs = kern(
         inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW),
-                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("SMEM_FLOATS", smem)],
+                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
         grid=(nt * ns, -(-M // 32), B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,
@@ -185,7 +196,9 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
         return None
     nw = 8 if be == "cuda" else 4
     qreg = be == "cuda" and prec == _dialect.PREC_BF16
-    smem = prefill_smem_floats(DK, d_v, nw, st.size)
+    # two tile buffers where async copies exist and they fit (bf16: 137 KB; fp32 doesn't)
+    nbuf = _nbuf(be, 2, lambda nb: 4 * prefill_smem_floats(DK, d_v, nw, st.size, nb))
+    smem = prefill_smem_floats(DK, d_v, nw, st.size, nbuf)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nt = 32 * nw
@@ -203,7 +216,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
                 _floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
                   ("DL", D - d_rope), ("D", D), ("NW", nw), ("HAS_INIT", has_init), ("QREG", qreg),
-                  ("SMEM_FLOATS", smem)],
+                  ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
         grid=(nt * nqb, H, B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,

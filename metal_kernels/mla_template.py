@@ -69,10 +69,51 @@ DFN void mla_tile8(PD dst, PS src, bool valid) {
   }
   st8<ST>(dst, x);
 }
+// 8 consecutive values src -> tile dst (zeros when !valid): asynchronously (cp.async; wait with
+// ASYNC_WAIT*) when the tile holds the input's type and async copies exist, else at once (mla_tile8).
+#if ASYNC_COPIES
+template <typename ST, typename T> struct MlaCopy8 {
+  static DFN void run(ST* dst, const T* src, bool valid) { mla_tile8<ST, T>(dst, src, valid); }
+};
+template <typename T> struct MlaCopy8<T, T> {
+  static DFN void run(T* dst, const T* src, bool valid) {
+    PRAGMA_UNROLL
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) ASYNC_COPY16(dst + i * (16 / sizeof(T)), src + i * (16 / sizeof(T)), valid);
+  }
+};
+template <typename ST, typename T, typename PD, typename PS>
+DFN void mla_copy8(PD dst, PS src, bool valid) { MlaCopy8<ST, T>::run(dst, src, valid); }
+#else
+template <typename ST, typename T, typename PD, typename PS>
+DFN void mla_copy8(PD dst, PS src, bool valid) { mla_tile8<ST, T>(dst, src, valid); }
+#endif
+// One decode key tile: cached rows k0.. (< k_hi) into sK (zeros past k_hi), plain rows only
+template <typename ST, typename T, int D, int DQ, int BK, int NT, typename PK, typename PT>
+DFN void mla_decode_tile(PK sK, PT rows, long rbase, int k0, int k_hi, int tid) {
+  for (int i = tid; i < BK * (D / 8); i += NT) {
+    const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
+    const bool ok = k0 + kr < k_hi;
+    mla_copy8<ST, T>(sK + kr * (D + 8) + d, rows + (rbase + (ok ? k0 + kr : 0)) * DQ + d, ok);
+  }
+}
+// One prefill key/value tile: keys k0.. of head h, [k_nope | k_pe] into sK, v into sV (zeros past n)
+template <typename ST, typename T, int NOPE, int DR, int DV, int D, int DL, int BKN, int NT, typename PK, typename PR_, typename PT>
+DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, int h, int k0, int tid) {
+  constexpr int DK = NOPE + DR, LDK = DK + 8, LDV = DV + 8;
+  for (int i = tid; i < BKN * ((DK + DV) / 8); i += NT) {
+    const int kr = i / ((DK + DV) / 8), c = (i % ((DK + DV) / 8)) * 8;
+    const bool ok = k0 + kr < n;
+    const long key = (long)bb * n + (ok ? k0 + kr : 0);
+    if (c < NOPE) mla_copy8<ST, T>(sK + kr * LDK + c, kv + (key * Hn + h) * (NOPE + DV) + c, ok);
+    else if (c < DK) mla_copy8<ST, T>(sK + kr * LDK + c, rows + key * D + DL + (c - NOPE), ok);
+    else mla_copy8<ST, T>(sV + kr * LDV + (c - DK), kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK), ok);
+  }
+}
 """
 
 # Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8),
-# Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8).
+# Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
+# tiles: 2 streams the next one in with async copies; plain rows only).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal).
@@ -84,9 +125,11 @@ DECODE_BODY = r"""
   constexpr int NACC = (2 * (DV / 8) + NW - 1) / NW;
   static_assert(NW == 8 && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
 /*@SMEM@*/
+  static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
-  DEVP ST* sK = TILE_PTR(ST, smem, mla_floats<ST>(BM * LDQ));
-  DEVP float* sS = smem + mla_floats<ST>(BM * LDQ) + mla_floats<ST>(BK * LDK);
+  DEVP float* sKb = smem + mla_floats<ST>(BM * LDQ);  // NBUF key tiles
+  const int KF = mla_floats<ST>(BK * LDK);
+  DEVP float* sS = sKb + NBUF * KF;
   DEVP ST* sP = TILE_PTR(ST, sS, BM * LDS);
   DEVP float* sStat = sS + BM * LDS + mla_floats<ST>(BM * LDP);  // m, l, corr per row
 
@@ -114,9 +157,19 @@ DECODE_BODY = r"""
   for (int j = 0; j < NACC; ++j) frag_zero(acc[j]);
   const int wrb = _warp & 1;  // the 16-row block of this warp's output tiles
 
-  for (int k0 = k_lo; k0 < k_hi; k0 += BK) {
-    BARRIER();
-    if (Q8) {
+  if (NBUF > 1 && k_lo < k_hi) {
+    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, _tid);
+    ASYNC_COMMIT();
+  }
+  for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
+    DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
+    if (NBUF > 1) {  // the next tile streams in during this one's math
+      if (k0 + BK < k_hi)
+        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, _tid);
+      ASYNC_COMMIT();
+      ASYNC_WAIT1();
+    } else if (Q8) {
+      BARRIER();
       for (int i = _tid; i < BK * (D / 8); i += NT) {
         const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
         float x[8];
@@ -129,6 +182,7 @@ DECODE_BODY = r"""
         st8<ST>(sK + kr * LDK + d, x);
       }
     } else {  // every load of the tile in flight before the first store
+      BARRIER();
       constexpr int NLD = (BK * (D / 8) + NT - 1) / NT;
       Raw8<T> raw[NLD];
       PRAGMA_UNROLL
@@ -221,6 +275,7 @@ DECODE_BODY = r"""
         }
       }
     }
+    if (NBUF > 1) BARRIER();  // every warp is done with this tile before the next iteration refills it
   }
   BARRIER();
   const long obase = ((long)bb * NS + split) * M;
@@ -276,17 +331,25 @@ COMBINE_BODY = r"""
   if (c < DV) {
     float den = 0.0f, acc = 0.0f;
     const long obase = ((long)bb * NS * M + row) * DV + c;
-    for (int s = 0; s < NS; ++s) {
-      const float w = sw[s];
-      den += w;
-      if (w > 0.0f) acc += w * o_part[obase + (long)s * M * DV];
+    for (int s0 = 0; s0 < NS; s0 += 8) {  // 8 independent loads in flight, not one split at a time
+      float v[8];
+      PRAGMA_UNROLL
+      for (int i = 0; i < 8; ++i) v[i] = s0 + i < NS && sw[s0 + i] > 0.0f ? o_part[obase + (long)(s0 + i) * M * DV] : 0.0f;
+      PRAGMA_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        if (s0 + i < NS) {
+          den += sw[s0 + i];
+          acc += sw[s0 + i] * v[i];
+        }
+      }
     }
     o[((long)bb * M + row) * DV + c] = static_cast<T>(den > 0.0f ? acc / den : 0.0f);
   }
 """
 
 # Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW,
-# HAS_INIT, QREG (keep the query fragments in registers).
+# HAS_INIT, QREG (keep the query fragments in registers), NBUF (key/value tile buffers: 2 streams
+# the next tile in with async copies, 1 loads each tile when it is needed).
 # Inputs: q [B, Tq, H, NOPE + DR] (T); kv [B, n, H, NOPE + DV] (T, kv_b_proj of the rows);
 # rows [B, n, D] (T); o_in [B, Tq, H, DV] fp32, lse_in [B, H, Tq] fp32 (dummies unless HAS_INIT);
 # info int32 [n, key_start, q_offset]; info_f [scale].
@@ -299,9 +362,10 @@ PREFILL_BODY = r"""
   constexpr int NKS = DK / KSTEP(PR);
   static_assert(NOPE % 8 == 0 && DR % 8 == 0 && DV % 8 == 0 && DK % KSTEP(PR) == 0, "mla prefill shape");
 /*@SMEM@*/
+  // NBUF key/value tile pairs: with 2 the next tile streams in (cp.async) during this one's math
+  const int KVF = mla_floats<ST>(BKN * LDK) + mla_floats<ST>(BKN * LDV);
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
-  DEVP ST* sK = TILE_PTR(ST, smem, mla_floats<ST>(BQ * LDQ));
-  DEVP ST* sV = TILE_PTR(ST, smem, mla_floats<ST>(BQ * LDQ) + mla_floats<ST>(BKN * LDK));
+  DEVP float* sKV = smem + mla_floats<ST>(BQ * LDQ);
 
   const int n = info[0], key_start = info[1], q_offset = info[2];
   const float scale = info_f[0];
@@ -344,15 +408,27 @@ PREFILL_BODY = r"""
     for (int ks = 0; ks < NKS; ++ks) frag_load_a<false>(qf[QREG ? ks : 0], sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
   }
 
-  for (int k0 = 0; k0 < k_end; k0 += BKN) {
-    BARRIER();
-    for (int i = _tid; i < BKN * ((DK + DV) / 8); i += NT) {
-      const int kr = i / ((DK + DV) / 8), c = (i % ((DK + DV) / 8)) * 8;
-      const long key = (long)bb * n + k0 + kr;
-      const bool ok = k0 + kr < n;
-      if (c < NOPE) mla_tile8<ST, T>(sK + kr * LDK + c, kv + (key * Hn + h) * (NOPE + DV) + c, ok);
-      else if (c < DK) mla_tile8<ST, T>(sK + kr * LDK + c, rows + key * D + DL + (c - NOPE), ok);
-      else mla_tile8<ST, T>(sV + kr * LDV + (c - DK), kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK), ok);
+  if (NBUF > 1 && k_end > 0) {
+    mla_prefill_tile<ST, T, NOPE, DR, DV, D, DL, BKN, NT>(TILE_PTR(ST, sKV, 0), TILE_PTR(ST, sKV, mla_floats<ST>(BKN * LDK)),
+                                                         kv, rows, bb, n, Hn, h, 0, _tid);
+    ASYNC_COMMIT();
+  }
+  for (int k0 = 0, it = 0; k0 < k_end; k0 += BKN, ++it) {
+    DEVP ST* sK = TILE_PTR(ST, sKV, (it % NBUF) * KVF);
+    DEVP ST* sV = TILE_PTR(ST, sKV, (it % NBUF) * KVF + mla_floats<ST>(BKN * LDK));
+    if (NBUF == 1) {
+      BARRIER();  // every warp is done with the tiles before they are overwritten
+      mla_prefill_tile<ST, T, NOPE, DR, DV, D, DL, BKN, NT>(sK, sV, kv, rows, bb, n, Hn, h, k0, _tid);
+      ASYNC_COMMIT();  // (copies may still be asynchronous: wait for them)
+      ASYNC_WAIT0();
+    } else {
+      if (k0 + BKN < k_end) {
+        const int nb = ((it + 1) % NBUF) * KVF;
+        mla_prefill_tile<ST, T, NOPE, DR, DV, D, DL, BKN, NT>(TILE_PTR(ST, sKV, nb), TILE_PTR(ST, sKV, nb + mla_floats<ST>(BKN * LDK)),
+                                                             kv, rows, bb, n, Hn, h, k0 + BKN, _tid);
+      }
+      ASYNC_COMMIT();  // (an empty group on the last tile)
+      ASYNC_WAIT1();   // this thread's copies of tile `it` have landed
     }
     BARRIER();
     if (rw < Tq && k0 <= q_offset + rw + 15 - key_start) {  // else every key is in the future
@@ -419,6 +495,7 @@ PREFILL_BODY = r"""
         }
       }
     }
+    if (NBUF > 1) BARRIER();  // every warp is done with this buffer before the next iteration refills it
   }
   l_lo += SHFL_XOR(l_lo, ROW_XOR_A);
   l_lo += SHFL_XOR(l_lo, ROW_XOR_B);
@@ -465,17 +542,17 @@ def inputs(kind: str) -> list[str]:
 MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
-def decode_smem_floats(D: int, st_bytes: int) -> int:
+def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM = BK = 32
-    return f(BM * (D + 8)) + f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
+    return f(BM * (D + 8)) + nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
 
 
-def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int) -> int:
+def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1) -> int:
     """Tile memory of one prefill threadgroup, in floats (mirrors PREFILL_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
-    return f(16 * NW * (DK + 8)) + f(64 * (DK + 8)) + f(64 * (DV + 8))
+    return f(16 * NW * (DK + 8)) + nbuf * (f(64 * (DK + 8)) + f(64 * (DV + 8)))
 
 
 _BODIES = {"mla_decode": DECODE_BODY, "mla_combine": COMBINE_BODY, "mla_prefill": PREFILL_BODY}

@@ -58,7 +58,9 @@ def _ref_decode(q, c, scale, q_offset):
     (2, 4, 1, [100, 29], 8, 3),            # 8-bit segments, dequantized in the kernel
     (1, 40, 1, [45], None, 1),             # 40 heads: two row blocks, the second part-empty
 ])
-def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits):
+@pytest.mark.parametrize("nbuf", ["1", "2"])  # 2: the next key tile is loaded during this one's math
+def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits, nbuf):
+    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
     monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
     monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
     rng = np.random.default_rng(B * 100 + H + T)
@@ -71,6 +73,7 @@ def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends,
     assert [k for k, _ in emu] and all(k in ("mla_decode", "mla_combine") for k, _ in emu)
     assert float(mx.abs(out - ref).max()) < 2e-5
     assert any(t.get("Q8") for k, t in emu if k == "mla_decode") == (bits == 8)
+    assert all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) for k, t in emu if k == "mla_decode")
 
 
 def test_kernel_mla_decode_bf16(emu):
@@ -108,7 +111,9 @@ class _Expand:
     (1, 3, 33, [90], None, 32),          # the cache expanded 32 keys at a time (continued partials)
     (1, 2, 20, [45], 8, None),           # an 8-bit cache, dequantized block by block
 ])
-def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before, bits, block_keys):
+@pytest.mark.parametrize("nbuf", ["1", "2"])  # 2: the next key tile is loaded during this one's math
+def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before, bits, block_keys, nbuf):
+    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
     if block_keys:
         monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * 4)
         monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
@@ -122,7 +127,7 @@ def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before,
     out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
     ref = A.expanded_attention(q.transpose(0, 2, 1, 3), c.blocks(), ex.kv_split, 0.2, S0).transpose(0, 2, 1, 3)
     prefills = [t for k, t in emu if k == "mla_prefill"]
-    assert prefills
+    assert prefills and all(p["NBUF"] == int(nbuf) for p in prefills)
     if block_keys:
         assert len(prefills) > 1 and prefills[-1]["HAS_INIT"]
     assert float(mx.abs(out - ref).max()) < 2e-5
@@ -176,20 +181,22 @@ def test_kernel_mla_reference_env_and_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
-@pytest.mark.parametrize("kind", ["mla_decode", "mla_combine", "mla_prefill"])
+@pytest.mark.parametrize("kind", ["mla_decode", "mla_decode_q8", "mla_combine", "mla_prefill"])
 def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
     """The CUDA twin at the real widths, bf16, as MLX's JIT would lay it out (nvcc, no GPU)."""
     bf = "bfloat16"
-    if kind == "mla_decode":
-        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("Q8", True),
-                ("QG", 64), ("DQ", 576)]
+    if kind.startswith("mla_decode"):
+        q8 = kind.endswith("q8")
+        kind = "mla_decode"
+        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("Q8", q8),
+                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
         tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 128)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
     else:
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("NOPE", 128), ("DR", 64), ("DV", 128), ("DL", 512),
-                ("D", 576), ("NW", 8), ("HAS_INIT", True), ("QREG", True)]
+                ("D", 576), ("NW", 8), ("HAS_INIT", True), ("QREG", True), ("NBUF", 2)]
         ins = dict(q=bf, kv=bf, rows=bf, o_in="float32", lse_in="float32", info="int32", info_f="float32")
         outs = dict(o="float32", lse="float32")
     src = tmp_path / "k.cu"

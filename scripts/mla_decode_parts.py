@@ -1,0 +1,57 @@
+"""The MLA decode kernel's two launches timed apart on the device: the split-K partials and the
+combine, at the real widths, bf16, one cache segment; and both together, 16 calls a graph.
+
+    python scripts/mla_decode_parts.py --depths 32K,128K
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kimi_mlx  # noqa: F401,E402
+import mlx.core as mx  # noqa: E402
+
+from metal_kernels import mla as K  # noqa: E402
+
+
+def timed(f, reps=20, per=16):
+    for _ in range(3):
+        mx.eval(f())
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval([f() for _ in range(per)])
+        ts.append((time.perf_counter() - t) / per * 1e6)
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--depths", default="32K,128K")
+    a = ap.parse_args()
+    H, D, DV = 32, 576, 512
+    for d in a.depths.split(","):
+        n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
+        rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
+        q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
+        mx.eval(rows, q)
+        part = lambda: K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)  # noqa: E731
+        o, lse = part()
+        mx.eval(o, lse)
+        comb = lambda: K.mla_combine([(o, lse)], mx.bfloat16)  # noqa: E731
+        both = lambda: K.mla_combine([part()], mx.bfloat16)  # noqa: E731
+        gb = n * D * 2 / 1e9
+        for name, f in (("partials", part), ("combine", comb), ("both", both)):
+            med, lo, hi = timed(f)
+            print(f"depth {d}: {name:9s} {med:8.1f} us [{lo:.1f}-{hi:.1f}]  splits {o.shape[1]}"
+                  + (f"  cache {gb / (med * 1e-6):.0f} GB/s" if name != "combine" else
+                     f"  partials {o.nbytes / 1e6:.1f} MB"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
