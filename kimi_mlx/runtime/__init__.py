@@ -11,7 +11,8 @@ Names are loaded on first use, so `runtime.model` (DEFAULT_MODEL, the resolver) 
 _LAZY = {
     "Checkpoint": "checkpoints", "CheckpointStore": "checkpoints", "Conversation": "conversation",
     "DEFAULT_MODEL": "model", "MODEL_FILE_PATTERNS": "model", "ModelLoadError": "model", "load": "model",
-    "resolve_model_path": "model", "MLXThread": "mlx_thread", "Message": "prompt", "PromptBuilder": "prompt", "PromptError": "prompt",
+    "resolve_model_path": "model", "MLXThread": "mlx_thread", "Message": "prompt", "PromptBuilder": "prompt",
+    "PromptError": "prompt",
 }
 
 

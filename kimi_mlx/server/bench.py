@@ -204,7 +204,8 @@ def _report(res: dict) -> None:
     if t:
         print(f"  time to first token: fastest {t[0]:.2f} s, median {t[len(t) // 2]:.2f} s, slowest {t[-1]:.2f} s")
     pc = res["prefix_cache"]
-    print(f"prefix cache: {pc['bytes'] / 2**20:,.1f} MB in {pc['states']} states (bound {pc['max_bytes'] / 2**20:,.0f} MB)")
+    print(f"prefix cache: {pc['bytes'] / 2**20:,.1f} MB in {pc['states']} states "
+          f"(bound {pc['max_bytes'] / 2**20:,.0f} MB)")
 
 
 if __name__ == "__main__":

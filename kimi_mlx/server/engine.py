@@ -314,9 +314,9 @@ class Engine:
             self._remember_reply(conv)
         n_out = n_fed - (r.finish_reason == "stop" and not matcher.hit)
         end = time.perf_counter()
-        timings = {"seq": job.seq, "started": job.started, "queue_position": job.ahead, "queue_ms": (started - job.queued_at) * 1e3,
-                   "prompt_ms": (t_first - started) * 1e3, "generation_ms": (end - t_first) * 1e3,
-                   "prefilled_tokens": len(job.ids) - r.cached_tokens}
+        timings = {"seq": job.seq, "started": job.started, "queue_position": job.ahead,
+                   "queue_ms": (started - job.queued_at) * 1e3, "prompt_ms": (t_first - started) * 1e3,
+                   "generation_ms": (end - t_first) * 1e3, "prefilled_tokens": len(job.ids) - r.cached_tokens}
         self._count("completed")
         job.emit("done", finish, usage(len(job.ids), n_out, r.cached_tokens), timings)
 
