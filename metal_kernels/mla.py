@@ -194,7 +194,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
     ks = _kstep(be, prec)
     if DK % ks or nope % 8 or d_rope % 8 or d_v % 8 or kv.shape[-1] != nope + d_v or D % 8:
         return None
-    nw = 8 if be == "cuda" else 4
+    nw = int(kernel_setting("KIMI_MLX_MLA_PREFILL_NW") or (8 if be == "cuda" else 4))
     qreg = be == "cuda" and prec == _dialect.PREC_BF16
     # two tile buffers where async copies exist and they fit (bf16: 137 KB; fp32 doesn't)
     nbuf = _nbuf(be, 2, lambda nb: 4 * prefill_smem_floats(DK, d_v, nw, st.size, nb))

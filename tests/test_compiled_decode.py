@@ -6,6 +6,7 @@ import pytest
 
 from helpers import MODELS, max_abs
 from kimi_mlx import load_model
+from mlx.utils import tree_flatten
 
 
 def _steps(model, cache, n):
@@ -18,9 +19,14 @@ def _steps(model, cache, n):
     return out
 
 
+@pytest.fixture(params=["tiny_grouped", "tiny_quant"])
+def model_name(request):
+    return request.param
+
+
 @pytest.fixture
-def model():
-    return load_model(MODELS / "tiny_grouped", cpu_fast_path=False)
+def model(model_name):
+    return load_model(MODELS / model_name, cpu_fast_path=False)
 
 
 def _prefilled(model, mla_bits=None):
@@ -30,7 +36,7 @@ def _prefilled(model, mla_bits=None):
 
 
 @pytest.mark.parametrize("mla_bits", [None, 8])
-def test_compiled_decode_matches_plain(model, monkeypatch, mla_bits):
+def test_compiled_decode_matches_plain(model, model_name, monkeypatch, mla_bits):
     base = _prefilled(model, mla_bits)
     monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
     ref = _steps(model, base.copy(), 5)
@@ -38,6 +44,12 @@ def test_compiled_decode_matches_plain(model, monkeypatch, mla_bits):
     monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
     got = _steps(model, base.copy(), 5)
     assert all(set(layer.__dict__["_compiled"].fns) == {"pre", "post"} for layer in model.layers)
+    # the KDA layers' six input projections ran as two joined matmuls, their weights views of the joined ones
+    kda = [layer.self_attn for layer in model.layers if not layer.is_mla]
+    assert kda and all(a.__dict__["_joined_q_proj_k_proj_v_proj"][1] is not None
+                       and a.__dict__["_joined_f_a_proj_g_a_proj_b_proj"][1] is not None for a in kda)
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    assert shapes == {k: v.shape for k, v in tree_flatten(load_model(MODELS / model_name, cpu_fast_path=False).parameters())}
     assert max(max_abs(r, g) for r, g in zip(ref, got)) < 1e-5
     traces = [layer.__dict__["_compiled"].fns["post"] for layer in model.layers]
     _steps(model, base.copy(), 2)
@@ -67,12 +79,19 @@ def test_new_weights_are_never_served_from_an_old_trace(model, monkeypatch):
         assert max_abs(_steps(model, base.copy(), 1)[0], got[0]) < 1e-5
 
 
-def test_cpu_fast_modules_never_run_compiled(monkeypatch):
-    """The CPU fast path's experts read the routing on the host: those layers stay uncompiled."""
+def test_cpu_fast_experts_that_read_the_routing_never_run_compiled(monkeypatch):
+    """The CPU fast path's bf16 experts go by expert blocks, which reads the routing on the host:
+    those layers stay uncompiled (and still decode); fp32 experts take the traceable gather path."""
     monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
     m = load_model(MODELS / "tiny_grouped", cpu_fast_path=True)
-    cache = _prefilled(m)
-    _steps(m, cache, 2)
     moe = [layer for layer in m.layers if "switch_mlp" in layer.mlp]
-    assert moe and all(not layer.__dict__["_compiled"].safe for layer in moe)
-    assert all(not layer.__dict__["_compiled"].fns for layer in moe)
+    assert moe and all(layer.mlp.switch_mlp.compile_safe for layer in moe)
+    for layer in moe:
+        glu = layer.mlp.switch_mlp
+        for proj in (glu.gate_proj, glu.up_proj, glu.down_proj):
+            proj.weight = proj.weight.astype(mx.bfloat16)
+    cache = _prefilled(m)
+    got = _steps(m, cache.copy(), 2)
+    assert all(not layer.__dict__["_compiled"].safe and not layer.__dict__["_compiled"].fns for layer in moe)
+    monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
+    assert max(max_abs(r, g) for r, g in zip(_steps(m, cache.copy(), 2), got)) < 1e-5

@@ -88,6 +88,57 @@ def derived(module: nn.Module, name: str, sources: tuple, make, *extra):
     return hit[1]
 
 
+_LINEAR_KEYS = ("weight", "scales", "biases")
+
+
+def _joinable(layers) -> bool:
+    first = layers[0]
+    if any("bias" in m for m in layers):
+        return False
+    if all(type(m) is nn.Linear for m in layers):
+        return len({m.weight.dtype for m in layers}) == 1
+    if all(type(m) is nn.QuantizedLinear for m in layers):  # the same quantization, affine or not
+        return len({(m.group_size, m.bits, getattr(m, "mode", "affine"), "biases" in m, m.weight.dtype)
+                    for m in layers}) == 1 and first.weight.ndim == 2
+    return False  # e.g. the CPU fast path's classes: left as they are
+
+
+def joined_linear(module: nn.Module, names: tuple):
+    """fn(x) -> [module[name](x) for name in names] as one matmul, or None when the layers can't
+    be joined (other classes, biases, mixed settings). Their weights are concatenated once along
+    the output and each layer's arrays become views of the joined ones: nothing is stored twice,
+    and the layers still work (and save) alone. Made again if a layer's arrays are replaced."""
+    layers = [module[n] for n in names]
+    key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
+    slot = "_joined_" + "_".join(names)
+    hit = module.__dict__.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fn = None
+    if _joinable(layers):
+        keys = [k for k in _LINEAR_KEYS if k in layers[0]]
+        joined = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in keys}
+        mx.eval(joined)
+        sizes = [m["weight"].shape[0] for m in layers]
+        splits = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        start = 0
+        for m, n in zip(layers, sizes):
+            for k in keys:
+                m[k] = joined[k][start:start + n]  # a view of the joined rows
+            start += n
+        q = layers[0]
+        if type(q) is nn.Linear:
+            w = joined["weight"]
+            fn = lambda x: mx.split(x @ w.T, splits, axis=-1)  # noqa: E731
+        else:
+            fn = lambda x: mx.split(mx.quantized_matmul(  # noqa: E731
+                x, joined["weight"], joined["scales"], joined.get("biases"), transpose=True,
+                group_size=q.group_size, bits=q.bits, mode=getattr(q, "mode", "affine")), splits, axis=-1)
+        key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
+    module.__dict__[slot] = (key, fn)
+    return fn
+
+
 def linear_weight(layer: nn.Module) -> mx.array:
     """The dense weight of a Linear or QuantizedLinear (dequantized)."""
     if isinstance(layer, nn.QuantizedLinear):

@@ -7,7 +7,7 @@ import mlx.nn as nn
 from ..cache import KDACache
 from ..config import ModelConfig
 from ..ops.kda import kda_gated
-from .common import derived
+from .common import derived, joined_linear
 
 
 class ShortConvWeight(nn.Module):
@@ -65,21 +65,30 @@ class KimiDeltaAttention(nn.Module):
 
     # A layer is project -> attend -> output; a compiled decode step runs project and output
     # compiled (pure functions of their arguments) and attend, the kernel, between them.
-    def project(self, x: mx.array, conv_state: mx.array | None):
-        """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state)."""
+    def project(self, x: mx.array, conv_state: mx.array | None, join: bool = False):
+        """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state).
+        join: the projections that read x run as two matmuls (joined_linear) instead of six."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
-        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        qkv_fn = joined_linear(self, ("q_proj", "k_proj", "v_proj")) if join else None
+        low_fn = joined_linear(self, ("f_a_proj", "g_a_proj", "b_proj")) if join else None
+        if qkv_fn is not None:
+            qkv = mx.concatenate(qkv_fn(x), axis=-1)
+        else:
+            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        f_a, g_a, b = low_fn(x) if low_fn is not None else (self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x))
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         w = derived(self, "_conv_w_cache", ws, lambda: mx.concatenate(ws, axis=0))  # joined once, not every token
         qkv, conv_state = causal_short_conv(qkv, w, conv_state)
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, K)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, K)
+        f = self.f_b_proj(f_a).reshape(B, T, H, K)
+        gate = self.g_b_proj(g_a).reshape(B, T, H, K)
         return (qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
-                qkv[..., 2 * P:].reshape(B, T, H, K), f, gate, self.b_proj(x), conv_state)
+                qkv[..., 2 * P:].reshape(B, T, H, K), f, gate, b, conv_state)
 
-    decode_project = project  # what attend takes
+    def decode_project(self, x: mx.array, conv_state: mx.array | None):
+        """What attend takes, for a compiled decode step (joined projections)."""
+        return self.project(x, conv_state, join=True)
 
     def attend(self, parts, cache: KDACache | None) -> mx.array:
         """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""

@@ -181,8 +181,14 @@ def switch_glu_reference(glu, x: mx.array, indices: mx.array) -> mx.array:
 
 
 class _CPUSwitchGLUMixin:
-    compile_safe = False  # switch_glu_blocks reads the routing on the host: never inside mx.compile
     min_pairs = SWITCH_MIN_PAIRS
+
+    @property
+    def compile_safe(self) -> bool:
+        """Decode steps (fewer than min_pairs pairs) take the plain gather path, which mx.compile
+        can trace, unless the experts are low-precision and unquantized: switch_glu_blocks reads
+        the routing on the host."""
+        return "scales" in self.gate_proj or self.gate_proj["weight"].dtype == mx.float32
     min_rows = LINEAR_MIN_ROWS
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
