@@ -479,7 +479,6 @@ def _run(args, stop: _Interrupt) -> int:
     if pipe is None:
         return _generate(args, stop, lambda: load(args.model))
     if not pipe.leader:  # ranks > 0 hold their layers and follow rank 0's commands
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides how Ctrl-C ends the run
         pipe.load(args.model)
         return pipe.follow()
     try:

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,29 +223,56 @@ def test_split_needs_mlx_launch_and_must_fit():
     assert "4 layers, the model has 5" in err
 
 
+def _chat(url: str, text: str) -> str:
+    import urllib.request
+
+    body = json.dumps({"model": "tiny_chat", "messages": [{"role": "user", "content": text}], "max_tokens": 12,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"]
+
+
+def test_the_server_under_a_pipeline_answers_as_one_process(tmp_path):
+    """`python -m kimi_mlx.server` started as 2 ranks: rank 0 serves, rank 1 holds its layers; the
+    replies are one process's, and stopping rank 0 stops rank 1."""
+    pytest.importorskip("uvicorn")
+    from kimi_mlx.distributed.bench import start_local_ranks
+    from kimi_mlx.server.bench import start_server, stop_server
+
+    proc, url = start_server(["--model", str(CHAT)])
+    try:
+        alone = [_chat(url, q) for q in ("hi", "what is a cat?", "hi")]
+    finally:
+        stop_server(proc)
+    procs = start_local_ranks(2, ["-m", "kimi_mlx.server", "--port", "0", "--model", CHAT], tmp_path, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = procs[0].stdout.readline()
+        assert "/v1" in line, procs[0].stderr.read()[-2000:] if procs[0].poll() is not None else line
+        url = line.split(" on ")[1].split("/v1")[0]
+        assert [_chat(url, q) for q in ("hi", "what is a cat?", "hi")] == alone  # the third: from the prefix cache
+        procs[0].terminate()
+        assert procs[0].wait(timeout=30) == 0 and procs[1].wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 # ---------------------------------------------------------------------------
 # a rank that dies
 # ---------------------------------------------------------------------------
-def _start_ranks(n: int, args: list[str], tmp: Path) -> list[subprocess.Popen]:
-    """The ranks as mlx.launch starts them (MLX_RANK, a ring hostfile), but without its supervision,
-    which would kill the others itself: here only the ranks' own detection ends them."""
-    from kimi_mlx.distributed.bench import free_port
-
-    base = free_port(n)
-    hostfile = tmp / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
-    procs = []
-    for r in range(n):
-        env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile))
-        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))
-    return procs
-
-
 @pytest.mark.parametrize("victim", [1, 0], ids=["follower-killed", "leader-killed"])
 def test_a_killed_rank_ends_the_others_with_an_error(tmp_path, victim):
-    procs = _start_ranks(2, ["-m", "kimi_mlx.generate", "--model", CHAT, "--prompt", "hello", "--max-tokens", "100000",
-                             "--ignore-chat-template"], tmp_path)
+    from kimi_mlx.distributed.bench import start_local_ranks
+
+    # started as mlx.launch starts them, but without its supervision, which would kill the others
+    # itself: here only the ranks' own detection ends them
+    procs = start_local_ranks(2, ["-m", "kimi_mlx.generate", "--model", CHAT, "--prompt", "hello", "--max-tokens",
+                                  "100000", "--ignore-chat-template"], tmp_path, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
     try:
         out, got, deadline = procs[0].stdout.fileno(), b"", time.monotonic() + 60
         while len(got) < 20 and time.monotonic() < deadline:  # generating: both ranks are at work

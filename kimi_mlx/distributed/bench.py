@@ -132,17 +132,53 @@ def free_port(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def _run(cmd: list[str], timeout: float) -> list[dict]:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not rows:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+def start_local_ranks(n: int, args: list[str], workdir: Path, **popen) -> list[subprocess.Popen]:
+    """`python ARGS` as n ranks of a ring on localhost, started as mlx.launch starts them (MLX_RANK and
+    a ring hostfile in MLX_HOSTFILE) but without its output relay, whose threads keep a core busy
+    (they select() on the ranks' stdin pipes, which are always writable)."""
+    base = free_port(n)
+    hostfile = workdir / f"hosts-{base}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+    env = dict(popen.pop("env", None) or os.environ)
+    return [subprocess.Popen([sys.executable, *map(str, args)], env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
+                             **popen) for r in range(n)]
+
+
+def _rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _run_one(args: list[str], timeout: float) -> dict:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 or not _rows(r.stdout):
+        raise RuntimeError(f"one process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return _rows(r.stdout)[0]
+
+
+def _run_ranks(n: int, args: list[str], how: str, work: Path, timeout: float) -> list[dict]:
+    if how == "mlx.launch":
+        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(n), "--backend", "ring",
+               "--starting-port", str(free_port(n)), "--", sys.executable, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, err = r.stdout, r.stderr
+    else:
+        procs = start_local_ranks(n, args, work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        out, err = "\n".join(o for o, _ in outs), "\n".join(e for _, e in outs)
+    rows = sorted(_rows(out), key=lambda x: x["rank"])
+    if len(rows) != n:
+        raise RuntimeError(f"{n} ranks ({how}) failed:\n{err[-3000:]}")
     return rows
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
 
 
 def _stats(xs: list[float]) -> str:
     xs = sorted(xs)
-    return f"{xs[len(xs) // 2]:.1f} tok/s (min {xs[0]:.1f}, max {xs[-1]:.1f}, n={len(xs)})"
+    return f"{_median(xs):.2f} tok/s (min {xs[0]:.2f}, max {xs[-1]:.2f}, n={len(xs)})"
 
 
 def main(argv=None) -> int:
@@ -152,7 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=None, help="layers per rank (default: chosen by the planner)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="measurements per process (after a warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="one process and the pipeline, alternated, this many times")
+    p.add_argument("--launchers", default="direct,mlx.launch",
+                   help="how the ranks start: direct (as mlx.launch, without its relay), mlx.launch")
     p.add_argument("--work-dir", default=None, help="where the slice checkpoint is built (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -161,30 +200,39 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kimi-dist-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     path = TINY if args.model == "tiny" else build_slice(work) if args.model == "slice" else Path(args.model)
-    common = [sys.executable, "-m", "kimi_mlx.distributed.bench", "--worker", "--path", str(path),
-              "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-    one = _run(common, 3600)[0]
-    launch = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(args.ranks), "--backend", "ring",
-              "--starting-port", str(free_port(args.ranks)), "--"]
-    ranks = sorted(_run(launch + common + (["--split", args.split] if args.split else []), 3600),
-                   key=lambda r: r["rank"])
-    lead = ranks[0]
-    same = lead["tokens"] == one["tokens"]
-    ratio = sorted(lead["tok_s"])[len(lead["tok_s"]) // 2] / sorted(one["tok_s"])[len(one["tok_s"]) // 2]
-    share = one["weights_bytes"] / args.ranks
-    print(f"model {path.name if args.model not in ('tiny', 'slice') else args.model}: {args.prompt_tokens}-token "
-          f"prompt, {args.tokens} decode tokens, {args.repeats} runs, {os.cpu_count()} CPUs")
-    print(f"  one process: {_stats(one['tok_s'])}; weights {one['weights_bytes'] / 1e6:.1f} MB")
-    print(f"  {args.ranks} ranks (split {','.join(map(str, lead['split']))}): {_stats(lead['tok_s'])}; "
-          f"{ratio:.2f}x one process (target >= 0.8); same tokens: {same}")
-    for r in ranks:
+    common = ["-m", "kimi_mlx.distributed.bench", "--worker", "--path", str(path), "--prompt-tokens",
+              str(args.prompt_tokens), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    launchers = args.launchers.split(",")
+    one, piped = [], {h: [] for h in launchers}
+    for _ in range(args.rounds):
+        one.append(_run_one(common, 3600))
+        for how in launchers:
+            piped[how].append(_run_ranks(args.ranks, common + (["--split", args.split] if args.split else []), how,
+                                         work, 3600))
+    single = [x for r in one for x in r["tok_s"]]
+    print(f"model {args.model}: {args.prompt_tokens}-token prompt, {args.tokens} greedy decode tokens, "
+          f"{args.rounds} rounds x {args.repeats} runs, {os.cpu_count()} CPUs, ranks on this host")
+    print(f"  one process: {_stats(single)}; weights {one[0]['weights_bytes'] / 1e6:.1f} MB")
+    report = {"args": vars(args), "one": one, "pipeline": piped}
+    for how, runs in piped.items():
+        lead = [x for r in runs for x in r[0]["tok_s"]]
+        ratio = _median(lead) / _median(single)
+        same = all(r[0]["tokens"] == one[0]["tokens"] for r in runs)
+        overhead = 1e3 / _median(lead) - 1e3 / _median(single)
+        print(f"  {args.ranks} ranks via {how} (split {','.join(map(str, runs[0][0]['split']))}): {_stats(lead)}; "
+              f"{ratio:.2f}x one process (target >= 0.8); {overhead:+.2f} ms a token; same tokens: {same}")
+        report[f"ratio_{how}"] = ratio
+        report[f"overhead_ms_{how}"] = overhead
+    share = one[0]["weights_bytes"] / args.ranks
+    for r in next(iter(piped.values()))[0]:
         print(f"    rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights "
               f"{r['weights_bytes'] / 1e6:.1f} MB = {r['weights_bytes'] / share:.2f} x (one process / {args.ranks}) "
-              f"(target <= 1.10); MLX peak {r['peak_bytes'] / 1e6:.1f} MB")
-    print(f"  per-token overhead: {1e3 / (sorted(lead['tok_s'])[len(lead['tok_s']) // 2]) - 1e3 / sorted(one['tok_s'])[len(one['tok_s']) // 2]:.2f} ms")
+              f"(target <= 1.10); MLX peak {r['peak_bytes'] / 1e6:.1f} MB (one process: "
+              f"{one[0]['peak_bytes'] / 1e6:.1f} MB)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "one": one, "ranks": ranks, "ratio": ratio}, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -239,6 +239,17 @@ class Link:
         except PipelineError as e:
             raise self._fail(e) from None
 
+    def linger(self, seconds: float) -> None:
+        """Wait (at most `seconds`) for the left neighbour to hang up: a rank that stops for a reason
+        rank 0 reports lets rank 0 say it first."""
+        if self.left_socks is None:
+            return
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            ready, _, _ = select.select(self.left_socks, [], [], max(0.0, min(1.0, end - time.monotonic())))
+            if any(_closed(s) for s in ready):
+                return
+
     def recv(self, shape, dtype, what: str, timeout: Optional[float] = -1.0) -> mx.array:
         """An array from the left neighbour, received now."""
         self.wait(what, timeout)

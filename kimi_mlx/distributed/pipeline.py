@@ -37,8 +37,47 @@ from ..model.kimi_linear import DecoderLayer, KimiLinearModel, Model
 from . import split as S
 from .link import DEFAULT_TIMEOUT, Link, PeerLost, PeerTimeout, PipelineError, code_dtype, dtype_code, pack, ring_allgather, unpack
 
-OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP = 1, 2, 3, 4
-_HEAD = 8  # op, B, T, logits rows wanted, dtype of what follows, bytes of queued ops, 2 spare
+OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP, OP_REPLY = 1, 2, 3, 4, 5
+# a frame's fields: op, B, T, positions wanted back, dtype of the hidden states, bytes of queued
+# operations (JSON, next message), whether the hidden states are in this frame, spare; then the
+# cache id of every layer (-1: none or rank 0's own)
+_HEAD = 8
+
+
+class Frames:
+    """Every command and reply is one fixed-size message: the fields (int64) and, when they are one
+    token's (B * T == 1: decode), the hidden states themselves, so a decode step costs one message
+    per link. Longer hidden states follow in a message of their own."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.nfields = _HEAD + cfg.num_hidden_layers
+        self.inline_bytes = 4 * cfg.hidden_size  # one vector in up to 4 bytes a value
+        self.size = 8 * self.nfields + self.inline_bytes
+
+    def make(self, fields: list[int], h: Optional[mx.array] = None) -> tuple[mx.array, bool]:
+        """(the frame, whether h is in it)."""
+        fields = list(fields) + [0] * (self.nfields - len(fields))
+        inline = h is not None and h.size * h.itemsize <= self.inline_bytes
+        fields[6] = int(inline)
+        parts = [mx.array(fields, dtype=mx.int64).view(mx.uint8)]
+        if inline:
+            parts.append(h.reshape(-1).view(mx.uint8))
+        pad = self.size - sum(p.size for p in parts)
+        if pad:
+            parts.append(mx.zeros((pad,), dtype=mx.uint8))
+        return mx.concatenate(parts), inline
+
+    def read(self, link: Link, what: str, timeout=-1.0) -> tuple[list[int], Optional[mx.array]]:
+        """(fields, the inline hidden states [B, T, d] or None)."""
+        msg = link.recv((self.size,), mx.uint8, what, timeout)
+        fields = np.array(msg[:8 * self.nfields]).view(np.int64).tolist()
+        if not fields[6]:
+            return fields, None
+        B, T, dt = fields[1], fields[2], code_dtype(fields[4])
+        n = B * T * (self.inline_bytes // 4)
+        d = self.inline_bytes // 4
+        h = msg[8 * self.nfields:8 * self.nfields + n * dt.size].view(dt).reshape(B, T, d)
+        return fields, h
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +183,8 @@ class Pipeline:
             return self._plan(model_dir, cfg)
         except PipelineError as e:
             e.quiet = not self.leader and not isinstance(e, (PeerLost, PeerTimeout))
+            if e.quiet:
+                self.link.linger(10.0)
             raise
 
     def _plan(self, model_dir: Path, cfg: ModelConfig) -> list[int]:
@@ -196,6 +237,12 @@ class Pipeline:
         return self.model, tok
 
     def follow(self) -> int:
+        """Serve rank 0 until it stops (ranks > 0). Ctrl-C is rank 0's to act on: ignored here."""
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return Follower(self.link, self.stage).run()
 
     def close(self) -> None:
@@ -329,6 +376,7 @@ class PipelineModel:
         self._stopped = False
         self._mine = S.ranges(counts)[0]
         self._pending: Optional[mx.array] = None  # the last lazy receive: done before anything else arrives
+        self.frames = Frames(self.config)
 
     # -- what generation uses -----------------------------------------------
     def parameters(self):
@@ -363,9 +411,10 @@ class PipelineModel:
         if not self._stopped:
             self._ops.append(op)
 
-    def _header(self, op: int, B: int = 0, T: int = 0, want: int = 0, dtype: int = 0, cache=None, arg=None):
-        """The command's arrays: the header, then (when there are any) the queued cache operations
-        and the command's argument, as JSON."""
+    def _command(self, op: int, B: int = 0, T: int = 0, want: int = 0, h: Optional[mx.array] = None, cache=None,
+                 arg=None) -> list[mx.array]:
+        """The command's messages: the frame, then (when there are any) the queued cache operations
+        and the command's argument as JSON, then the hidden states h unless the frame holds them."""
         if self._pending is not None:  # receives must run in the order the data comes in
             mx.eval(self._pending)
             self._pending = None
@@ -373,8 +422,10 @@ class PipelineModel:
         self._ops = []
         ids = [c.cid if isinstance(c, RemoteLayerCache) else -1 for c in cache] if cache is not None \
             else [-1] * len(self.layers)
-        head = mx.array([op, B, T, want, dtype, len(ops), 0, 0] + ids, dtype=mx.int64)
-        return [head] + ([mx.array(np.frombuffer(ops, dtype=np.uint8))] if ops else [])
+        dtype = dtype_code(h.dtype) if h is not None else 0
+        frame, inline = self.frames.make([op, B, T, want, dtype, len(ops), 0, 0] + ids, h)
+        return ([frame] + ([mx.array(np.frombuffer(ops, dtype=np.uint8))] if ops else [])
+                + ([h] if h is not None and not inline else []))
 
     def forward(self, input_ids: mx.array, cache, want: int) -> Optional[mx.array]:
         """Embedding and this rank's layers here, the rest around the ring. want: positions (from the
@@ -383,24 +434,24 @@ class PipelineModel:
             raise PipelineError("the pipeline was stopped")
         B, T = input_ids.shape
         h = self.stage.run_layers(self.stage.model.embed_tokens(input_ids), cache)
-        # the header first, before computing: the next rank builds its graph meanwhile
-        self.link.send(self._header(OP_FORWARD, B, T, want, dtype_code(h.dtype), cache), "a command")
-        self.link.send([h], "hidden states")
+        self.link.send(self._command(OP_FORWARD, B, T, want, h, cache), "hidden states")
         if cache is not None:
             for c in cache:
                 if isinstance(c, RemoteLayerCache):
                     c.offset += T
         if not want:
             return None
-        head = self.link.recv((4,), mx.int64, "the last rank's hidden states")
-        dt, b, t, d = (int(x) for x in head.tolist())
-        self._pending = self.link.recv_lazy((b, t, d), code_dtype(dt), "the last rank's hidden states")
-        return self._pending
+        fields, back = self.frames.read(self.link, "the last rank's hidden states")
+        if back is None:
+            _, b, t, _, dt = fields[:5]
+            back = self._pending = self.link.recv_lazy((b, t, self.config.hidden_size), code_dtype(dt),
+                                                       "the last rank's hidden states")
+        return back
 
     def fetch(self, stubs: Sequence[RemoteLayerCache]) -> dict:
         """{cid: (arrays, offset)} of other ranks' layer caches."""
         ids = [s.cid for s in stubs]
-        self.link.send(self._header(OP_FETCH, arg=ids), "a fetch request")
+        self.link.send(self._command(OP_FETCH, arg=ids), "a fetch request")
         got = {}
         for _ in range(self.link.size - 1):
             meta, arrays = unpack(self.link.recv_blob("cached states"))
@@ -423,7 +474,7 @@ class PipelineModel:
         for r in range(1, self.link.size):
             meta = [[s.cid, s.layer, action, int(s.is_mla), s.bits, offset] for s, action, _, offset in per_rank[r]]
             blobs.append(pack(meta, {f"{s.cid}.{k}": v for s, _, a, _ in per_rank[r] for k, v in a.items()}))
-        self.link.send(self._header(OP_PUT), "cached states")
+        self.link.send(self._command(OP_PUT), "cached states")
         self.link.send_blobs(blobs, "cached states")
 
     def stop(self) -> None:
@@ -431,8 +482,9 @@ class PipelineModel:
         if self._stopped or self.link.broken:
             self._stopped = True
             return
+        self._pending = None  # an unread reply (a cancelled job): the followers only need the word
         try:
-            self.link.send(self._header(OP_STOP), "the stop command")
+            self.link.send(self._command(OP_STOP), "the stop command")
             self._stopped = True
             self.link.recv((1,), mx.int64, "the last rank's goodbye", timeout=60.0)
         except PipelineError:
@@ -456,22 +508,23 @@ class Follower:
         self.caches: dict[int, object] = {}  # cid -> KDACache / MLACache of one of our layers
 
     def run(self) -> int:
-        L = self.cfg.num_hidden_layers
+        frames = Frames(self.cfg)
         while True:
-            head = self.link.recv((_HEAD + L,), mx.int64, "the next command", timeout=None)
-            h = [int(x) for x in head.tolist()]
-            op, B, T, want, dt, nops = h[:6]
-            ids = h[_HEAD:]
+            fields, x = frames.read(self.link, "the next command", timeout=None)
+            op, B, T, want, dt, nops = fields[:6]
             ops = self.link.recv((nops,), mx.uint8, "queued cache operations") if nops else None
             arg = None
             if ops is not None:
                 payload = json.loads(np.array(ops).tobytes())
                 self._apply(payload["ops"])
                 arg = payload["arg"]
-            relay = [head] + ([ops] if ops is not None else [])
             if op == OP_FORWARD:
-                self._forward(relay, B, T, want, dt, ids)
-            elif op == OP_FETCH:
+                if x is None:
+                    x = self.link.recv((B, T, self.cfg.hidden_size), code_dtype(dt), "hidden states")
+                self._forward(frames, fields, ops, x, want)
+                continue
+            relay = [frames.make(fields)[0]] + ([ops] if ops is not None else [])
+            if op == OP_FETCH:
                 self._relay(relay)
                 self._fetch(arg)
             elif op == OP_PUT:
@@ -508,28 +561,28 @@ class Follower:
             elif kind == "free":
                 self.caches.pop(cid, None)
 
-    def _forward(self, relay: list, B: int, T: int, want: int, dt: int, ids: list[int]) -> None:
-        # received before the graph is built: layers may read values on the host while building
-        # (the KDA C kernel), which would take the data before a later wait saw it
-        x = self.link.recv((B, T, self.cfg.hidden_size), code_dtype(dt), "hidden states")
-        caches = None
-        if any(i >= 0 for i in ids):
-            caches = {i: self.caches[ids[i]] for i in self.mine}
+    def _forward(self, frames: Frames, fields: list[int], ops, x: mx.array, want: int) -> None:
+        """Our layers on x (received before the graph is built: layers may read values on the host
+        while building, e.g. the KDA C kernel), then on to the next rank, or back to rank 0."""
+        ids = fields[_HEAD:]
+        caches = {i: self.caches[ids[i]] for i in self.mine} if any(i >= 0 for i in ids) else None
         h = self.stage.run_layers(x, caches)
         keep = []
         if caches is not None:
             for c in caches.values():
                 keep += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
+        B, T = h.shape[:2]
         if not self.last:
-            rest = [int(v) for v in relay[0][5:].tolist()]
-            relay[0] = mx.array([OP_FORWARD, B, T, want, dtype_code(h.dtype)] + rest, dtype=mx.int64)
-            self.link.send(relay + [h], "hidden states", extra=keep)
+            frame, inline = frames.make(fields[:4] + [dtype_code(h.dtype)] + fields[5:], h)
+            msg = [frame] + ([ops] if ops is not None else []) + ([] if inline else [h])
         elif want:
             out = h[:, -want:]
-            self.link.send([mx.array([dtype_code(out.dtype), *out.shape], dtype=mx.int64), out], "hidden states",
-                           extra=keep)
+            frame, inline = frames.make([OP_REPLY, B, out.shape[1], want, dtype_code(out.dtype)], out)
+            msg = [frame] + ([] if inline else [out])
         else:
             mx.eval(h, *keep)
+            return
+        self.link.send(msg, "hidden states", extra=keep)
 
     def _fetch(self, ids: list[int]) -> None:
         before = [self.link.recv_blob("cached states") for _ in range(self.link.rank - 1)]

@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reply length when a request gives none (default 2048)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16)")
     p.add_argument("--prefill-step-size", type=int, default=2048, help="prefill chunk size in tokens (default 2048)")
+    p.add_argument("--split", metavar="N,N,...", help="under mlx.launch: decoder layers per rank (default: by each "
+                   "rank's memory; see docs/DISTRIBUTED.md)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     return p
@@ -253,10 +255,13 @@ def serve(server: Server, host: str, port: int, log_level: str = "warning", read
 
 
 def main(argv=None) -> int:
+    from .. import distributed
+    from ..distributed.link import PipelineError
     from ..runtime.model import ModelLoadError
-    from ..session import SessionError
 
     args = build_parser().parse_args(argv)
+    if args.split and not distributed.launched():
+        build_parser().error("--split splits the layers between the ranks of mlx.launch; run under it")
     for name in ("max_tokens", "prefill_step_size"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
@@ -264,11 +269,32 @@ def main(argv=None) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     cache = None if args.prefix_cache_mb is None else int(max(args.prefix_cache_mb, 0) * 2**20)
-    engine = Engine(args.model, cache_bytes=cache, sessions=args.session, prefill_step=args.prefill_step_size,
-                    default_max_tokens=args.max_tokens)
+    try:  # under mlx.launch: rank 0 serves a pipelined model, the other ranks hold their layers
+        pipe = distributed.start(args.split)
+        if pipe is not None and not pipe.leader:
+            pipe.load(args.model)
+            return pipe.follow()
+    except (ModelLoadError, ValueError, OSError, PipelineError) as e:
+        if not getattr(e, "quiet", False):
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    engine = Engine(args.model, loader=pipe.load if pipe is not None else None, cache_bytes=cache,
+                    sessions=args.session, prefill_step=args.prefill_step_size, default_max_tokens=args.max_tokens)
+    try:
+        return _serve(args, engine)
+    finally:
+        if pipe is not None:
+            pipe.close()
+
+
+def _serve(args, engine) -> int:
+    from ..distributed.link import PipelineError
+    from ..runtime.model import ModelLoadError
+    from ..session import SessionError
+
     try:
         engine.start()
-    except (ModelLoadError, SessionError, ValueError, OSError) as e:  # config/weights/tokenizer errors are these
+    except (ModelLoadError, SessionError, ValueError, OSError, PipelineError) as e:  # config/weights/tokenizer errors
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         engine.close()
         return 1
