@@ -185,15 +185,9 @@ def test_session_saved_by_a_pipeline_holds_the_single_process_state(launched, si
 # ---------------------------------------------------------------------------
 # the CLI under mlx.launch
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def doc(tmp_path_factory):
-    d = tmp_path_factory.mktemp("doc") / "notes.txt"
-    d.write_text("The cat sat on the mat. " * 20)
-    return d
-
-
-def test_cli_generation_and_sessions_under_mlx_launch(doc, tmp_path):
-    sess = tmp_path / "notes.kimisession"
+def test_cli_generation_and_sessions_under_mlx_launch(tmp_path):
+    doc, sess = tmp_path / "notes.txt", tmp_path / "notes.kimisession"
+    doc.write_text("The cat sat on the mat. " * 20)
     q = ["--prompt", "What sat where?", "--max-tokens", "10", "--json"]
     alone = _json(_cli(["--model", CHAT, "--document", doc, *q]))
     saved = _json(_cli(["--model", CHAT, "--document", doc, "--save-session", sess, *q], n=2))

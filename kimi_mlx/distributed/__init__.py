@@ -15,18 +15,30 @@ from __future__ import annotations
 from typing import Optional
 
 from .link import DEFAULT_TIMEOUT, PeerLost, PeerTimeout, PipelineError, launched
-from .pipeline import Follower, Pipeline, PipelineCache, PipelineModel, RemoteLayerCache, StageModel, connect
-from .split import choose_split, parse_split
 
-__all__ = ["start", "launched", "Pipeline", "PipelineModel", "PipelineCache", "RemoteLayerCache", "StageModel",
-           "Follower", "PipelineError", "PeerLost", "PeerTimeout", "choose_split", "parse_split", "connect",
-           "DEFAULT_TIMEOUT"]
+# loaded on first use: `python -m kimi_mlx.distributed.split` / `.bench` run without importing them twice
+_LAZY = {"Pipeline": "pipeline", "PipelineModel": "pipeline", "PipelineCache": "pipeline",
+         "RemoteLayerCache": "pipeline", "StageModel": "pipeline", "Follower": "pipeline", "connect": "pipeline",
+         "choose_split": "split", "parse_split": "split"}
+
+__all__ = ["start", "launched", "PipelineError", "PeerLost", "PeerTimeout", "DEFAULT_TIMEOUT", *_LAZY]
 
 
-def start(split: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> Optional[Pipeline]:
-    """This process as one rank of a pipeline when mlx.launch started several; None otherwise.
-    split: layers per rank ("14,13"); None: chosen from each rank's memory. timeout: seconds a rank
-    waits for data it is owed before it gives up on a silent peer (a dead one is seen at once)."""
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def start(split: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+    """This process as one rank of a pipeline (a Pipeline) when mlx.launch started several; None
+    otherwise. split: layers per rank ("14,13"); None: chosen from each rank's memory. timeout:
+    seconds a rank waits for data it is owed before it gives up on a silent peer (a dead one is
+    seen at once)."""
     if not launched():
         return None
+    from .pipeline import Pipeline, connect
+
     return Pipeline(connect(timeout), split)

@@ -70,7 +70,8 @@ class Frames:
     def read(self, link: Link, what: str, timeout=-1.0) -> tuple[list[int], Optional[mx.array]]:
         """(fields, the inline hidden states [B, T, d] or None)."""
         msg = link.recv((self.size,), mx.uint8, what, timeout)
-        fields = np.array(msg[:8 * self.nfields]).view(np.int64).tolist()
+        # the whole (evaluated) message to numpy: a slice first would be one more MLX evaluation
+        fields = np.array(msg)[:8 * self.nfields].view(np.int64).tolist()
         if not fields[6]:
             return fields, None
         B, T, dt = fields[1], fields[2], code_dtype(fields[4])
