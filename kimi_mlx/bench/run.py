@@ -188,8 +188,23 @@ def warm_up(impl: str, model, chunk: int, vocab: int, seed: int = 0, seconds: fl
     """Run every kernel variant once before anything is timed: a prefill of two chunks (the second
     starts from a state: KDA's initial-state variant, MLA at depth) and two decode steps, then decode
     steps for `seconds` more (on the H200 the first depth timed after a short warm-up decoded ~15%
-    slower than the same depth timed again later, Python's graph building included)."""
-    _, cache, tok = prefill_one(impl, model, 2 * chunk, chunk, vocab, seed)
+    slower than the same depth timed again later, Python's graph building included).
+
+    Our MLA prefill expands the cache in blocks and chains a block's kernel from the previous
+    block's (o, lse) only past EXPAND_BLOCK_BYTES (16K keys at the real widths): that kernel
+    instance would be built (NVRTC: seconds) inside the first long prefill timed, so the warm-up
+    runs with blocks of EXPAND_MIN_KEYS."""
+    from metal_kernels import mla as K
+
+    from ..ops import attention as A
+
+    block = A.EXPAND_BLOCK_BYTES
+    n = max(2 * chunk, A.EXPAND_MIN_KEYS + chunk) if K.backend() is not None else 2 * chunk
+    A.EXPAND_BLOCK_BYTES = 0  # blocks of EXPAND_MIN_KEYS: the chained variant runs in the warm-up too
+    try:
+        _, cache, tok = prefill_one(impl, model, n, chunk, vocab, seed)
+    finally:
+        A.EXPAND_BLOCK_BYTES = block
     tok = [tok]
 
     def step():
