@@ -419,8 +419,8 @@ class PipelineModel:
         if self._pending is not None:  # receives must run in the order the data comes in
             mx.eval(self._pending)
             self._pending = None
-        ops = json.dumps({"ops": self._ops, "arg": arg}).encode() if self._ops or arg is not None else b""
-        self._ops = []
+        queued, self._ops = self._ops, []  # one swap: a handle dropped on another thread lands in one or the other
+        ops = json.dumps({"ops": queued, "arg": arg}).encode() if queued or arg is not None else b""
         ids = [c.cid if isinstance(c, RemoteLayerCache) else -1 for c in cache] if cache is not None \
             else [-1] * len(self.layers)
         dtype = dtype_code(h.dtype) if h is not None else 0
