@@ -371,9 +371,10 @@ def _plan_report(model, n_tokens: int, args, what: str, extra: int = 0) -> None:
     from .session import speed_key
 
     tps = known_prefill_speed(speed_key(model))
-    p = check_fits(model.config, n_tokens + extra, mla_bits=args.mla_cache_bits or 16,
-                   chunk_tokens=args.prefill_step_size, weights_bytes=_weights_nbytes(model),
-                   tokens_per_second=tps)
+    # a pipeline (kimi_mlx.distributed) checks each rank: its layers in its memory
+    fits = getattr(model, "check_fits", None) or (lambda n, **kw: check_fits(model.config, n, **kw))
+    p = fits(n_tokens + extra, mla_bits=args.mla_cache_bits or 16, chunk_tokens=args.prefill_step_size,
+             weights_bytes=_weights_nbytes(model), tokens_per_second=tps)
     avail = f" of {format_bytes(p.machine_bytes)} usable" if p.machine_bytes else ""
     more = f" (+{extra:,} for the question)" if extra else ""
     when = (f"prefill about {format_duration(p.prefill_seconds)} at {tps:,.0f} tok/s (an earlier run here)"

@@ -45,7 +45,6 @@ __all__ = [
     "param_breakdown",
     "weight_bytes",
     "weight_bytes_by_layer",
-    "context_for_budget",
     "kda_state_bytes",
     "mla_bytes_per_token",
     "cache_bytes",
@@ -485,6 +484,8 @@ def plan(
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
     page_tokens: int = PAGE_TOKENS,
     tokens_per_second: Optional[float] = None,
+    layers: Optional[range] = None,
+    edges: bool = True,
 ) -> Plan:
     """Memory needed to hold ``context_tokens`` of context and prefill it.
 
@@ -493,6 +494,8 @@ def plan(
     machine_bytes: usable memory budget; default :func:`machine_memory_bytes`.
     weights_bytes: measured size of the loaded weights, overriding the estimate.
     tokens_per_second: prefill speed, to add a time estimate.
+    layers / edges: a part of the model (a pipeline rank, kimi_mlx.distributed): only these decoder
+        layers' weights and caches, and the embedding and head only with ``edges``.
     """
     a = _config(cfg)
     bits = _default_bits(a) if bits is None else int(bits)
@@ -500,24 +503,33 @@ def plan(
     context_tokens = max(0, int(context_tokens))
     if machine_bytes is None:
         machine_bytes = machine_memory_bytes()
-    wb = weight_bytes(a, bits, group_size) if weights_bytes is None else int(weights_bytes)
-    state, conv = kda_state_bytes(a, batch)
+    n_mla = None
+    if layers is None:
+        wb = weight_bytes(a, bits, group_size) if weights_bytes is None else int(weights_bytes)
+        state, conv = kda_state_bytes(a, batch)
+    else:
+        edge, per_layer = weight_bytes_by_layer(a, bits, group_size)
+        wb = (sum(per_layer[i] for i in layers) + (edge if edges else 0)) if weights_bytes is None \
+            else int(weights_bytes)
+        n_kda = sum(1 for i in layers if not a.is_mla(i))
+        state, conv = (x * n_kda // max(1, len(a.kda_layers)) for x in kda_state_bytes(a, batch))
+        n_mla = len(layers) - n_kda
     chunk = min(chunk_tokens, context_tokens) if context_tokens else chunk_tokens
     pre = prefill_peak_bytes(a, chunk, batch=batch)
-    mla = _mla_cache_bytes(a, context_tokens, batch, mla_bits, mla_group_size, page_tokens)
+    mla = _mla_cache_bytes(a, context_tokens, batch, mla_bits, mla_group_size, page_tokens, n_mla)
 
     max_ctx = None
     if machine_bytes is not None:
         fixed = wb + state + conv + prefill_peak_bytes(a, chunk_tokens, batch=batch) + overhead_bytes
         max_ctx = _max_tokens_for(a, machine_bytes - fixed, batch, mla_bits, mla_group_size,
-                                  page_tokens)
+                                  page_tokens, n_mla)
         if max_ctx == sys.maxsize:
             max_ctx = None if machine_bytes >= fixed else 0
     p = Plan(
         context_tokens=context_tokens, batch=batch, bits=bits, group_size=group_size,
         mla_bits=mla_bits, chunk_tokens=chunk, weights_bytes=wb, kda_state_bytes=state,
         conv_state_bytes=conv, mla_cache_bytes=mla, prefill_bytes=pre,
-        dequant_bytes=_dequant_bytes(a, context_tokens, batch, mla_bits, page_tokens),
+        dequant_bytes=_dequant_bytes(a, context_tokens, batch, mla_bits, page_tokens, n_mla),
         overhead_bytes=overhead_bytes, machine_bytes=machine_bytes, max_context_tokens=max_ctx,
         model_max_tokens=int(a.model_max_length) if a.model_max_length else None,
     )
@@ -535,14 +547,6 @@ def max_context(cfg: "ModelConfig | dict", machine_bytes: Optional[int] = None, 
             raise PlanError("machine memory is unknown; pass machine_bytes")
         return sys.maxsize
     return p.max_context_tokens
-
-
-def context_for_budget(cfg: "ModelConfig | dict", budget_bytes: float, mla_layers: Optional[int] = None,
-                       mla_bits: int = 16, mla_group_size: int = 64, page_tokens: int = PAGE_TOKENS) -> int:
-    """Largest context whose MLA cache (of ``mla_layers`` of the MLA layers; default all) fits
-    ``budget_bytes``; sys.maxsize when no MLA layer is counted, 0 when the budget is negative.
-    (A pipeline rank holds only its layers' caches.)"""
-    return _max_tokens_for(_config(cfg), budget_bytes, 1, mla_bits, mla_group_size, page_tokens, mla_layers)
 
 
 def check_fits(cfg: "ModelConfig | dict", context_tokens: int, **kwargs: Any) -> Plan:

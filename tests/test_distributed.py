@@ -349,6 +349,33 @@ def test_split_parsing_and_planning():
         choose_split(cfg, edge, layers[:2], [gb] * 3)
 
 
+def test_each_rank_is_planned_with_its_own_layers():
+    """The pipeline's check before a long prefill: each rank's layers and caches in its memory, so a
+    context the pipeline holds is not refused because one rank couldn't hold the whole cache."""
+    from kimi_mlx import planner
+    from kimi_mlx.distributed import PipelineModel
+    from kimi_mlx.distributed.split import published_config, ranges
+
+    cfg = published_config()
+    parts = [planner.plan(cfg, 300_000, bits=4, layers=r, edges=i == 0, machine_bytes=0)
+             for i, r in enumerate(ranges([14, 13]))]
+    whole = planner.plan(cfg, 300_000, bits=4, machine_bytes=0)
+    assert sum(p.mla_cache_bytes for p in parts) == whole.mla_cache_bytes
+    assert sum(p.kda_state_bytes for p in parts) == whole.kda_state_bytes
+    assert abs(sum(p.weights_bytes for p in parts) - whole.weights_bytes) < 1e-4 * whole.weights_bytes
+    pm = object.__new__(PipelineModel)  # what check_fits reads of a loaded pipeline
+    edge, layers = planner.weight_bytes_by_layer(cfg, 4)
+    gb = 10**9
+    pm.config, pm.split, pm._sizes = cfg, [14, 13], (edge, layers, [18 * gb, 18 * gb])
+    p = pm.check_fits(500_000, machine_bytes=18 * gb)  # 2 x 24 GB: holds 618K (the docs' table)
+    assert p.fits and p.total_bytes < 18 * gb
+    with pytest.raises(planner.PlanError, match=r"rank 1 \(layers 14-26\): 500,000 tokens"):
+        pm._sizes = (edge, layers, [18 * gb, 15 * gb])
+        pm.check_fits(500_000, machine_bytes=18 * gb)
+    with pytest.raises(planner.PlanError):  # one process, the whole model in 18 GB: refused
+        planner.check_fits(cfg, 500_000, bits=4, machine_bytes=18 * gb)
+
+
 def test_the_docs_table_is_the_planners():
     from kimi_mlx.distributed.split import format_table, published_config, table_rows
 

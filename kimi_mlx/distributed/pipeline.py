@@ -197,6 +197,7 @@ class Pipeline:
         mine = {"config": digest, "split": self.split_arg, "budget": S.split_budget(), "host": socket.gethostname(),
                 "layers": layer_bytes, "edge": edge}
         every = ring_allgather(self.link, mine)
+        self.sizes = (edge, layer_bytes, [o["budget"] for o in every])  # for PipelineModel.check_fits
         for r, other in enumerate(every):
             if other["config"] != digest:
                 raise PipelineError(f"rank {r} ({other['host']}) loads a model with another config.json than "
@@ -234,7 +235,8 @@ class Pipeline:
         every = {}
         for d in digests:
             every.update(d)
-        self.model = PipelineModel(self.link, self.stage, self.counts, weights_identity(model_dir, cfg, every))
+        self.model = PipelineModel(self.link, self.stage, self.counts, weights_identity(model_dir, cfg, every),
+                                   self.sizes)
         return self.model, tok
 
     def follow(self) -> int:
@@ -365,8 +367,9 @@ class _Hidden:
 class PipelineModel:
     """Rank 0's view of the whole pipeline, used like kimi_mlx's Model (see the module docstring)."""
 
-    def __init__(self, link: Link, stage: StageModel, counts: Sequence[int], identity: str):
+    def __init__(self, link: Link, stage: StageModel, counts: Sequence[int], identity: str, sizes=None):
         self.link, self.stage, self.split = link, stage, list(counts)
+        self._sizes = sizes  # (edge bytes, [bytes of layer i], [each rank's memory for the split])
         self.config = stage.config
         self.weights_identity = identity
         self.model_dir = getattr(stage, "model_dir", None)
@@ -387,6 +390,25 @@ class PipelineModel:
         items = [(MLACache(bits=mla_bits) if l.is_mla else KDACache()) if i in self._mine
                  else RemoteLayerCache(self, i, l.is_mla, mla_bits) for i, l in enumerate(self.layers)]
         return PipelineCache(items, self.split, self)
+
+    def check_fits(self, context_tokens: int, **kw):
+        """planner.check_fits for every rank: its layers and caches in its memory (rank 0's as this
+        machine has it free now, the others' as they reported for the split). The fullest rank's
+        plan; PlanError naming the rank that can't hold the context."""
+        from ..planner import PlanError, check_fits
+
+        kw.pop("weights_bytes", None)
+        edge, layer_bytes, budgets = self._sizes
+        plans = []
+        for r, layers in enumerate(S.ranges(self.split)):
+            weights = sum(layer_bytes[i] for i in layers) + (edge if r == 0 else 0)
+            mem = kw if r == 0 else {**kw, "machine_bytes": budgets[r]}
+            try:
+                plans.append(check_fits(self.config, context_tokens, layers=layers, edges=r == 0,
+                                        weights_bytes=weights, **mem))
+            except PlanError as e:
+                raise PlanError(f"rank {r} (layers {layers.start}-{layers.stop - 1}): {e}", e.plan) from None
+        return max(plans, key=lambda p: p.total_bytes / (p.machine_bytes or p.total_bytes or 1))
 
     def adopt_cache(self, cache: KimiCache) -> PipelineCache:
         """A cache built here for all layers (a loaded session): other ranks' layers are sent to them."""

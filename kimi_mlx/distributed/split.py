@@ -76,28 +76,25 @@ def checkpoint_bytes(headers: dict[str, dict], num_layers: int) -> tuple[int, li
 class RankPlan:
     layers: range
     weights_bytes: int
-    state_bytes: int  # KDA states and conv tails of its KDA layers
-    fixed_bytes: int  # weights + state + prefill temporaries + runtime
+    fixed_bytes: int  # weights + its KDA states + prefill temporaries + runtime
     budget_bytes: Optional[int]
-    context_tokens: int  # the most its MLA caches hold (sys.maxsize: no MLA layer)
+    context_tokens: int  # the most its MLA caches hold (sys.maxsize: no MLA layer; -1: not even the weights fit)
 
 
 def rank_plan(cfg: ModelConfig, layers: range, first: bool, edge_bytes: int, layer_bytes: Sequence[int],
-              budget: Optional[int], mla_bits: int = 16, chunk_tokens: int = planner.DEFAULT_CHUNK_TOKENS) -> RankPlan:
-    kda_state = sum(planner.kda_state_bytes(cfg))
-    n_kda = sum(1 for i in layers if not cfg.is_mla(i))
-    state = kda_state * n_kda // max(1, len(cfg.kda_layers))
+              budget: Optional[int], mla_bits: int = 16) -> RankPlan:
+    """planner.plan for one rank: its layers (and, on rank 0, the embedding and head) in its memory."""
     weights = sum(layer_bytes[i] for i in layers) + (edge_bytes if first else 0)
-    fixed = (weights + state + planner.prefill_peak_bytes(cfg, chunk_tokens)
-             + planner.RUNTIME_OVERHEAD_BYTES)
-    n_mla = sum(1 for i in layers if cfg.is_mla(i))
+    p = planner.plan(cfg, 0, layers=layers, edges=first, weights_bytes=weights, machine_bytes=budget or 0,
+                     mla_bits=mla_bits)
+    fixed = p.total_bytes
     if budget is None:
         ctx = sys.maxsize
     elif budget < fixed:
         ctx = -1
     else:
-        ctx = planner.context_for_budget(cfg, budget - fixed, n_mla, mla_bits=mla_bits)
-    return RankPlan(layers, weights, state, fixed, budget, ctx)
+        ctx = sys.maxsize if p.max_context_tokens is None else p.max_context_tokens
+    return RankPlan(layers, weights, fixed, budget, ctx)
 
 
 def choose_split(cfg: ModelConfig, edge_bytes: int, layer_bytes: Sequence[int], budgets: Sequence[Optional[int]],
