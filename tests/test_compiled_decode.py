@@ -1,5 +1,8 @@
 """Compiled decode steps (KIMI_MLX_COMPILE): the same logits as the plain layers, the traces are
 reused from token to token, and replaced weights are never served from an old trace."""
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -95,3 +98,41 @@ def test_cpu_fast_experts_that_read_the_routing_never_run_compiled(monkeypatch):
     assert all(not layer.__dict__["_compiled"].safe and not layer.__dict__["_compiled"].fns for layer in moe)
     monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
     assert max(max_abs(r, g) for r, g in zip(_steps(m, cache.copy(), 2), got)) < 1e-5
+
+
+def test_compiled_decode_then_another_thread(tmp_path):
+    """Decode compiled on the main thread, then prefill + decode on a worker thread with its own
+    stream (as the chat app and the server run): the joined projection weights must not be lazy
+    arrays of the main thread's stream (MLX streams are thread-local). In a subprocess: MLX can
+    abort at exit once another thread used it, so the script leaves with os._exit."""
+    script = tmp_path / "t.py"
+    script.write_text(f"""
+import os, sys, threading
+os.environ["KIMI_MLX_COMPILE"] = "on"
+import kimi_mlx
+import mlx.core as mx
+m = kimi_mlx.load_model({str(MODELS / "tiny_grouped")!r}, cpu_fast_path=False)
+def run():
+    c = m.make_cache()
+    mx.eval(m(mx.array([[1, 2, 3, 4]]), cache=c))
+    for _ in range(3):
+        y = m(mx.array([[5]]), cache=c)
+        mx.eval(y)
+    return float(y.sum())
+out = [run()]
+def worker():
+    try:
+        with mx.stream(mx.new_thread_local_stream(mx.default_device())):
+            out.append(run())
+    except Exception as e:
+        out.append(repr(e))
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print(out, flush=True)
+os._exit(0)
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    main, worker = eval(r.stdout.strip().splitlines()[-1])
+    assert worker == main, (main, worker)

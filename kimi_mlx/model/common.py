@@ -126,6 +126,9 @@ def joined_linear(module: nn.Module, names: tuple):
             for k in keys:
                 m[k] = joined[k][start:start + n]  # a view of the joined rows
             start += n
+        # evaluated here: an unevaluated slice belongs to this thread's stream, and MLX streams are
+        # thread-local (a chat app decodes on a worker thread)
+        mx.eval([m[k] for m in layers for k in keys])
         q = layers[0]
         if type(q) is nn.Linear:
             w = joined["weight"]
