@@ -257,12 +257,11 @@ class Link:
         mx.eval(a)
         return a
 
-    def recv_lazy(self, shape, dtype, what: str, wait: bool = True) -> mx.array:
-        """An array from the left neighbour, received when evaluated. wait: first until it is arriving
-        (else call `wait` before evaluating it: a receive issued early spins a core in MLX's ring
-        backend, which on a shared host slows the rank that computes what it waits for)."""
-        if wait:
-            self.wait(what)
+    def recv_lazy(self, shape, dtype, what: str) -> mx.array:
+        """An array from the left neighbour, once it is arriving; received when evaluated. (A receive
+        issued before its data is there spins a core in MLX's ring backend, which on a shared host
+        slows the very rank it waits for.)"""
+        self.wait(what)
         return mx.distributed.recv(tuple(shape), dtype, self.left, group=self.group)
 
     # -- blobs: JSON + arrays ------------------------------------------------

@@ -20,7 +20,6 @@ sends them to the rank that holds it, and `PipelineCache.gathered()` fetches the
 from __future__ import annotations
 
 import json
-import sys
 import weakref
 from itertools import count
 from pathlib import Path
