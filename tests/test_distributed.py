@@ -230,7 +230,6 @@ def _chat(url: str, text: str) -> str:
 def test_the_server_under_a_pipeline_answers_as_one_process(tmp_path):
     """`python -m kimi_mlx.server` started as 2 ranks: rank 0 serves, rank 1 holds its layers; the
     replies are one process's, and stopping rank 0 stops rank 1."""
-    pytest.importorskip("uvicorn")
     from kimi_mlx.distributed.bench import start_local_ranks
     from kimi_mlx.server.bench import start_server, stop_server
 
