@@ -92,14 +92,13 @@ _LINEAR_KEYS = ("weight", "scales", "biases")
 
 
 def _joinable(layers) -> bool:
-    first = layers[0]
     if any("bias" in m for m in layers):
         return False
     if all(type(m) is nn.Linear for m in layers):
         return len({m.weight.dtype for m in layers}) == 1
     if all(type(m) is nn.QuantizedLinear for m in layers):  # the same quantization, affine or not
         return len({(m.group_size, m.bits, getattr(m, "mode", "affine"), "biases" in m, m.weight.dtype)
-                    for m in layers}) == 1 and first.weight.ndim == 2
+                    for m in layers}) == 1 and layers[0].weight.ndim == 2
     return False  # e.g. the CPU fast path's classes: left as they are
 
 
@@ -138,7 +137,8 @@ def joined_linear(module: nn.Module, names: tuple):
                 x, joined["weight"], joined["scales"], joined.get("biases"), transpose=True,
                 group_size=q.group_size, bits=q.bits, mode=getattr(q, "mode", "affine")), splits, axis=-1)
         key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
-    module.__dict__[slot] = (key, fn)
+    # the arrays are held with their ids (as derived() does), so no new array can reuse one of them
+    module.__dict__[slot] = (key, fn, [m.get(k) for m in layers for k in _LINEAR_KEYS])
     return fn
 
 

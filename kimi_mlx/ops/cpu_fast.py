@@ -182,6 +182,7 @@ def switch_glu_reference(glu, x: mx.array, indices: mx.array) -> mx.array:
 
 class _CPUSwitchGLUMixin:
     min_pairs = SWITCH_MIN_PAIRS
+    min_rows = LINEAR_MIN_ROWS
 
     @property
     def compile_safe(self) -> bool:
@@ -189,7 +190,6 @@ class _CPUSwitchGLUMixin:
         can trace, unless the experts are low-precision and unquantized: switch_glu_blocks reads
         the routing on the host."""
         return "scales" in self.gate_proj or self.gate_proj["weight"].dtype == mx.float32
-    min_rows = LINEAR_MIN_ROWS
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # gather_mm only takes fp32 on the CPU: low-precision unquantized experts always go by blocks
