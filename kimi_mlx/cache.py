@@ -69,6 +69,10 @@ class KDACache:
     def load_arrays(self, arrays: dict[str, mx.array], offset: int) -> None:
         self.conv, self.state, self.offset = arrays.get("conv"), arrays.get("state"), offset
 
+    def eval_arrays(self) -> list[mx.array]:
+        """The arrays the state lives in (what generation evaluates; copies share them)."""
+        return list(self.arrays().values())
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays().values())
@@ -268,5 +272,5 @@ class KimiCache(list):
     def eval(self) -> None:
         arrs = []
         for c in self:
-            arrs += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
+            arrs += c.eval_arrays()
         mx.eval(arrs)

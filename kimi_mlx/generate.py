@@ -10,6 +10,7 @@ prefix of every question: a saved session answers exactly as the documents would
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -476,6 +477,11 @@ def _start_reply(model, tok, prompt, docs, args, stop):
 def _run(args, stop: _Interrupt) -> int:
     from . import distributed
 
+    if args.prompt == "-" and distributed.launched():
+        if os.environ.get("MLX_RANK", "0") != "0":
+            return 0  # rank 0 says why and fails (a rank failing first would have mlx.launch kill it)
+        raise ValueError("--prompt - can't be used under mlx.launch: it keeps every rank's stdin open, so "
+                         "the prompt would never end; pass the text with --prompt \"$(cat FILE)\"")
     pipe = distributed.start(args.split)  # None unless mlx.launch started several ranks
     if pipe is None:
         return _generate(args, stop, lambda: load(args.model))

@@ -217,6 +217,30 @@ def test_split_needs_mlx_launch_and_must_fit():
     assert "4 layers, the model has 5" in err
 
 
+def test_a_prompt_on_stdin_is_refused_under_mlx_launch():
+    # mlx.launch never closes a rank's stdin: reading the prompt there would wait forever
+    err = _one_error(_cli(["--model", CHAT, "--prompt", "-", "--max-tokens", "2"], n=2, timeout=60))
+    assert "--prompt -" in err and "mlx.launch" in err
+
+
+def test_the_launchers_relay_is_quieted_by_a_full_stdin_pipe():
+    # mlx.launch select()s on the write end of each rank's stdin pipe: an empty pipe is always
+    # writable, and its relay threads spin; a full one is not
+    code = ("import sys; from kimi_mlx.distributed.link import quiet_launcher_relay as q; "
+            "print(q(), flush=True); sys.stdin.close(); import time; time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert p.stdout.readline().strip() == b"True"
+        _, writable, _ = select.select([], [p.stdin], [], 0)
+        assert writable == []  # the relay would sleep in select()
+    finally:
+        p.kill()
+        p.wait()
+    r = subprocess.run([sys.executable, "-c", code.replace("import time; time.sleep(30)", "pass")],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.stdout.strip() == "False"  # not a pipe: left alone
+
+
 def _chat(url: str, text: str) -> str:
     import urllib.request
 
@@ -227,15 +251,24 @@ def _chat(url: str, text: str) -> str:
         return json.loads(r.read())["choices"][0]["message"]["content"]
 
 
+def _health(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/health", timeout=60) as r:
+        return json.loads(r.read())
+
+
 def test_the_server_under_a_pipeline_answers_as_one_process(tmp_path):
     """`python -m kimi_mlx.server` started as 2 ranks: rank 0 serves, rank 1 holds its layers; the
-    replies are one process's, and stopping rank 0 stops rank 1."""
+    replies are one process's, the prefix cache's size counts both ranks' shares (as one process
+    counts them), and stopping rank 0 stops rank 1."""
     from kimi_mlx.distributed.bench import start_local_ranks
     from kimi_mlx.server.bench import start_server, stop_server
 
     proc, url = start_server(["--model", str(CHAT)])
     try:
         alone = [_chat(url, q) for q in ("hi", "what is a cat?", "hi")]
+        kept = _health(url)["prefix_cache"]
     finally:
         stop_server(proc)
     procs = start_local_ranks(2, ["-m", "kimi_mlx.server", "--port", "0", "--model", CHAT], tmp_path, cwd=REPO,
@@ -245,6 +278,8 @@ def test_the_server_under_a_pipeline_answers_as_one_process(tmp_path):
         assert "/v1" in line, procs[0].stderr.read()[-2000:] if procs[0].poll() is not None else line
         url = line.split(" on ")[1].split("/v1")[0]
         assert [_chat(url, q) for q in ("hi", "what is a cat?", "hi")] == alone  # the third: from the prefix cache
+        shared = _health(url)["prefix_cache"]
+        assert shared["states"] == kept["states"] > 0 and shared["bytes"] == kept["bytes"] > 0
         procs[0].terminate()
         assert procs[0].wait(timeout=30) == 0 and procs[1].wait(timeout=30) == 0
     finally:

@@ -36,9 +36,12 @@ def start(split: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
     """This process as one rank of a pipeline (a Pipeline) when mlx.launch started several; None
     otherwise. split: layers per rank ("14,13"); None: chosen from each rank's memory. timeout:
     seconds a rank waits for data it is owed before it gives up on a silent peer (a dead one is
-    seen at once)."""
+    seen at once). Ranks don't read stdin: mlx.launch never closes it."""
     if not launched():
         return None
+    from .link import quiet_launcher_relay
     from .pipeline import Pipeline, connect
+
+    quiet_launcher_relay()  # no rank reads stdin (generate refuses --prompt - under mlx.launch)
 
     return Pipeline(connect(timeout), split)

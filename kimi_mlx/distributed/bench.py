@@ -159,7 +159,13 @@ def _run_ranks(n: int, args: list[str], how: str, work: Path, timeout: float) ->
     if how == "mlx.launch":
         cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(n), "--backend", "ring",
                "--starting-port", str(free_port(n)), "--", sys.executable, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        # stdin as from a terminal (open, idle): at end of file mlx.launch's own input loop spins a core
+        idle, keep = os.pipe()
+        try:
+            r = subprocess.run(cmd, stdin=idle, capture_output=True, text=True, timeout=timeout)
+        finally:
+            os.close(idle)
+            os.close(keep)
         out, err = r.stdout, r.stderr
     else:
         procs = start_local_ranks(n, args, work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

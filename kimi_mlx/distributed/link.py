@@ -68,6 +68,36 @@ def launched() -> bool:
     return any(k in os.environ for k in ("MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES", "MLX_WORLD_SIZE"))
 
 
+def quiet_launcher_relay() -> bool:
+    """Stop mlx.launch's relay from spinning on this rank's stdin; True when it was done.
+
+    mlx.launch gives every rank a stdin pipe and select()s on the pipe's write end to forward its
+    own input, and an empty pipe is always writable: each rank's relay thread busy-loops, more than
+    a core between them (a 2-core machine decoded at 0.6x speed). A full pipe is not writable, so
+    the relay sleeps in select(). Only for a rank that never reads stdin (the launcher never closes
+    it: a read would wait forever anyway), only for a pipe, and only where a pipe can be opened for
+    writing through /proc (Linux); elsewhere nothing happens."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(0).st_mode):
+            return False
+        fd = os.open("/proc/self/fd/0", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        chunk = b"\0" * 65536
+        while True:
+            try:
+                if os.write(fd, chunk) == 0:
+                    break
+            except BlockingIOError:  # full
+                return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def _hostfile_nodes() -> Optional[list[list[tuple[str, int]]]]:
     """The ring hostfile (one list of "ip:port" per rank), None when there is none."""
     path = os.environ.get("MLX_HOSTFILE")

@@ -36,7 +36,7 @@ from ..model.kimi_linear import DecoderLayer, KimiLinearModel, Model
 from . import split as S
 from .link import DEFAULT_TIMEOUT, Link, PeerLost, PeerTimeout, PipelineError, code_dtype, dtype_code, pack, ring_allgather, unpack
 
-OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP, OP_REPLY = 1, 2, 3, 4, 5
+OP_FORWARD, OP_FETCH, OP_PUT, OP_STOP, OP_REPLY, OP_SIZES = 1, 2, 3, 4, 5, 6
 # a frame's fields: op, B, T, positions wanted back, dtype of the hidden states, bytes of queued
 # operations (JSON, next message), whether the hidden states are in this frame, spare; then the
 # cache id of every layer (-1: none or rank 0's own)
@@ -268,11 +268,14 @@ class RemoteLayerCache:
         self.kind = "mla" if is_mla else "kda"
         self.group_size = 64
         self.offset = offset
+        self.held: tuple = ()  # _Held stand-ins of the arrays the other rank keeps (see refresh_sizes)
+        model.stubs.add(self)
         if announce:
             model.queue(["new", self.cid, layer, int(is_mla), bits])
 
     def copy(self) -> "RemoteLayerCache":
         c = RemoteLayerCache(self._model(), self.layer, self.is_mla, self.bits, self.offset, announce=False)
+        c.held = self.held  # a copy shares the arrays, there as here
         self._model().queue(["copy", self.cid, c.cid, self.layer])
         return c
 
@@ -296,14 +299,29 @@ class RemoteLayerCache:
     def segments(self) -> list:
         return []
 
+    def elsewhere(self) -> tuple:
+        """What the other rank holds for this layer, as of the last PipelineModel.refresh_sizes():
+        one stand-in per array, the same object wherever the array is shared (memory bounds count
+        each once)."""
+        return self.held
+
     @property
     def nbytes(self) -> int:
-        return 0
+        return sum(h.nbytes for h in self.held)
 
     def __del__(self):
         model = self._model()
         if model is not None:
             model.queue(["free", self.cid, self.layer])
+
+
+class _Held:
+    """An array another rank keeps: its size, for memory accounting on rank 0."""
+
+    __slots__ = ("nbytes", "__weakref__")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
 
 
 class _FetchedMLA(MLACache):
@@ -333,6 +351,11 @@ class PipelineCache(KimiCache):
         for c in self:
             if isinstance(c, MLACache) or (isinstance(c, RemoteLayerCache) and c.is_mla):
                 c.reserve(total_tokens)
+
+    def refresh_sizes(self) -> None:
+        """Bring the sizes of the other ranks' layer caches (every cache of this pipeline) up to date."""
+        if self._model is not None:
+            self._model.refresh_sizes()
 
     def gathered(self) -> KimiCache:
         """Every layer's cache here on rank 0 (other ranks' fetched): what a saved session holds."""
@@ -380,6 +403,8 @@ class PipelineModel:
         self._mine = S.ranges(counts)[0]
         self._pending: Optional[mx.array] = None  # the last lazy receive: done before anything else arrives
         self.frames = Frames(self.config)
+        self.stubs: "weakref.WeakSet[RemoteLayerCache]" = weakref.WeakSet()  # every live handle
+        self._held: dict = {}  # (rank, array id there) -> _Held
 
     # -- what generation uses -----------------------------------------------
     def parameters(self):
@@ -473,10 +498,8 @@ class PipelineModel:
     def fetch(self, stubs: Sequence[RemoteLayerCache]) -> dict:
         """{cid: (arrays, offset)} of other ranks' layer caches."""
         ids = [s.cid for s in stubs]
-        self.link.send(self._command(OP_FETCH, arg=ids), "a fetch request")
         got = {}
-        for _ in range(self.link.size - 1):
-            meta, arrays = unpack(self.link.recv_blob("cached states"))
+        for _, meta, arrays in self._collect(OP_FETCH, ids, "cached states"):
             for cid, offset in meta:
                 got[cid] = ({k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(cid)},
                             offset)
@@ -484,6 +507,27 @@ class PipelineModel:
         if missing:
             raise PipelineError(f"the other ranks don't hold layer cache {missing[0]}")
         return got
+
+    def refresh_sizes(self) -> None:
+        """Ask the other ranks what every live handle's cache holds now (one round trip), so that
+        the handles' elsewhere() and nbytes count the arrays there: a memory bound set on rank 0
+        (the server's prefix cache, conversation checkpoints) covers every rank's share."""
+        stubs = list(self.stubs)
+        if not stubs or self._stopped or self.link.broken:
+            return
+        sizes = {}
+        for rank, meta, _ in self._collect(OP_SIZES, [s.cid for s in stubs], "cache sizes"):
+            for cid, arrays in meta:
+                sizes[cid] = [((rank, key), n) for key, n in arrays]
+        held = {}
+        for s in stubs:
+            s.held = tuple(held.setdefault(k, self._held.get(k) or _Held(n)) for k, n in sizes.get(s.cid, ()))
+        self._held = held
+
+    def _collect(self, op: int, ids: list[int], what: str) -> list:
+        """Send command `op` about cache ids; [(rank, meta, arrays)] from each other rank."""
+        self.link.send(self._command(op, arg=ids), f"a request for {what}")
+        return [(r, *unpack(self.link.recv_blob(what))) for r in range(1, self.link.size)]
 
     def put(self, moves) -> None:
         """moves: (stub, "load" | "append", arrays, offset after): sent to the ranks holding the layers."""
@@ -546,9 +590,9 @@ class Follower:
                 self._forward(frames, fields, ops, x, want)
                 continue
             relay = [frames.make(fields)[0]] + ([ops] if ops is not None else [])
-            if op == OP_FETCH:
+            if op in (OP_FETCH, OP_SIZES):
                 self._relay(relay)
-                self._fetch(arg)
+                self._fetch(arg, sizes=op == OP_SIZES)
             elif op == OP_PUT:
                 self._relay(relay)
                 self._put()
@@ -592,7 +636,7 @@ class Follower:
         keep = []
         if caches is not None:
             for c in caches.values():
-                keep += c.eval_arrays() if isinstance(c, MLACache) else list(c.arrays().values())
+                keep += c.eval_arrays()
         B, T = h.shape[:2]
         if not self.last:
             frame, inline = frames.make(fields[:4] + [dtype_code(h.dtype)] + fields[5:], h)
@@ -606,16 +650,22 @@ class Follower:
             return
         self.link.send(msg, "hidden states", extra=keep)
 
-    def _fetch(self, ids: list[int]) -> None:
-        before = [self.link.recv_blob("cached states") for _ in range(self.link.rank - 1)]
+    def _fetch(self, ids: list[int], sizes: bool = False) -> None:
+        """Our caches among `ids` on to rank 0 after the earlier ranks': their arrays and offsets,
+        or (sizes) the id and byte count of each array they hold."""
+        what = "cache sizes" if sizes else "cached states"
+        before = [self.link.recv_blob(what) for _ in range(self.link.rank - 1)]
         meta, arrays = [], {}
         for cid in ids:
             c = self.caches.get(cid)
             if c is None:
                 continue
-            meta.append([cid, c.offset])
-            arrays.update({f"{cid}.{k}": v for k, v in c.arrays().items()})
-        self.link.send_blobs(before + [pack(meta, arrays)], "cached states")
+            if sizes:
+                meta.append([cid, [[id(a), a.nbytes] for a in c.eval_arrays()]])
+            else:
+                meta.append([cid, c.offset])
+                arrays.update({f"{cid}.{k}": v for k, v in c.arrays().items()})
+        self.link.send_blobs(before + [pack(meta, arrays)], what)
 
     def _put(self) -> None:
         blobs = [self.link.recv_blob("cached states") for _ in range(self.link.size - self.link.rank)]
@@ -630,5 +680,4 @@ class Follower:
                 self.caches[cid] = c
             else:
                 self.caches[cid].append(a["kv"])
-        mx.eval([v for c in self.caches.values() for v in
-                 (c.eval_arrays() if isinstance(c, MLACache) else c.arrays().values())])
+        mx.eval([v for c in self.caches.values() for v in c.eval_arrays()])

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..cache import KimiCache, MLACache
+from ..cache import KimiCache
 
 
 @dataclass(eq=False)
@@ -40,12 +40,9 @@ class Checkpoint:
 
 def _cache_arrays(cache: KimiCache) -> Iterator[mx.array]:
     for c in cache:
-        if isinstance(c, MLACache):
-            for s in c.segments():
-                d = s["data"]
-                yield from (d.values() if isinstance(d, dict) else (d,))
-        else:
-            yield from c.arrays().values()
+        yield from c.eval_arrays()
+        # a pipeline's layers on other ranks: stand-ins with their nbytes, shared as the arrays are
+        yield from getattr(c, "elsewhere", tuple)()
 
 
 def as_ids(ids: Sequence[int]) -> np.ndarray:
@@ -89,6 +86,9 @@ class CheckpointStore:
                     ckpt.logits = old.logits
                 del self._items[k]
         self._items[id(ckpt)] = ckpt
+        refresh = getattr(ckpt.cache, "refresh_sizes", None)
+        if refresh is not None:  # a pipeline's cache: the other ranks' shares count too
+            refresh()
         self._evict(keep=ckpt)
         return ckpt
 
