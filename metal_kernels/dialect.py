@@ -20,7 +20,7 @@ The KDA kernels (kda_template.py) are written once against the names defined her
                       16 bytes global -> tile memory without registers (CUDA cp.async, zeros when
                       !valid; waits leave at most 1 / 0 committed groups in flight). ASYNC_COPIES
                       is 1 where they exist; Metal has none (the kernels copy synchronously there)
-  FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_c,store_c,scale,mma}
+  FragA<P>, FragB<P>, FragC and frag_{zero,load_a,load_b,load_b2,load_c,store_c,scale,mma}
                       16x8 output tiles on the matrix units: simdgroup_matrix 8x8 pairs on
                       Metal, mma.sync m16n8k16 (bf16) or m16n8k8 (tf32, 3xtf32) on CUDA
   KSTEP(P)            contraction step of one frag_mma for precision P
@@ -98,6 +98,12 @@ DFN void frag_load_b(thread FragB<P>& b, PT p, int ld, int k0, int n0) {
   } else {
     simdgroup_load(b.m, p + (long)k0 * ld + n0, (ulong)ld);
   }
+}
+// the B fragments of columns n0.. and n0 + 8..
+template <bool TB, int P, typename PT>
+DFN void frag_load_b2(thread FragB<P>& b0, thread FragB<P>& b1, PT p, int ld, int k0, int n0) {
+  frag_load_b<TB>(b0, p, ld, k0, n0);
+  frag_load_b<TB>(b1, p, ld, k0, n0 + 8);
 }
 template <typename PT>
 DFN void frag_load_c(thread FragC& c, PT p, int ld, int m0, int n0) {
@@ -454,25 +460,63 @@ DFN unsigned int kda_pair2(const __nv_bfloat16* p, int stride) {
   v.y = p[stride];
   return *reinterpret_cast<unsigned int*>(&v);
 }
+// ldmatrix (sm_75+): each lane names one 16-byte row of an 8x8 bf16 matrix (lanes 8j..8j+7:
+// matrix j); register j of a lane gets its fragment pair of matrix j (.trans: of the transpose).
+// Rows must be 16-byte aligned: tile strides and column offsets are multiples of 8 elements.
+DFN unsigned int kda_smem(const void* p) { return (unsigned int)__cvta_generic_to_shared(p); }
+DFN void kda_ldsm4(unsigned int* r, const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(kda_smem(p)));
+}
+DFN void kda_ldsm4t(unsigned int* r, const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(kda_smem(p)));
+}
+DFN void kda_ldsm2(unsigned int* r, const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(kda_smem(p)));
+}
+DFN void kda_ldsm2t(unsigned int* r, const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(kda_smem(p)));
+}
 template <bool TA, int P>
 DFN void frag_load_a(FragA<P>& a, const __nv_bfloat16* p, int ld, int m0, int k0) {
   static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (!TA) {  // matrices (rows, k): (0-7, 0-7) (8-15, 0-7) (0-7, 8-15) (8-15, 8-15)
+    const int j = lane >> 3, i = lane & 7;
+    kda_ldsm4(a.x, p + (long)(m0 + i + 8 * (j & 1)) * ld + k0 + 8 * (j >> 1));
+  } else {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = m0 + g + 8 * (i & 1), c = k0 + 2 * t + 8 * (i >> 1);
-    a.x[i] = TA ? kda_pair2(p + (long)c * ld + r, ld) : kda_ld_pair(p + (long)r * ld + c);
+    for (int i = 0; i < 4; ++i) {
+      const int r = m0 + g + 8 * (i & 1), c = k0 + 2 * t + 8 * (i >> 1);
+      a.x[i] = kda_pair2(p + (long)c * ld + r, ld);
+    }
   }
 }
+// B(k, n) = TB ? p[n*ld + k] (rows n: plain ldmatrix) : p[k*ld + n] (rows k: .trans)
 template <bool TB, int P>
 DFN void frag_load_b(FragB<P>& b, const __nv_bfloat16* p, int ld, int k0, int n0) {
   static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int k = k0 + 2 * t + 8 * i, n = n0 + g;
-    b.x[i] = TB ? kda_ld_pair(p + (long)n * ld + k) : kda_pair2(p + (long)k * ld + n, ld);
-  }
+  const int lane = threadIdx.x & 31, j = (lane >> 3) & 1, i = lane & 7;  // lanes 16-31: ignored
+  if (TB) kda_ldsm2(b.x, p + (long)(n0 + i) * ld + k0 + 8 * j);
+  else kda_ldsm2t(b.x, p + (long)(k0 + i + 8 * j) * ld + n0);
+}
+// the B fragments of columns n0.. and n0 + 8.. in one ldmatrix.x4
+template <bool TB, int P>
+DFN void frag_load_b2(FragB<P>& b0, FragB<P>& b1, const __nv_bfloat16* p, int ld, int k0, int n0) {
+  static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");
+  const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
+  unsigned int r[4];
+  if (TB) kda_ldsm4(r, p + (long)(n0 + i + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));
+  else kda_ldsm4t(r, p + (long)(k0 + i + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));
+  b0.x[0] = r[0]; b0.x[1] = r[1]; b1.x[0] = r[2]; b1.x[1] = r[3];
+}
+template <bool TB, int P>
+DFN void frag_load_b2(FragB<P>& b0, FragB<P>& b1, const float* p, int ld, int k0, int n0) {
+  frag_load_b<TB>(b0, p, ld, k0, n0);
+  frag_load_b<TB>(b1, p, ld, k0, n0 + 8);
 }
 #define TILE_PTR(TY, base, off) (reinterpret_cast<TY*>((base) + (off)))
 """

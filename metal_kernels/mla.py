@@ -17,7 +17,8 @@ from kimi_mlx.settings import kernel_setting, kernel_switch
 from . import dialect as _dialect
 from .mla_template import MAX_SPLITS, decode_smem_floats, prefill_smem_floats
 
-_CUDA_SMEM_LIMIT = 232448
+_CUDA_SMEM_LIMIT = 232448  # one threadgroup's dynamic shared memory (sm_90)
+_CUDA_SM_SMEM = 233472  # a multiprocessor's, 1 KB of it reserved per threadgroup
 _DECODE_NW = 8
 _MIN_KEYS_PER_SPLIT = 128
 
@@ -87,16 +88,16 @@ def _nbuf(be: str, most: int, smem_bytes) -> int:
     return 2 if be == "cuda" and most >= 2 and smem_bytes(2) <= _CUDA_SMEM_LIMIT else 1
 
 
-def _target_threadgroups(be: str) -> int:
-    """Enough threadgroups to fill the GPU about twice (H100/H200: 132 multiprocessors)."""
+def _target_threadgroups(be: str, per_sm: int = 2) -> int:
+    """One wave of threadgroups: per_sm on each multiprocessor (H100/H200: 132)."""
     env = kernel_setting("KIMI_MLX_MLA_TGS")
-    return int(env) if env else (264 if be == "cuda" else 80)
+    return int(env) if env else (132 * per_sm if be == "cuda" else 80)
 
 
-def _keys_per_split(be: str, n: int, row_blocks: int, max_splits: int) -> int:
+def _keys_per_split(be: str, n: int, row_blocks: int, max_splits: int, per_sm: int = 2) -> int:
     """Keys per split: enough splits to fill the GPU, no fewer than _MIN_KEYS_PER_SPLIT keys
     each (every split loads the query tile), at most max_splits (one combine takes them all)."""
-    ns = max(1, -(-_target_threadgroups(be) // max(1, row_blocks)))
+    ns = max(1, -(-_target_threadgroups(be, per_sm) // max(1, row_blocks)))
     kps = max(_MIN_KEYS_PER_SPLIT, -(-n // ns), -(-n // max(1, max_splits)))
     return -(-kps // 32) * 32
 
@@ -127,16 +128,21 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         dq, qg = D, 64
         dummy = _dummy(str(dt).split(".")[-1])
         rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
-    row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks, max_splits)
-    ns = -(-n // kps)
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
-    nbuf = _nbuf(be, 1 if q8 or st != dt else 2, lambda nb: 4 * decode_smem_floats(D, st.size, nb))
-    smem = decode_smem_floats(D, st.size, nbuf)
+    bk = int(kernel_setting("KIMI_MLX_MLA_DECODE_BK") or 32)
+    if bk not in (32, 64):
+        raise ValueError(f"KIMI_MLX_MLA_DECODE_BK must be 32 or 64, not {bk}")
+    nbuf = _nbuf(be, 1 if q8 or st != dt else 2, lambda nb: 4 * decode_smem_floats(D, st.size, nb, bk))
+    smem = decode_smem_floats(D, st.size, nbuf, bk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nt = 32 * _DECODE_NW
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if be == "cuda" else 0)
+    # a register cap for two threadgroups a multiprocessor, only where their tiles fit beside each other
+    two = be == "cuda" and 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM
+    row_blocks = -(-M // 32) * B
+    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
+    ns = -(-n // kps)
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
     dtypes = [mx.float32, mx.float32]
     if be == "metal":
@@ -144,7 +150,7 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         dtypes.append(mx.float32)
     outs = kern(
         inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
-        template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW),
+        template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
                   ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
         grid=(nt * ns, -(-M // 32), B),
         threadgroup=(nt, 1, 1),

@@ -111,8 +111,8 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 }
 """
 
-# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8),
-# Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
+# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8), BK
+# (keys a tile: 32 or 64), Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
 # tiles: 2 streams the next one in with async copies; plain rows only).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
@@ -120,10 +120,10 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # Grid: (NS * 32 * NW, ceil(M / 32), B); query row r is token r / H, head r % H.
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
-  constexpr int BM = 32, BK = 32, NT = 32 * NW;
+  constexpr int BM = 32, NT = 32 * NW, KPT = BK / 8;  // KPT: keys a thread in the softmax
   constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
-  constexpr int NACC = (2 * (DV / 8) + NW - 1) / NW;
-  static_assert(NW == 8 && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
+  constexpr int NPAIR = (DV / 8 + 1) / 2, NACC = 2 * ((NPAIR + NW / 2 - 1) / (NW / 2));  // tiles a warp
+  static_assert(NW == 8 && (BK == 32 || BK == 64) && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
@@ -156,6 +156,8 @@ DECODE_BODY = r"""
   PRAGMA_UNROLL
   for (int j = 0; j < NACC; ++j) frag_zero(acc[j]);
   const int wrb = _warp & 1;  // the 16-row block of this warp's output tiles
+  // its accumulator j holds column tile MLA_CT(j): adjacent pairs, so one load brings both B fragments
+#define MLA_CT(j) (2 * ((_warp >> 1) + (NW / 2) * ((j) >> 1)) + ((j) & 1))
 
   if (NBUF > 1 && k_lo < k_hi) {
     mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, _tid);
@@ -203,28 +205,47 @@ DECODE_BODY = r"""
       }
     }
     BARRIER();
-    {  // S = Q K^T: warp w takes the 16x8 tile (w & 1, w >> 1)
-      FragC s;
-      frag_zero(s);
-      const int m0 = 16 * (_warp & 1), n0 = 8 * (_warp >> 1);
-      for (int kk = 0; kk < D; kk += KSTEP(PR)) {
-        FragA<PR> a;
-        FragB<PR> b;
-        frag_load_a<false>(a, sQ, LDQ, m0, kk);
-        frag_load_b<true>(b, sK, LDK, kk, n0);
-        frag_mma(s, a, b);
+    {  // S = Q K^T: warp w takes the 16x8 tiles (w & 1, (w >> 1) + 4i), each in SACC independent sums
+      constexpr int NST = BK / 32, SACC = 4 / NST, NKS = D / KSTEP(PR);
+      FragC s[NST][SACC];
+      PRAGMA_UNROLL
+      for (int t = 0; t < NST; ++t) {
+        PRAGMA_UNROLL
+        for (int i = 0; i < SACC; ++i) frag_zero(s[t][i]);
       }
-      frag_store_c(s, sS, LDS, m0, n0);
+      const int m0 = 16 * (_warp & 1);
+      PRAGMA_UNROLL
+      for (int ks = 0; ks < NKS; ++ks) {
+        FragA<PR> a;
+        frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
+        PRAGMA_UNROLL
+        for (int t = 0; t < NST; ++t) {
+          FragB<PR> b;
+          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * ((_warp >> 1) + 4 * t));
+          frag_mma(s[t][ks % SACC], a, b);
+        }
+      }
+      PRAGMA_UNROLL
+      for (int t = 0; t < NST; ++t) {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          float v = 0.0f;
+          PRAGMA_UNROLL
+          for (int i = 0; i < SACC; ++i) v += frag_get(s[t][i], e);
+          frag_set(s[t][0], e, v);
+        }
+        frag_store_c(s[t][0], sS, LDS, m0, 8 * ((_warp >> 1) + 4 * t));
+      }
     }
     BARRIER();
-    {  // online softmax: 8 threads a row, 4 keys each
-      const int r = _tid >> 3, c0 = (_tid & 7) * 4;
+    {  // online softmax: 8 threads a row, KPT keys each
+      const int r = _tid >> 3, c0 = (_tid & 7) * KPT;
       const int row = r0 + r;
       const int lim = row < M ? q_offset + row / Hq - key_start : -1;  // last visible key
-      float sv[4];
+      float sv[KPT];
       float mx = MLA_NEG_INF;
       PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < KPT; ++e) {
         const int k = k0 + c0 + e;
         sv[e] = (k < k_hi && k <= lim) ? sS[r * LDS + c0 + e] * scale : MLA_NEG_INF;
         mx = max(mx, sv[e]);
@@ -235,10 +256,10 @@ DECODE_BODY = r"""
       const float m_old = sStat[r];
       const float m_new = max(m_old, mx);
       const float m_use = m_new == MLA_NEG_INF ? 0.0f : m_new;
-      float ps[4];
+      float ps[KPT];
       float sum = 0.0f;
       PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < KPT; ++e) {
         ps[e] = EXPF(sv[e] - m_use);
         sum += ps[e];
       }
@@ -246,7 +267,7 @@ DECODE_BODY = r"""
       sum += SHFL_XOR(sum, 2);
       sum += SHFL_XOR(sum, 4);
       PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
+      for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
       WARP_SYNC();
       if ((_tid & 7) == 0) {
         const float corr = EXPF(m_old - m_use);
@@ -256,7 +277,7 @@ DECODE_BODY = r"""
       }
     }
     BARRIER();
-    {  // O = corr * O + P V: warp w owns column tiles (w >> 1) + 4j of row block w & 1
+    {  // O = corr * O + P V: warp w owns column-tile pairs (w >> 1) + 4p of row block w & 1
       const int rl = 16 * wrb + frag_row(_lane);
       const float c_lo = sStat[2 * BM + rl], c_hi = sStat[2 * BM + rl + 8];
       PRAGMA_UNROLL
@@ -265,9 +286,14 @@ DECODE_BODY = r"""
         FragA<PR> a;
         frag_load_a<false>(a, sP, LDP, 16 * wrb, kk);
         PRAGMA_UNROLL
-        for (int j = 0; j < NACC; ++j) {
-          const int ct = (_warp >> 1) + (NW / 2) * j;
-          if (ct < DV / 8) {
+        for (int j = 0; j < NACC; j += 2) {
+          const int ct = MLA_CT(j);
+          if (ct + 1 < DV / 8 && j + 1 < NACC) {
+            FragB<PR> b0, b1;
+            frag_load_b2<false>(b0, b1, sK, LDK, kk, 8 * ct);
+            frag_mma(acc[j], a, b0);
+            frag_mma(acc[j + 1], a, b1);
+          } else if (ct < DV / 8) {
             FragB<PR> b;
             frag_load_b<false>(b, sK, LDK, kk, 8 * ct);
             frag_mma(acc[j], a, b);
@@ -285,7 +311,7 @@ DECODE_BODY = r"""
     const float i_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, i_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
     PRAGMA_UNROLL
     for (int j = 0; j < NACC; ++j) {
-      const int ct = (_warp >> 1) + (NW / 2) * j;
+      const int ct = MLA_CT(j);
       if (ct < DV / 8) {
         PRAGMA_UNROLL
         for (int e = 0; e < 4; ++e) {
@@ -441,10 +467,11 @@ PREFILL_BODY = r"""
         if (QREG) a = qf[QREG ? ks : 0];
         else frag_load_a<false>(a, sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
         PRAGMA_UNROLL
-        for (int j = 0; j < BKN / 8; ++j) {
-          FragB<PR> b;
-          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * j);
-          frag_mma(s[j], a, b);
+        for (int j = 0; j < BKN / 8; j += 2) {  // BKN / 8 is even
+          FragB<PR> b0, b1;
+          frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), 8 * j);
+          frag_mma(s[j], a, b0);
+          frag_mma(s[j + 1], a, b1);
         }
       }
       float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
@@ -488,10 +515,17 @@ PREFILL_BODY = r"""
         FragA<PR> pa;
         frag_a_from_c(pa, s + kk * (KSTEP(PR) / 8));
         PRAGMA_UNROLL
-        for (int j = 0; j < DV / 8; ++j) {
-          FragB<PR> b;
-          frag_load_b<false>(b, sV, LDV, kk * KSTEP(PR), 8 * j);
-          frag_mma(acc[j], pa, b);
+        for (int j = 0; j < DV / 8; j += 2) {
+          if (j + 1 < DV / 8) {
+            FragB<PR> b0, b1;
+            frag_load_b2<false>(b0, b1, sV, LDV, kk * KSTEP(PR), 8 * j);
+            frag_mma(acc[j], pa, b0);
+            frag_mma(acc[j + 1], pa, b1);
+          } else {
+            FragB<PR> b;
+            frag_load_b<false>(b, sV, LDV, kk * KSTEP(PR), 8 * j);
+            frag_mma(acc[j], pa, b);
+          }
         }
       }
     }
@@ -542,10 +576,10 @@ def inputs(kind: str) -> list[str]:
 MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
-def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1) -> int:
+def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
-    BM = BK = 32
+    BM, BK = 32, bk
     return f(BM * (D + 8)) + nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
 
 

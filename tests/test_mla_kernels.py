@@ -58,9 +58,11 @@ def _ref_decode(q, c, scale, q_offset):
     (2, 4, 1, [100, 29], 8, 3),            # 8-bit segments, dequantized in the kernel
     (1, 40, 1, [45], None, 1),             # 40 heads: two row blocks, the second part-empty
 ])
-@pytest.mark.parametrize("nbuf", ["1", "2"])  # 2: the next key tile is loaded during this one's math
-def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits, nbuf):
+# nbuf 2: the next key tile is loaded during this one's math; bk: keys a tile
+@pytest.mark.parametrize("nbuf,bk", [("1", "32"), ("2", "32"), ("2", "64")])
+def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits, nbuf, bk):
     monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BK", bk)
     monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
     monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
     rng = np.random.default_rng(B * 100 + H + T)
@@ -73,7 +75,7 @@ def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends,
     assert [k for k, _ in emu] and all(k in ("mla_decode", "mla_combine") for k, _ in emu)
     assert float(mx.abs(out - ref).max()) < 2e-5
     assert any(t.get("Q8") for k, t in emu if k == "mla_decode") == (bits == 8)
-    assert all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) for k, t in emu if k == "mla_decode")
+    assert all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) and t["BK"] == int(bk) for k, t in emu if k == "mla_decode")
 
 
 def test_kernel_mla_decode_bf16(emu):
@@ -188,7 +190,7 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
     if kind.startswith("mla_decode"):
         q8 = kind.endswith("q8")
         kind = "mla_decode"
-        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("Q8", q8),
+        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 64 if q8 else 32), ("Q8", q8),
                 ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
