@@ -88,6 +88,19 @@ def _nbuf(be: str, most: int, smem_bytes) -> int:
     return 2 if be == "cuda" and most >= 2 and smem_bytes(2) <= _CUDA_SMEM_LIMIT else 1
 
 
+def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
+    """Keys a decode tile: KIMI_MLX_MLA_DECODE_BK, else 64 on CUDA where two such tiles stream
+    (smem_bytes(64) fits; H100 at 128K: 169 us a call against 193 with 32; with one buffer 64
+    was slower, 226 against 207), else 32."""
+    env = kernel_setting("KIMI_MLX_MLA_DECODE_BK")
+    if env:
+        if env not in ("32", "64"):
+            raise ValueError(f"KIMI_MLX_MLA_DECODE_BK must be 32 or 64, not {env}")
+        return int(env)
+    two = most_bufs >= 2 and kernel_setting("KIMI_MLX_MLA_NBUF") in (None, "", "2")
+    return 64 if be == "cuda" and two and smem_bytes(64) <= _CUDA_SMEM_LIMIT else 32
+
+
 def _target_threadgroups(be: str, per_sm: int = 2) -> int:
     """One wave of threadgroups: per_sm on each multiprocessor (H100/H200: 132)."""
     env = kernel_setting("KIMI_MLX_MLA_TGS")
@@ -129,10 +142,9 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         dummy = _dummy(str(dt).split(".")[-1])
         rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
-    bk = int(kernel_setting("KIMI_MLX_MLA_DECODE_BK") or 32)
-    if bk not in (32, 64):
-        raise ValueError(f"KIMI_MLX_MLA_DECODE_BK must be 32 or 64, not {bk}")
-    nbuf = _nbuf(be, 1 if q8 or st != dt else 2, lambda nb: 4 * decode_smem_floats(D, st.size, nb, bk))
+    most = 1 if q8 or st != dt else 2
+    bk = _decode_bk(be, most, lambda b: 4 * decode_smem_floats(D, st.size, 2, b))
+    nbuf = _nbuf(be, most, lambda nb: 4 * decode_smem_floats(D, st.size, nb, bk))
     smem = decode_smem_floats(D, st.size, nbuf, bk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
