@@ -213,14 +213,17 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
     if DK % ks or nope % 8 or d_rope % 8 or d_v % 8 or kv.shape[-1] != nope + d_v or D % 8:
         return None
     nw = int(kernel_setting("KIMI_MLX_MLA_PREFILL_NW") or (8 if be == "cuda" else 4))
-    qreg = be == "cuda" and prec == _dialect.PREC_BF16
+    rw = int(kernel_setting("KIMI_MLX_MLA_PREFILL_RW") or 1)
+    if rw not in (1, 2):
+        raise ValueError(f"KIMI_MLX_MLA_PREFILL_RW must be 1 or 2, not {rw}")
+    qreg = be == "cuda" and prec == _dialect.PREC_BF16 and rw == 1
     # two tile buffers where async copies exist and they fit (bf16: 137 KB; fp32 doesn't)
-    nbuf = _nbuf(be, 2, lambda nb: 4 * prefill_smem_floats(DK, d_v, nw, st.size, nb))
-    smem = prefill_smem_floats(DK, d_v, nw, st.size, nbuf)
+    nbuf = _nbuf(be, 2, lambda nb: 4 * prefill_smem_floats(DK, d_v, nw, st.size, nb, rw))
+    smem = prefill_smem_floats(DK, d_v, nw, st.size, nbuf, rw)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nt = 32 * nw
-    nqb = -(-T // (16 * nw))
+    nqb = -(-T // (16 * rw * nw))
     has_init = init is not None
     o_in, lse_in = init if has_init else (_dummy("float32"), _dummy("float32"))
     kern = _kernel(be, "mla_prefill", 0 if be == "metal" else 4 * smem)
@@ -233,7 +236,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
         inputs=[q.astype(dt), kv, rows.astype(dt), o_in, lse_in, _ints(n, key_start, q_offset),
                 _floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
-                  ("DL", D - d_rope), ("D", D), ("NW", nw), ("HAS_INIT", has_init), ("QREG", qreg),
+                  ("DL", D - d_rope), ("D", D), ("NW", nw), ("RW", rw), ("HAS_INIT", has_init), ("QREG", qreg),
                   ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
         grid=(nt * nqb, H, B),
         threadgroup=(nt, 1, 1),

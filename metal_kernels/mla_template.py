@@ -373,20 +373,22 @@ COMBINE_BODY = r"""
   }
 """
 
-# Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW,
-# HAS_INIT, QREG (keep the query fragments in registers), NBUF (key/value tile buffers: 2 streams
-# the next tile in with async copies, 1 loads each tile when it is needed).
+# Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW, RW
+# (16-row query tiles a warp: 2 uses each key/value fragment twice), HAS_INIT, QREG (keep the query
+# fragments in registers; RW 1 only), NBUF (key/value tile buffers: 2 streams the next tile in with
+# async copies, 1 loads each tile when it is needed).
 # Inputs: q [B, Tq, H, NOPE + DR] (T); kv [B, n, H, NOPE + DV] (T, kv_b_proj of the rows);
 # rows [B, n, D] (T); o_in [B, Tq, H, DV] fp32, lse_in [B, H, Tq] fp32 (dummies unless HAS_INIT);
 # info int32 [n, key_start, q_offset]; info_f [scale].
 # Outputs: o [B, Tq, H, DV] fp32 (normalised), lse [B, H, Tq] fp32 (+ scratch on Metal).
-# Grid: (ceil(Tq / BQ) * 32 * NW, H, B).
+# Grid: (ceil(Tq / BQ) * 32 * NW, H, B), BQ = 16 * RW * NW.
 PREFILL_BODY = r"""
 /*@PROLOGUE@*/
-  constexpr int DK = NOPE + DR, BQ = 16 * NW, BKN = 64, NT = 32 * NW;
+  constexpr int DK = NOPE + DR, BQ = 16 * RW * NW, BKN = 64, NT = 32 * NW;
   constexpr int LDQ = DK + 8, LDK = DK + 8, LDV = DV + 8;
   constexpr int NKS = DK / KSTEP(PR);
   static_assert(NOPE % 8 == 0 && DR % 8 == 0 && DV % 8 == 0 && DK % KSTEP(PR) == 0, "mla prefill shape");
+  static_assert(RW == 1 || !QREG, "query fragments in registers with one row tile a warp only");
 /*@SMEM@*/
   // NBUF key/value tile pairs: with 2 the next tile streams in (cp.async) during this one's math
   const int KVF = mla_floats<ST>(BKN * LDK) + mla_floats<ST>(BKN * LDV);
@@ -397,41 +399,50 @@ PREFILL_BODY = r"""
   const float scale = info_f[0];
   const int Tq = (int)q_shape[1], Hn = (int)q_shape[2];
   const int q0 = _gx * BQ, h = _gy, bb = _gz;
-  const int rw = q0 + 16 * _warp;                 // first query row of this warp
-  const int r_lo = rw + frag_row(_lane), r_hi = r_lo + 8;
-  const int lim_lo = q_offset + r_lo - key_start;  // last visible key of each row
-  const int lim_hi = q_offset + r_hi - key_start;
+  const int rw = q0 + 16 * RW * _warp;  // first query row of this warp
+  // row tile i of the warp: rows r_lo[i] and r_hi[i] = r_lo[i] + 8 of this lane, their last visible key
+  int r_lo[RW], r_hi[RW], lim_lo[RW], lim_hi[RW];
+  PRAGMA_UNROLL
+  for (int i = 0; i < RW; ++i) {
+    r_lo[i] = rw + 16 * i + frag_row(_lane);
+    r_hi[i] = r_lo[i] + 8;
+    lim_lo[i] = q_offset + r_lo[i] - key_start;
+    lim_hi[i] = q_offset + r_hi[i] - key_start;
+  }
   const int k_end = min(n, q_offset + min(Tq, q0 + BQ) - 1 - key_start + 1);
 
   for (int i = _tid; i < BQ * (DK / 8); i += NT) {
     const int r = i / (DK / 8), d = (i % (DK / 8)) * 8;
     mla_tile8<ST, T>(sQ + r * LDQ + d, q + (((long)bb * Tq + q0 + r) * Hn + h) * DK + d, q0 + r < Tq);
   }
-  FragC acc[DV / 8];
-  float m_lo, m_hi, l_lo, l_hi;
-  if (HAS_INIT) {  // continue from an earlier block's (o, lse): l = 1 on one lane of each row
-    PRAGMA_UNROLL
-    for (int j = 0; j < DV / 8; ++j) {
+  FragC acc[RW][DV / 8];
+  float m_lo[RW], m_hi[RW], l_lo[RW], l_hi[RW];
+  PRAGMA_UNROLL
+  for (int i = 0; i < RW; ++i) {
+    if (HAS_INIT) {  // continue from an earlier block's (o, lse): l = 1 on one lane of each row
       PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int r = (e >> 1) ? r_hi : r_lo;
-        frag_set(acc[j], e, r < Tq ? o_in[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] : 0.0f);
+      for (int j = 0; j < DV / 8; ++j) {
+        PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int r = (e >> 1) ? r_hi[i] : r_lo[i];
+          frag_set(acc[i][j], e, r < Tq ? o_in[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] : 0.0f);
+        }
       }
+      m_lo[i] = r_lo[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_lo[i]] : MLA_NEG_INF;
+      m_hi[i] = r_hi[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_hi[i]] : MLA_NEG_INF;
+      l_lo[i] = l_hi[i] = frag_col(_lane) == 0 ? 1.0f : 0.0f;
+    } else {
+      PRAGMA_UNROLL
+      for (int j = 0; j < DV / 8; ++j) frag_zero(acc[i][j]);
+      m_lo[i] = m_hi[i] = MLA_NEG_INF;
+      l_lo[i] = l_hi[i] = 0.0f;
     }
-    m_lo = r_lo < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_lo] : MLA_NEG_INF;
-    m_hi = r_hi < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_hi] : MLA_NEG_INF;
-    l_lo = l_hi = frag_col(_lane) == 0 ? 1.0f : 0.0f;
-  } else {
-    PRAGMA_UNROLL
-    for (int j = 0; j < DV / 8; ++j) frag_zero(acc[j]);
-    m_lo = m_hi = MLA_NEG_INF;
-    l_lo = l_hi = 0.0f;
   }
   BARRIER();
   FragA<PR> qf[QREG ? NKS : 1];
   if (QREG) {
     PRAGMA_UNROLL
-    for (int ks = 0; ks < NKS; ++ks) frag_load_a<false>(qf[QREG ? ks : 0], sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
+    for (int ks = 0; ks < NKS; ++ks) frag_load_a<false>(qf[QREG ? ks : 0], sQ, LDQ, 16 * RW * _warp, ks * KSTEP(PR));
   }
 
   if (NBUF > 1 && k_end > 0) {
@@ -457,98 +468,119 @@ PREFILL_BODY = r"""
       ASYNC_WAIT1();   // this thread's copies of tile `it` have landed
     }
     BARRIER();
-    if (rw < Tq && k0 <= q_offset + rw + 15 - key_start) {  // else every key is in the future
-      FragC s[BKN / 8];
+    if (rw < Tq && k0 <= q_offset + rw + 16 * RW - 1 - key_start) {  // else every key is in the future
+      FragC s[RW][BKN / 8];
       PRAGMA_UNROLL
-      for (int j = 0; j < BKN / 8; ++j) frag_zero(s[j]);
+      for (int i = 0; i < RW; ++i) {
+        PRAGMA_UNROLL
+        for (int j = 0; j < BKN / 8; ++j) frag_zero(s[i][j]);
+      }
       PRAGMA_UNROLL
       for (int ks = 0; ks < NKS; ++ks) {
-        FragA<PR> a;
-        if (QREG) a = qf[QREG ? ks : 0];
-        else frag_load_a<false>(a, sQ, LDQ, 16 * _warp, ks * KSTEP(PR));
+        FragA<PR> a[RW];
+        PRAGMA_UNROLL
+        for (int i = 0; i < RW; ++i) {
+          if (QREG) a[i] = qf[QREG ? ks : 0];
+          else frag_load_a<false>(a[i], sQ, LDQ, 16 * (RW * _warp + i), ks * KSTEP(PR));
+        }
         PRAGMA_UNROLL
         for (int j = 0; j < BKN / 8; j += 2) {  // BKN / 8 is even
           FragB<PR> b0, b1;
           frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), 8 * j);
-          frag_mma(s[j], a, b0);
-          frag_mma(s[j + 1], a, b1);
+          PRAGMA_UNROLL
+          for (int i = 0; i < RW; ++i) {
+            frag_mma(s[i][j], a[i], b0);
+            frag_mma(s[i][j + 1], a[i], b1);
+          }
         }
       }
-      float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
       PRAGMA_UNROLL
-      for (int j = 0; j < BKN / 8; ++j) {
+      for (int i = 0; i < RW; ++i) {  // online softmax of row tile i
+        float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
         PRAGMA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
-          const int lim = (e >> 1) ? lim_hi : lim_lo;
-          const float v = (k < n && k <= lim) ? frag_get(s[j], e) * scale : MLA_NEG_INF;
-          frag_set(s[j], e, v);
-          if (e >> 1) mx_hi = max(mx_hi, v); else mx_lo = max(mx_lo, v);
+        for (int j = 0; j < BKN / 8; ++j) {
+          PRAGMA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
+            const int lim = (e >> 1) ? lim_hi[i] : lim_lo[i];
+            const float v = (k < n && k <= lim) ? frag_get(s[i][j], e) * scale : MLA_NEG_INF;
+            frag_set(s[i][j], e, v);
+            if (e >> 1) mx_hi = max(mx_hi, v); else mx_lo = max(mx_lo, v);
+          }
         }
-      }
-      mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_A));
-      mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_B));
-      mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_A));
-      mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_B));
-      const float mn_lo = max(m_lo, mx_lo), mn_hi = max(m_hi, mx_hi);
-      const float mu_lo = mn_lo == MLA_NEG_INF ? 0.0f : mn_lo;
-      const float mu_hi = mn_hi == MLA_NEG_INF ? 0.0f : mn_hi;
-      const float c_lo = EXPF(m_lo - mu_lo), c_hi = EXPF(m_hi - mu_hi);
-      m_lo = mn_lo;
-      m_hi = mn_hi;
-      float sum_lo = 0.0f, sum_hi = 0.0f;
-      PRAGMA_UNROLL
-      for (int j = 0; j < BKN / 8; ++j) {
+        mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_A));
+        mx_lo = max(mx_lo, SHFL_XOR(mx_lo, ROW_XOR_B));
+        mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_A));
+        mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_B));
+        const float mn_lo = max(m_lo[i], mx_lo), mn_hi = max(m_hi[i], mx_hi);
+        const float mu_lo = mn_lo == MLA_NEG_INF ? 0.0f : mn_lo;
+        const float mu_hi = mn_hi == MLA_NEG_INF ? 0.0f : mn_hi;
+        const float c_lo = EXPF(m_lo[i] - mu_lo), c_hi = EXPF(m_hi[i] - mu_hi);
+        m_lo[i] = mn_lo;
+        m_hi[i] = mn_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
         PRAGMA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const float p = EXPF(frag_get(s[j], e) - ((e >> 1) ? mu_hi : mu_lo));
-          frag_set(s[j], e, p);
-          if (e >> 1) sum_hi += p; else sum_lo += p;
+        for (int j = 0; j < BKN / 8; ++j) {
+          PRAGMA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const float p = EXPF(frag_get(s[i][j], e) - ((e >> 1) ? mu_hi : mu_lo));
+            frag_set(s[i][j], e, p);
+            if (e >> 1) sum_hi += p; else sum_lo += p;
+          }
         }
+        l_lo[i] = l_lo[i] * c_lo + sum_lo;
+        l_hi[i] = l_hi[i] * c_hi + sum_hi;
+        PRAGMA_UNROLL
+        for (int j = 0; j < DV / 8; ++j) frag_scale2(acc[i][j], c_lo, c_hi);
       }
-      l_lo = l_lo * c_lo + sum_lo;
-      l_hi = l_hi * c_hi + sum_hi;
-      PRAGMA_UNROLL
-      for (int j = 0; j < DV / 8; ++j) frag_scale2(acc[j], c_lo, c_hi);
       PRAGMA_UNROLL
       for (int kk = 0; kk < BKN / KSTEP(PR); ++kk) {
-        FragA<PR> pa;
-        frag_a_from_c(pa, s + kk * (KSTEP(PR) / 8));
+        FragA<PR> pa[RW];
+        PRAGMA_UNROLL
+        for (int i = 0; i < RW; ++i) frag_a_from_c(pa[i], s[i] + kk * (KSTEP(PR) / 8));
         PRAGMA_UNROLL
         for (int j = 0; j < DV / 8; j += 2) {
           if (j + 1 < DV / 8) {
             FragB<PR> b0, b1;
             frag_load_b2<false>(b0, b1, sV, LDV, kk * KSTEP(PR), 8 * j);
-            frag_mma(acc[j], pa, b0);
-            frag_mma(acc[j + 1], pa, b1);
+            PRAGMA_UNROLL
+            for (int i = 0; i < RW; ++i) {
+              frag_mma(acc[i][j], pa[i], b0);
+              frag_mma(acc[i][j + 1], pa[i], b1);
+            }
           } else {
             FragB<PR> b;
             frag_load_b<false>(b, sV, LDV, kk * KSTEP(PR), 8 * j);
-            frag_mma(acc[j], pa, b);
+            PRAGMA_UNROLL
+            for (int i = 0; i < RW; ++i) frag_mma(acc[i][j], pa[i], b);
           }
         }
       }
     }
     if (NBUF > 1) BARRIER();  // every warp is done with this buffer before the next iteration refills it
   }
-  l_lo += SHFL_XOR(l_lo, ROW_XOR_A);
-  l_lo += SHFL_XOR(l_lo, ROW_XOR_B);
-  l_hi += SHFL_XOR(l_hi, ROW_XOR_A);
-  l_hi += SHFL_XOR(l_hi, ROW_XOR_B);
-  const float i_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, i_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
   PRAGMA_UNROLL
-  for (int j = 0; j < DV / 8; ++j) {
+  for (int i = 0; i < RW; ++i) {
+    float ll = l_lo[i], lh = l_hi[i];
+    ll += SHFL_XOR(ll, ROW_XOR_A);
+    ll += SHFL_XOR(ll, ROW_XOR_B);
+    lh += SHFL_XOR(lh, ROW_XOR_A);
+    lh += SHFL_XOR(lh, ROW_XOR_B);
+    const float i_lo = ll > 0.0f ? 1.0f / ll : 0.0f, i_hi = lh > 0.0f ? 1.0f / lh : 0.0f;
     PRAGMA_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      const int r = (e >> 1) ? r_hi : r_lo;
-      if (r < Tq)
-        o[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] =
-            frag_get(acc[j], e) * ((e >> 1) ? i_hi : i_lo);
+    for (int j = 0; j < DV / 8; ++j) {
+      PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int r = (e >> 1) ? r_hi[i] : r_lo[i];
+        if (r < Tq)
+          o[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] =
+              frag_get(acc[i][j], e) * ((e >> 1) ? i_hi : i_lo);
+      }
     }
-  }
-  if (frag_col(_lane) == 0) {
-    if (r_lo < Tq) lse[((long)bb * Hn + h) * Tq + r_lo] = l_lo > 0.0f ? m_lo + LOGF(l_lo) : MLA_NEG_INF;
-    if (r_hi < Tq) lse[((long)bb * Hn + h) * Tq + r_hi] = l_hi > 0.0f ? m_hi + LOGF(l_hi) : MLA_NEG_INF;
+    if (frag_col(_lane) == 0) {
+      if (r_lo[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_lo[i]] = ll > 0.0f ? m_lo[i] + LOGF(ll) : MLA_NEG_INF;
+      if (r_hi[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_hi[i]] = lh > 0.0f ? m_hi[i] + LOGF(lh) : MLA_NEG_INF;
+    }
   }
 """
 
@@ -583,10 +615,10 @@ def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32) -> in
     return f(BM * (D + 8)) + nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
 
 
-def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1) -> int:
+def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:
     """Tile memory of one prefill threadgroup, in floats (mirrors PREFILL_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
-    return f(16 * NW * (DK + 8)) + nbuf * (f(64 * (DK + 8)) + f(64 * (DV + 8)))
+    return f(16 * rw * NW * (DK + 8)) + nbuf * (f(64 * (DK + 8)) + f(64 * (DV + 8)))
 
 
 _BODIES = {"mla_decode": DECODE_BODY, "mla_combine": COMBINE_BODY, "mla_prefill": PREFILL_BODY}

@@ -113,9 +113,14 @@ class _Expand:
     (1, 3, 33, [90], None, 32),          # the cache expanded 32 keys at a time (continued partials)
     (1, 2, 20, [45], 8, None),           # an 8-bit cache, dequantized block by block
 ])
-@pytest.mark.parametrize("nbuf", ["1", "2"])  # 2: the next key tile is loaded during this one's math
-def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before, bits, block_keys, nbuf):
+# nbuf 2: the next key tile is loaded during this one's math; rw 2: two 16-row query tiles a warp
+# (with 2 warps, so that a 70-query chunk spans two threadgroups of 64)
+@pytest.mark.parametrize("nbuf,rw", [("1", "1"), ("2", "1"), ("2", "2")])
+def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before, bits, block_keys, nbuf, rw):
     monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
+    monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_RW", rw)
+    if rw == "2":
+        monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_NW", "2")
     if block_keys:
         monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * 4)
         monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
@@ -129,7 +134,7 @@ def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before,
     out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
     ref = A.expanded_attention(q.transpose(0, 2, 1, 3), c.blocks(), ex.kv_split, 0.2, S0).transpose(0, 2, 1, 3)
     prefills = [t for k, t in emu if k == "mla_prefill"]
-    assert prefills and all(p["NBUF"] == int(nbuf) for p in prefills)
+    assert prefills and all(p["NBUF"] == int(nbuf) and p["RW"] == int(rw) for p in prefills)
     if block_keys:
         assert len(prefills) > 1 and prefills[-1]["HAS_INIT"]
     assert float(mx.abs(out - ref).max()) < 2e-5
@@ -198,7 +203,7 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
         tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 128)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
     else:
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("NOPE", 128), ("DR", 64), ("DV", 128), ("DL", 512),
-                ("D", 576), ("NW", 8), ("HAS_INIT", True), ("QREG", True), ("NBUF", 2)]
+                ("D", 576), ("NW", 8), ("RW", 1), ("HAS_INIT", True), ("QREG", True), ("NBUF", 2)]
         ins = dict(q=bf, kv=bf, rows=bf, o_in="float32", lse_in="float32", info="int32", info_f="float32")
         outs = dict(o="float32", lse="float32")
     src = tmp_path / "k.cu"
