@@ -43,7 +43,7 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_COMPILE": ("on a GPU", "decode steps run as mx.compile'd pieces per layer (fused elementwise ops, no per-token graph build): on, off, auto"),
     "KIMI_MLX_MLA_NBUF": ("2 on CUDA (bf16)", "MLA kernels: key/value tile buffers (2: async copies overlap the math; 1 on Metal)"),
     "KIMI_MLX_MLA_PREFILL_NW": ("8 CUDA, 4 Metal", "MLA prefill kernel: warps per threadgroup"),
-    "KIMI_MLX_MLA_PREFILL_RW": ("1", "MLA prefill kernel: 16-row query tiles a warp (1 or 2: each key fragment used twice)"),
+    "KIMI_MLX_MLA_PREFILL_RW": ("2 CUDA where it fits, else 1", "MLA prefill kernel: 16-row query tiles a warp (1 or 2: each key fragment used twice)"),
     "KIMI_MLX_MLA_TGS": ("132 per fitting threadgroup CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
     "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32 or 64)"),
 }
