@@ -99,7 +99,7 @@ UI_BUDGET = 0.1
 class _Generation:
     id: int
     chat_id: int
-    widget: MessageWidget
+    widget: Optional[MessageWidget]  # None only while the reply's bubble is being mounted
     cancel: threading.Event = field(default_factory=threading.Event)
     last: Optional[Delta] = None
     # Deltas streamed by the worker, not shown yet (deque: append/popleft are thread-safe).
@@ -225,7 +225,7 @@ class ChatScreen(Screen):
         if gen is not None:
             gen.cancel.set()
             self.generation = None
-            content = gen.widget.content + "".join(d.text for d in gen.take())
+            content = (gen.widget.content if gen.widget else "") + "".join(d.text for d in gen.take())
             try:
                 if content:
                     self.store.add_message(gen.chat_id, "assistant", content, "cancelled")
@@ -523,11 +523,12 @@ class ChatScreen(Screen):
         return True
 
     async def _start_reply(self, history: list) -> None:
-        widget = await self.chat_view.add_message("assistant", "", "streaming")
-        widget.start_stream()
-        gen = _Generation(next(_ids), self.chat.id, widget)
-        self.generation = gen
-        self.indicator.start("Kimi is thinking… · Esc stops")
+        # Registered before the bubble is mounted: an Esc pressed while it mounts stops this reply
+        # (it used to find no generation and was lost).
+        gen = self.generation = _Generation(next(_ids), self.chat.id, None)
+        gen.widget = await self.chat_view.add_message("assistant", "", "streaming")
+        gen.widget.start_stream()
+        self.indicator.start("Stopping…" if gen.cancel.is_set() else "Kimi is thinking… · Esc stops")
         settings = SamplingSettings.from_dict(self.chat.settings.to_dict())
         docs = self.docs
         engine = self.engine
