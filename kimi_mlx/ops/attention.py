@@ -106,7 +106,7 @@ def latent_attention(
         qflat = qb.reshape(B, H * tq, D)
         m = l = acc = None
         visible = [(ks, kb) for ks, kb in keys if ks <= last_q]
-        big = len(visible) > 2 and B * H * tq * block_k >= (1 << 20)
+        several = len(visible) > 2
         for ks, kb in visible:
             if widen and kb.dtype != mx.float32:
                 kb = kb.astype(mx.float32)
@@ -121,7 +121,9 @@ def latent_attention(
                 return o[..., :d_v].reshape(B, H, tq, d_v).astype(mx.float32)
 
             m, l, acc = _online_softmax(m, l, acc, s, pv, exp)
-            if big:  # keep at most one score tile alive on long contexts
+            # keep at most one large score tile alive on long contexts; a small one (a decode step's
+            # short tail segment) is not worth a synchronous evaluation in the middle of the step
+            if several and B * H * tq * kn >= (1 << 20):
                 mx.eval(m, l, acc)
         outs.append((acc / l).astype(q.dtype))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
