@@ -88,27 +88,33 @@ def _nbuf(be: str, most: int, smem_bytes) -> int:
     return 2 if be == "cuda" and most >= 2 and smem_bytes(2) <= _CUDA_SMEM_LIMIT else 1
 
 
+def _choice(name: str, allowed: tuple) -> int | None:
+    """A kernel setting that takes one of `allowed` ints; None when unset."""
+    env = kernel_setting(name)
+    if not env:
+        return None
+    if env not in [str(a) for a in allowed]:
+        raise ValueError(f"{name} must be {' or '.join(map(str, allowed))}, not {env}")
+    return int(env)
+
+
 def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
     """Keys a decode tile: KIMI_MLX_MLA_DECODE_BK, else 64 on CUDA where two such tiles stream
-    (smem_bytes(64) fits; H100 at 128K: 169 us a call against 193 with 32; with one buffer 64
-    was slower, 226 against 207), else 32."""
-    env = kernel_setting("KIMI_MLX_MLA_DECODE_BK")
-    if env:
-        if env not in ("32", "64"):
-            raise ValueError(f"KIMI_MLX_MLA_DECODE_BK must be 32 or 64, not {env}")
-        return int(env)
-    two = most_bufs >= 2 and kernel_setting("KIMI_MLX_MLA_NBUF") in (None, "", "2")
-    return 64 if be == "cuda" and two and smem_bytes(64) <= _CUDA_SMEM_LIMIT else 32
+    (_nbuf gives them two buffers and smem_bytes(nbuf, 64) fits; H100 at 128K: 169 us a call
+    against 193 with 32; with one buffer 64 was slower, 226 against 207), else 32."""
+    bk = _choice("KIMI_MLX_MLA_DECODE_BK", (32, 64))
+    if bk:
+        return bk
+    two = _nbuf(be, most_bufs, lambda nb: smem_bytes(nb, 64)) == 2
+    return 64 if be == "cuda" and two and smem_bytes(2, 64) <= _CUDA_SMEM_LIMIT else 32
 
 
 def _prefill_rw(be: str, smem_bytes) -> int:
     """16-row query tiles a prefill warp: KIMI_MLX_MLA_PREFILL_RW, else 2 on CUDA where the tiles
     fit (bf16; H100, full causal 32K / 128K: 221 / 234 TFLOP/s against 179 / 184 with 1), else 1."""
-    env = kernel_setting("KIMI_MLX_MLA_PREFILL_RW")
-    if env:
-        if env not in ("1", "2"):
-            raise ValueError(f"KIMI_MLX_MLA_PREFILL_RW must be 1 or 2, not {env}")
-        return int(env)
+    rw = _choice("KIMI_MLX_MLA_PREFILL_RW", (1, 2))
+    if rw:
+        return rw
     return 2 if be == "cuda" and smem_bytes(2) <= _CUDA_SMEM_LIMIT else 1
 
 
@@ -154,8 +160,9 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
     most = 1 if q8 or st != dt else 2
-    bk = _decode_bk(be, most, lambda b: 4 * decode_smem_floats(D, st.size, 2, b))
-    nbuf = _nbuf(be, most, lambda nb: 4 * decode_smem_floats(D, st.size, nb, bk))
+    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b)  # noqa: E731
+    bk = _decode_bk(be, most, smem_bytes)
+    nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
     smem = decode_smem_floats(D, st.size, nbuf, bk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
