@@ -197,7 +197,10 @@ DFN void sync_store_release(device atomic_int* p, int v) {
 """
 
 CUDA_HEADER = _COMMON_PREC + r"""
+#ifdef KDA_CUDA_STUB
+#else
 #include <cuda_bf16.h>
+#endif
 
 #define DFN __device__ __forceinline__
 #define DEVP
@@ -237,11 +240,15 @@ DFN unsigned int kda_pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<unsigned int*>(&v);
 }
+#ifdef KDA_CUDA_STUB
+DFN unsigned int kda_tf32(float x) { return kda_cuda::cvt_rna_tf32(x); }
+#else
 DFN unsigned int kda_tf32(float x) {
   unsigned int r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return r;
 }
+#endif
 // element (r, c) of a row-major (T=false) or column-major (T=true) fp32 tile
 template <bool TR>
 DFN float kda_ld(const float* p, int ld, int r, int c) {
@@ -329,6 +336,10 @@ DFN void frag_store_c(FragC& c, float* p, int ld, int m0, int n0) {
 DFN void frag_scale(FragC& c, float s) {
   c.x[0] *= s; c.x[1] *= s; c.x[2] *= s; c.x[3] *= s;
 }
+#ifdef KDA_CUDA_STUB
+DFN void kda_mma_bf16(FragC& c, const unsigned int* a, const unsigned int* b) { kda_cuda::mma_bf16_m16n8k16(c.x, a, b); }
+DFN void kda_mma_tf32(FragC& c, const unsigned int* a, const unsigned int* b) { kda_cuda::mma_tf32_m16n8k8(c.x, a, b); }
+#else
 DFN void kda_mma_bf16(FragC& c, const unsigned int* a, const unsigned int* b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -343,6 +354,7 @@ DFN void kda_mma_tf32(FragC& c, const unsigned int* a, const unsigned int* b) {
       : "+f"(c.x[0]), "+f"(c.x[1]), "+f"(c.x[2]), "+f"(c.x[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 // 8 consecutive elements of an input in one or two 16-byte loads, read as floats
 template <typename T> struct Raw8 { uint4 w[sizeof(T) / 2]; };
 template <typename T>
@@ -373,6 +385,10 @@ DFN void st8(T* p, const float* x) {
 #define SYNC_PTR(p) ((int*)(p))
 DFN int sync_add(int* p, int v) { return atomicAdd(p, v); }
 DFN int sync_load(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+#ifdef KDA_CUDA_STUB
+DFN int sync_load_acquire(const int* p) { return kda_cuda::ld_acquire(p); }
+DFN void sync_store_release(int* p, int v) { kda_cuda::st_release(p, v); }
+#else
 DFN int sync_load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -381,20 +397,35 @@ DFN int sync_load_acquire(const int* p) {
 DFN void sync_store_release(int* p, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+#endif
 #define SPIN_PAUSE() __nanosleep(128)
 // a hint: bring the 128-byte line at p into L2 (no registers, nothing waits for it)
+#ifdef KDA_CUDA_STUB
+DFN void kda_prefetch_l2(const void*) {}
+#else
 DFN void kda_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
+#endif
 #define PREFETCH_L2(p) kda_prefetch_l2((const void*)(p))
 // cp.async (sm_80+): 16 bytes global -> shared, bypassing L1 and registers; src-size 0 writes zeros
+#ifdef KDA_CUDA_STUB
+DFN void kda_cp_async16(void* dst, const void* src, bool valid) { kda_cuda::cp_async16(dst, src, valid); }
+#else
 DFN void kda_cp_async16(void* dst, const void* src, bool valid) {
   const unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
+#endif
 #define ASYNC_COPIES 1
 #define ASYNC_COPY16(dst, src, valid) kda_cp_async16((void*)(dst), (const void*)(src), (valid))
+#ifdef KDA_CUDA_STUB
+#define ASYNC_COMMIT() kda_cuda::cp_async_commit()
+#define ASYNC_WAIT1() kda_cuda::cp_async_wait(1)
+#define ASYNC_WAIT0() kda_cuda::cp_async_wait(0)
+#else
 #define ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
 #define ASYNC_WAIT1() asm volatile("cp.async.wait_group 1;\n" ::: "memory")
 #define ASYNC_WAIT0() asm volatile("cp.async.wait_group 0;\n" ::: "memory")
+#endif
 
 template <int P>
 DFN void frag_mma(FragC& c, FragA<P>& a, FragB<P>& b) {
@@ -464,6 +495,12 @@ DFN unsigned int kda_pair2(const __nv_bfloat16* p, int stride) {
 // matrix j); register j of a lane gets its fragment pair of matrix j (.trans: of the transpose).
 // Rows must be 16-byte aligned: tile strides and column offsets are multiples of 8 elements.
 DFN unsigned int kda_smem(const void* p) { return (unsigned int)__cvta_generic_to_shared(p); }
+#ifdef KDA_CUDA_STUB
+DFN void kda_ldsm4(unsigned int* r, const __nv_bfloat16* p) { kda_cuda::ldmatrix<4, false>(r, p); }
+DFN void kda_ldsm4t(unsigned int* r, const __nv_bfloat16* p) { kda_cuda::ldmatrix<4, true>(r, p); }
+DFN void kda_ldsm2(unsigned int* r, const __nv_bfloat16* p) { kda_cuda::ldmatrix<2, false>(r, p); }
+DFN void kda_ldsm2t(unsigned int* r, const __nv_bfloat16* p) { kda_cuda::ldmatrix<2, true>(r, p); }
+#else
 DFN void kda_ldsm4(unsigned int* r, const __nv_bfloat16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(kda_smem(p)));
@@ -480,6 +517,7 @@ DFN void kda_ldsm2t(unsigned int* r, const __nv_bfloat16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1]) : "r"(kda_smem(p)));
 }
+#endif
 template <bool TA, int P>
 DFN void frag_load_a(FragA<P>& a, const __nv_bfloat16* p, int ld, int m0, int k0) {
   static_assert(P == PREC_BF16, "bf16 tiles take bf16 products");

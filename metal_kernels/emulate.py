@@ -1,7 +1,9 @@
-"""Run the Metal kernels on the CPU (g++ + metal_stub.h), and a float64 numpy reference.
+"""Run the kernels on the CPU: the Metal text (g++ + metal_stub.h), the CUDA text (g++ +
+cuda_stub.h), and a float64 numpy reference.
 
-Used by the CPU tests: it proves the shared algorithm (and the Metal text of it) without a
-Mac. Needs a C++20 compiler (g++ >= 11 or clang++ with libstdc++ <barrier>).
+Used by the CPU tests: it proves the shared algorithm (and the text of both renderings) without
+a Mac or an NVIDIA GPU. Needs a C++20 compiler (g++ >= 11 or clang++ with libstdc++ <barrier>);
+the CUDA emulator also needs UBSan's runtime (libubsan, which g++ ships).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dialect import METAL
-from .sources import io_names, metal_unit
+from .dialect import CUDA, METAL
+from .sources import cuda_emu_unit, cuda_unit, io_names, metal_unit
 
 HERE = Path(__file__).resolve().parent
 _BF16 = "bfloat16"
@@ -28,14 +30,15 @@ def cxx() -> str | None:
     return None
 
 
-def compile_unit(src: str, out: Path, syntax_only: bool = False, opt: str = "-O1") -> None:
+def compile_unit(src: str, out: Path, syntax_only: bool = False, opt="-O1") -> None:
     cc = cxx()
     if cc is None:
         raise RuntimeError("no C++ compiler")
     src_path = out.with_suffix(".cpp")
     src_path.write_text(src)
     cmd = [cc, "-std=c++20", "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{HERE}"]
-    cmd += ["-fsyntax-only", str(src_path)] if syntax_only else [opt, "-pthread", str(src_path), "-o", str(out)]
+    opts = [opt] if isinstance(opt, str) else list(opt)
+    cmd += ["-fsyntax-only", str(src_path)] if syntax_only else [*opts, "-pthread", str(src_path), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr[-6000:]}")
@@ -54,11 +57,11 @@ def _cache_dir() -> Path:
     return d
 
 
-def _build(src: str, exe: Path) -> None:
+def _build(src: str, exe: Path, opt=("-O1",)) -> None:
     """Compile to a private temp name, then rename: two test runs never see a half-written file."""
     tmp = exe.with_name(f".{exe.name}.{os.getpid()}.tmp")
     try:
-        compile_unit(src, tmp)
+        compile_unit(src, tmp, opt=opt)
         os.replace(tmp, exe)
     finally:
         for leftover in (tmp, tmp.with_suffix(".cpp")):
@@ -113,18 +116,44 @@ def run_metal(kind, template, inputs, in_dtypes, outputs, out_dtypes, grid, nt):
     """Emulate one dispatch. inputs: name -> array; outputs: name -> shape (filled with NaN
     first, so unwritten elements show). grid is in threadgroups. Returns name -> array."""
     src = metal_unit(kind, template, in_dtypes, out_dtypes, with_main=True)
-    key = hashlib.sha256((src + (HERE / "metal_stub.h").read_text()).encode()).hexdigest()[:16]
-    exe = _cache_dir() / f"{kind}_{key}"
+    return _run(src, "metal_stub.h", kind, io_names(kind, METAL), inputs, in_dtypes, outputs,
+                out_dtypes, [*grid, nt])
+
+
+def run_cuda(kind, template, inputs, in_dtypes, outputs, out_dtypes, grid, nt, smem_bytes):
+    """run_metal for the CUDA text (cuda_stub.h): grid in blocks, smem_bytes of dynamic shared
+    memory a block (what MLX's cuda_kernel is given as shared_memory)."""
+    src = cuda_unit(kind, template, in_dtypes, out_dtypes, with_main=True)
+    return _run(src, "cuda_stub.h", kind, io_names(kind, CUDA), inputs, in_dtypes, outputs,
+                out_dtypes, [*grid, nt, smem_bytes], opt=_CUDA_OPT)
+
+
+def run_cuda_body(label, header, body, template, inputs, in_dtypes, outputs, out_dtypes, grid, nt,
+                  smem_bytes):
+    """run_cuda for any kernel text (header, body): the inputs and outputs in dict order."""
+    src = cuda_emu_unit(header, body, list(inputs), list(outputs), template, in_dtypes, out_dtypes)
+    return _run(src, "cuda_stub.h", label, (list(inputs), list(outputs)), inputs, in_dtypes, outputs,
+                out_dtypes, [*grid, nt, smem_bytes], opt=_CUDA_OPT)
+
+
+# strict aliasing off: the CUDA text reinterprets registers and tiles as CUDA allows; misaligned
+# vector accesses (uint4, float2), which the GPU faults on and x86 forgives, stop the emulator
+_CUDA_OPT = ("-O1", "-fno-strict-aliasing", "-fsanitize=alignment", "-fno-sanitize-recover=alignment")
+
+
+def _run(src, stub, kind, names, inputs, in_dtypes, outputs, out_dtypes, args, opt=("-O1",)):
+    key = hashlib.sha256((src + (HERE / stub).read_text() + " ".join(opt)).encode()).hexdigest()[:16]
+    exe = _cache_dir() / f"{stub.split('_')[0]}_{kind}_{key}"
     if not exe.exists():
-        _build(src, exe)
-    in_names, out_names = io_names(kind, METAL)
+        _build(src, exe, opt)
+    in_names, out_names = names
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         for n in in_names:
             _write(d / f"{n}.bin", inputs[n], in_dtypes[n])
         for n in out_names:
             _write(d / f"{n}.bin", np.full(outputs[n], np.nan, np.float32), out_dtypes[n])
-        r = subprocess.run([str(exe), str(d), *map(str, grid), str(nt)], capture_output=True,
+        r = subprocess.run([str(exe), str(d), *map(str, args)], capture_output=True,
                            text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"emulated kernel failed ({r.returncode}): {r.stderr[-3000:]}")

@@ -86,13 +86,41 @@ def metal_unit(kind, template, in_dtypes, out_dtypes, with_main=False) -> str:
            f"template void kda_{kind}_kernel<{targs}>(" +
            ", ".join(p.rsplit(" ", 1)[0] for p in params) + ");"]
     if with_main:
-        src.append(_emu_main(kind, targs, inputs, outputs, in_dtypes, out_dtypes, body))
+        builtin_expr = {
+            "simdgroup_index_in_threadgroup": "sg",
+            "thread_index_in_simdgroup": "ln",
+            "thread_index_in_threadgroup": "tid",
+            "threadgroup_position_in_grid": "pos",
+            "threadgroups_per_grid": "ngrid",
+        }
+        args = _emu_args(inputs, outputs, in_dtypes, out_dtypes, body, METAL_TYPES, "a_{}.shape.data()")
+        args += [builtin_expr[a] for a, _ in _METAL_BUILTINS if a in body]
+        src.append(_emu_main(inputs, outputs, ["nt"], [
+            "  kda_emu::launch(gx, gy, gz, nt, [&](uint3 pos, uint3 ngrid, uint tid, uint sg, uint ln) {",
+            "    (void)pos; (void)ngrid; (void)tid; (void)sg; (void)ln;",
+            f"    kda_{kind}_kernel<{targs}>(" + ", ".join(args) + ");",
+            "  });"]))
     return "\n".join(src)
 
 
-def _emu_main(kind, targs, inputs, outputs, in_dtypes, out_dtypes, body) -> str:
-    """main(argv: dir gx gy gz nt): reads <dir>/<name>.bin (int32 ndim, int32 dims, data) for
-    each input and output, runs the grid, writes the outputs back (same layout)."""
+def _emu_args(inputs, outputs, in_dtypes, out_dtypes, body, types, shape_expr) -> list[str]:
+    """The kernel's arguments in the emulator's main(): the arrays read into a_<name>, and the
+    <name>_shape of those the body mentions."""
+    call = []
+    for n in inputs:
+        call.append(f"(const {types[in_dtypes[n]]}*)a_{n}.data.data()")
+        if f"{n}_shape" in body:
+            call.append(shape_expr.format(n))
+    for n in outputs:
+        call.append(f"({types[out_dtypes[n]]}*)a_{n}.data.data()")
+    return call
+
+
+def _emu_main(inputs, outputs, int_args, launch) -> str:
+    """main(argv: dir gx gy gz <int_args>) of an emulator: reads <dir>/<name>.bin (int32 ndim,
+    int32 dims, data) for each input and output, runs the `launch` lines, writes the outputs
+    back (same layout)."""
+    usage = " ".join(["dir gx gy gz", *int_args])
     lines = [r"""
 struct EmuArray { std::vector<int> shape; std::vector<char> data; };
 static EmuArray emu_read(const char* dir, const char* name) {
@@ -110,34 +138,14 @@ static void emu_write(const char* dir, const char* name, const EmuArray& a) {
   std::fwrite(&nd, 4, 1, fp); std::fwrite(a.shape.data(), 4, nd, fp);
   std::fwrite(a.data.data(), 1, a.data.size(), fp); std::fclose(fp);
 }
-int main(int argc, char** argv) {
-  if (argc != 6) { std::fprintf(stderr, "usage: dir gx gy gz nt\n"); return 1; }
-  const char* dir = argv[1];
-  const uint gx = std::atoi(argv[2]), gy = std::atoi(argv[3]), gz = std::atoi(argv[4]);
-  const int nt = std::atoi(argv[5]);"""]
+int main(int argc, char** argv) {""",
+             f'  if (argc != {5 + len(int_args)}) {{ std::fprintf(stderr, "usage: {usage}\\n"); return 1; }}',
+             r"""  const char* dir = argv[1];
+  const unsigned gx = std::atoi(argv[2]), gy = std::atoi(argv[3]), gz = std::atoi(argv[4]);"""]
+    lines += [f"  const long {a} = std::atol(argv[{5 + i}]);" for i, a in enumerate(int_args)]
     for n in inputs + outputs:
         lines.append(f'  EmuArray a_{n} = emu_read(dir, "{n}");')
-    call = []
-    for n in inputs:
-        t = METAL_TYPES[in_dtypes[n]]
-        call.append(f"(const {t}*)a_{n}.data.data()")
-        if f"{n}_shape" in body:
-            call.append(f"a_{n}.shape.data()")
-    for n in outputs:
-        t = METAL_TYPES[out_dtypes[n]]
-        call.append(f"({t}*)a_{n}.data.data()")
-    builtin_expr = {
-        "simdgroup_index_in_threadgroup": "sg",
-        "thread_index_in_simdgroup": "ln",
-        "thread_index_in_threadgroup": "tid",
-        "threadgroup_position_in_grid": "pos",
-        "threadgroups_per_grid": "ngrid",
-    }
-    call += [builtin_expr[a] for a, _ in _METAL_BUILTINS if a in body]
-    lines.append("  kda_emu::launch(gx, gy, gz, nt, [&](uint3 pos, uint3 ngrid, uint tid, uint sg, uint ln) {")
-    lines.append("    (void)pos; (void)ngrid; (void)tid; (void)sg; (void)ln;")
-    lines.append(f"    kda_{kind}_kernel<{targs}>(" + ", ".join(call) + ");")
-    lines.append("  });")
+    lines += launch
     for n in outputs:
         lines.append(f'  emu_write(dir, "{n}", a_{n});')
     lines.append("  return 0;\n}")
@@ -156,11 +164,23 @@ struct Shape { int32_t v[MAX_NDIM]; __device__ int32_t operator[](int i) const {
 """
 
 
-def cuda_unit(kind, template, in_dtypes, out_dtypes, name="kda_kernel", prof=False) -> str:
-    """CUDA source laid out as MLX's cuda_kernel builds it (for nvcc -arch=sm_90)."""
+def cuda_unit(kind, template, in_dtypes, out_dtypes, name="kda_kernel", prof=False,
+              with_main=False) -> str:
+    """CUDA source laid out as MLX's cuda_kernel builds it (for nvcc -arch=sm_90), or with
+    with_main the CPU emulator of it (cuda_emu_unit)."""
     header, body = render(CUDA, kind, prof)
     inputs, outputs = io_names(kind, CUDA, prof)
+    if with_main:
+        return cuda_emu_unit(header, body, inputs, outputs, template, in_dtypes, out_dtypes, name)
     params = _params(body, inputs, in_dtypes, outputs, out_dtypes, CUDA_TYPES, CUDA)
+    return "\n".join([CUDA_SHIM, header, "namespace mlx::core::cu {",
+                      "namespace cg = cooperative_groups;",
+                      f'extern "C" __global__ void {name}(\n    ' + ",\n    ".join(params) + ") {",
+                      *_cuda_consts(template), body, "}", "}  // namespace mlx::core::cu"])
+
+
+def _cuda_consts(template) -> list[str]:
+    """MLX's CUDA wrapper: template arguments become constants at the top of the kernel."""
     consts = []
     for n, v in template:
         if isinstance(v, bool):
@@ -169,7 +189,29 @@ def cuda_unit(kind, template, in_dtypes, out_dtypes, name="kda_kernel", prof=Fal
             consts.append(f"  constexpr int {n} = {v};")
         else:
             consts.append(f"  using {n} = {CUDA_TYPES[v]};")
-    return "\n".join([CUDA_SHIM, header, "namespace mlx::core::cu {",
-                      "namespace cg = cooperative_groups;",
-                      f'extern "C" __global__ void {name}(\n    ' + ",\n    ".join(params) + ") {",
-                      *consts, body, "}", "}  // namespace mlx::core::cu"])
+    return consts
+
+
+def cuda_emu_unit(header, body, inputs, outputs, template, in_dtypes, out_dtypes, name="kda_kernel") -> str:
+    """A CUDA kernel (header, body, MLX's wrapper) for g++ against cuda_stub.h, with a main()
+    that emulates one launch (argv: dir gx gy gz nt smem_bytes; the grid in blocks)."""
+    # __shared__ is empty in the stub (it also follows `extern`): SHARED_ARR is redefined below,
+    # and any other use would silently be a per-thread array
+    rest = (header + body).replace("extern __shared__", "").replace("SHARED_ARR(T, name, N) __shared__", "")
+    if "__shared__" in rest:
+        raise ValueError("cuda_emu_unit: a __shared__ array outside SHARED_ARR; teach cuda_stub.h about it")
+    params = _params(body, inputs, in_dtypes, outputs, out_dtypes, CUDA_TYPES, CUDA)
+    args = _emu_args(inputs, outputs, in_dtypes, out_dtypes, body, CUDA_TYPES, "kda_emu_shape(a_{}.shape)")
+    return "\n".join([
+        '#include "cuda_stub.h"', header,
+        "#undef SHARED_ARR",
+        "#define SHARED_ARR(T, name, N) KDA_CUDA_SHARED_ARR(T, name, N)",
+        f"__global__ void {name}(\n    " + ",\n    ".join(params) + ") {",
+        *_cuda_consts(template), body, "}",
+        "static Shape kda_emu_shape(const std::vector<int>& s) {",
+        "  Shape r{}; for (size_t i = 0; i < s.size() && i < MAX_NDIM; ++i) r.v[i] = s[i]; return r;",
+        "}",
+        _emu_main(inputs, outputs, ["nt", "smem_bytes"], [
+            "  kda_cuda::launch(dim3{gx, gy, gz}, (int)nt, (size_t)smem_bytes, [&]() {",
+            f"    {name}(" + ", ".join(args) + ");",
+            "  });"])])

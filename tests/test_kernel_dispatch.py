@@ -9,8 +9,8 @@ import metal_kernels
 from helpers import MODELS, golden, max_abs
 from kimi_mlx import load_model
 from kimi_mlx.ops import kda as kda_ops
-from metal_kernels.dialect import METAL
-from metal_kernels.emulate import cxx, run_metal
+from metal_kernels.dialect import DIALECTS
+from metal_kernels.emulate import cxx, run_cuda, run_metal
 from metal_kernels.sources import io_names
 
 _NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32",
@@ -18,23 +18,25 @@ _NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16",
 
 
 class _EmulatedKernel:
-    """Stands in for mx.fast.metal_kernel: same call, runs the Metal source on the CPU."""
+    """Stands in for mx.fast.metal_kernel (be "metal") or mx.fast.cuda_kernel (be "cuda", with
+    its shared_memory bytes): same call, runs that rendering of the kernel on the CPU."""
 
-    def __init__(self, kind, log):
-        self.kind, self.log = kind, log
+    def __init__(self, kind, log, be="metal", shared_memory=0):
+        self.kind, self.log, self.be, self.shared_memory = kind, log, be, shared_memory
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  init_value=None):
-        ins, outs = io_names(self.kind, METAL)
+        ins, outs = io_names(self.kind, DIALECTS[self.be])
         tmpl = [(n, _NAMES[v] if isinstance(v, mx.Dtype) else v) for n, v in template]
         self.log.append((self.kind, dict(tmpl)))
-        res = run_metal(
+        args = (
             self.kind, tmpl,
             {n: np.array(a if a.dtype in (mx.int32, mx.uint32) else a.astype(mx.float32)) for n, a in zip(ins, inputs)},
             {n: _NAMES[a.dtype] for n, a in zip(ins, inputs)},
             dict(zip(outs, output_shapes)),
             {n: _NAMES[d] for n, d in zip(outs, output_dtypes)},
             (grid[0] // threadgroup[0], grid[1], grid[2]), threadgroup[0])
+        res = run_cuda(*args, self.shared_memory) if self.be == "cuda" else run_metal(*args)
         return [mx.array(res[n]).astype(d) for n, d in zip(outs, output_dtypes)]
 
 
