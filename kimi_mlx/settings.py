@@ -46,6 +46,7 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_MLA_PREFILL_RW": ("2 CUDA where it fits, else 1", "MLA prefill kernel: 16-row query tiles a warp (1 or 2: each key fragment used twice)"),
     "KIMI_MLX_MLA_TGS": ("132 per fitting threadgroup CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
     "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32 or 64)"),
+    "KIMI_MLX_MLA_DECODE_GROUPS": ("1", "MLA decode kernel: warp groups a threadgroup, each on its own split (1, or 2 on CUDA)"),
 }
 
 

@@ -64,8 +64,9 @@ def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_
     if kind.startswith("mla_"):
         header, body = _sources.render(d, kind)
         if be == "cuda" and max_threads:  # a register cap: MLX writes the signature
+            blocks = 2 if max_threads <= 256 else 1  # two blocks of 256, or one larger
             header += ("#undef __global__\n"
-                       f"#define __global__ __location__(global) __launch_bounds__({max_threads}, 2)\n")
+                       f"#define __global__ __location__(global) __launch_bounds__({max_threads}, {blocks})\n")
         ins, outs = _sources.io_names(kind, d)
         name_kind = kind
     else:

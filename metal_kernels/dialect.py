@@ -7,7 +7,10 @@ The KDA kernels (kda_template.py) are written once against the names defined her
   TH                  reference qualifier for per-thread objects
   BARRIER()           threadgroup / block barrier (orders tile memory too)
   WARP_SYNC()         simdgroup / warp barrier
-  EXPF LOGF LOG1PF RSQRTF   fp32 maths
+  GROUP_BARRIER(id, n) barrier of the n threads of warp group id (CUDA bar.sync; NAMED_BARRIERS is 1
+                      there). Metal has none: it is the threadgroup barrier, for one group only
+  WARP_ALL(p)         true on every lane when p holds on all 32
+  EXPF EXP2F LOGF LOG1PF RSQRTF   fp32 maths
   SHFL_XOR(x, m)      lane exchange inside a simdgroup / warp of 32
   WARP_SUM(x)         sum over the 32 lanes
   PRAGMA_UNROLL       full unroll of a constant-trip loop (PRAGMA_UNROLL2: by two)
@@ -59,7 +62,11 @@ using namespace metal;
 #define TH thread
 #define BARRIER() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
 #define WARP_SYNC() simdgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
+#define NAMED_BARRIERS 0
+#define GROUP_BARRIER(id, n) BARRIER()
+#define WARP_ALL(p) simd_all(p)
 #define EXPF(x) metal::exp(x)
+#define EXP2F(x) metal::exp2(x)
 #define LOGF(x) metal::log(x)
 #define LOG1PF(x) metal::log(1.0f + (x))
 #define RSQRTF(x) metal::rsqrt(x)
@@ -208,7 +215,25 @@ CUDA_HEADER = _COMMON_PREC + r"""
 #define TH
 #define BARRIER() __syncthreads()
 #define WARP_SYNC() __syncwarp()
+#define NAMED_BARRIERS 1
+#ifdef KDA_CUDA_STUB
+DFN void kda_bar_sync(int id, int n) { kda_cuda::bar_sync(id, n); }
+#else
+DFN void kda_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+#endif
+#define GROUP_BARRIER(id, n) kda_bar_sync((id), (n))
+#define WARP_ALL(p) __all_sync(0xffffffffu, (p))
 #define EXPF(x) __expf(x)
+#ifdef KDA_CUDA_STUB
+DFN float kda_ex2(float x) { return kda_cuda::ex2_approx_ftz(x); }
+#else
+DFN float kda_ex2(float x) {  // 2^x in one MUFU op (what __expf uses after its multiply)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
+#define EXP2F(x) kda_ex2(x)
 #define LOGF(x) __logf(x)
 #define LOG1PF(x) log1pf(x)
 #define RSQRTF(x) rsqrtf(x)

@@ -113,6 +113,7 @@ inline void atomic_store_explicit(atomic_int* p, int x, memory_order) { __atomic
 inline void atomic_thread_fence(mem_flags, memory_order, thread_scope) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 inline float exp(float x) { return std::exp(x); }
+inline float exp2(float x) { return std::exp2(x); }
 inline float log(float x) { return std::log(x); }
 inline float sqrt(float x) { return std::sqrt(x); }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
@@ -137,6 +138,16 @@ inline float simd_shuffle_xor(float x, ushort m) {
   c.slots[c.lane] = x;
   c.sg->arrive_and_wait();
   const float r = c.slots[c.lane ^ m];
+  c.sg->arrive_and_wait();
+  return r;
+}
+
+inline bool simd_all(bool p) {
+  auto& c = kda_emu::ctx;
+  c.slots[c.lane] = p ? 1.0f : 0.0f;
+  c.sg->arrive_and_wait();
+  bool r = true;
+  for (int i = 0; i < 32 && r; ++i) r = c.slots[i] != 0.0f;
   c.sg->arrive_and_wait();
   return r;
 }

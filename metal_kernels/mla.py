@@ -109,6 +109,13 @@ def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
     return 64 if be == "cuda" and two and smem_bytes(2, 64) <= _CUDA_SMEM_LIMIT else 32
 
 
+def _decode_groups(be: str) -> int:
+    """Warp groups of a decode threadgroup: KIMI_MLX_MLA_DECODE_GROUPS (2 on CUDA only: named
+    barriers), else 1."""
+    g = _choice("KIMI_MLX_MLA_DECODE_GROUPS", (1, 2)) or 1
+    return g if be == "cuda" else 1
+
+
 def _prefill_rw(be: str, smem_bytes) -> int:
     """16-row query tiles a prefill warp: KIMI_MLX_MLA_PREFILL_RW, else 2 on CUDA where the tiles
     fit (bf16; H100, full causal 32K / 128K: 221 / 234 TFLOP/s against 179 / 184 with 1), else 1."""
@@ -160,19 +167,22 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
     most = 1 if q8 or st != dt else 2
-    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b)  # noqa: E731
+    g = _decode_groups(be)
+    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g)  # noqa: E731
     bk = _decode_bk(be, most, smem_bytes)
     nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
-    smem = decode_smem_floats(D, st.size, nbuf, bk)
+    smem = decode_smem_floats(D, st.size, nbuf, bk, g)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
-    nt = 32 * _DECODE_NW
-    # a register cap for two threadgroups a multiprocessor, only where their tiles fit beside each other
-    two = be == "cuda" and 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM
+    nt = 32 * _DECODE_NW * g
+    # a register cap for two threadgroups a multiprocessor, only where their tiles fit beside each
+    # other; a group pair is capped at one (512 threads: 128 registers)
+    two = be == "cuda" and g == 1 and 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM
     row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
+    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two or g == 2 else 1)
     ns = -(-n // kps)
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
+    ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two or g > 1 else 0)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
     dtypes = [mx.float32, mx.float32]
     if be == "metal":
@@ -181,8 +191,8 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     outs = kern(
         inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
-                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
-        grid=(nt * ns, -(-M // 32), B),
+                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem)],
+        grid=(nt * (ns // g), -(-M // 32), B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,
         output_dtypes=dtypes,
@@ -204,10 +214,12 @@ def mla_combine(parts, dtype):
     B, NS, M, DV = o.shape
     if NS > MAX_SPLITS:
         return None
-    ntc = 128
+    if DV % 4:
+        return None
+    ntc, cw = 256, 64
     kern = _kernel(be, "mla_combine")
-    return kern(inputs=[o, lse], template=[("T", dtype), ("DV", DV), ("NTC", ntc)],
-                grid=(ntc * -(-DV // ntc), M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
+    return kern(inputs=[o, lse], template=[("T", dtype), ("DV", DV), ("NTC", ntc), ("CW", cw)],
+                grid=(ntc * -(-DV // cw), M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
                 output_dtypes=[dtype], init_value=None)[0]
 
 
@@ -254,7 +266,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
         template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
                   ("DL", D - d_rope), ("D", D), ("NW", nw), ("RW", rw), ("HAS_INIT", has_init), ("QREG", qreg),
                   ("NBUF", nbuf), ("SMEM_FLOATS", smem)],
-        grid=(nt * nqb, H, B),
+        grid=(nt * H, nqb, B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,
         output_dtypes=dtypes,

@@ -111,32 +111,38 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 }
 """
 
-# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps, 8), BK
+# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps a group, 8), BK
 # (keys a tile: 32 or 64), Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
-# tiles: 2 streams the next one in with async copies; plain rows only).
+# tiles: 2 streams the next one in with async copies; plain rows only), G (warp groups: each works
+# on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
+# barriers, CUDA only).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
-# Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal).
-# Grid: (NS * 32 * NW, ceil(M / 32), B); query row r is token r / H, head r % H.
+# Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
+# Grid: (NS / G * 32 * NW * G, ceil(M / 32), B); query row r is token r / H, head r % H.
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int BM = 32, NT = 32 * NW, KPT = BK / 8;  // KPT: keys a thread in the softmax
   constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
   constexpr int NPAIR = (DV / 8 + 1) / 2, NACC = 2 * ((NPAIR + NW / 2 - 1) / (NW / 2));  // tiles a warp
   static_assert(NW == 8 && (BK == 32 || BK == 64) && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
+  static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
+  // the group's own thread and warp, as if it were the whole threadgroup
+  const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
+#define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
-  DEVP float* sKb = smem + mla_floats<ST>(BM * LDQ);  // NBUF key tiles
   const int KF = mla_floats<ST>(BK * LDK);
+  DEVP float* sKb = smem + mla_floats<ST>(BM * LDQ) + grp * (NBUF * KF + BM * LDS + mla_floats<ST>(BM * LDP) + 3 * BM);
   DEVP float* sS = sKb + NBUF * KF;
   DEVP ST* sP = TILE_PTR(ST, sS, BM * LDS);
   DEVP float* sStat = sS + BM * LDS + mla_floats<ST>(BM * LDP);  // m, l, corr per row
 
   const int n = info[0], key_start = info[1], q_offset = info[2], Hq = info[3], kps = info[4];
   const int M = (int)q_shape[1];
-  const int NS = (int)threadgroups_per_grid_x_(_gx);
-  const int split = _gx, r0 = _gy * BM, bb = _gz;
+  const int NS = (int)threadgroups_per_grid_x_(_gx) * G;
+  const int split = _gx * G + grp, r0 = _gy * BM, bb = _gz;
   const float scale = info_f[0];
   const long rbase = (long)bb * (long)rows_cap_(rows_shape, wq_shape);
   const int k_lo = split * kps;
@@ -144,35 +150,36 @@ DECODE_BODY = r"""
   const int r_last = min(M, r0 + BM) - 1;
   k_hi = min(k_hi, q_offset + r_last / Hq - key_start + 1);  // causal: nothing past the last row
 
-  for (int i = _tid; i < BM * (D / 8); i += NT) {
+  for (int i = _tid; i < BM * (D / 8); i += G * NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
     mla_tile8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + r0 + r) * D + d, r0 + r < M);
   }
-  if (_tid < BM) {
-    sStat[_tid] = MLA_NEG_INF;
-    sStat[BM + _tid] = 0.0f;
+  if (gt < BM) {
+    sStat[gt] = MLA_NEG_INF;
+    sStat[BM + gt] = 0.0f;
   }
+  if (G > 1) BARRIER();  // the query tile is every group's (the loop's barriers are per group)
   FragC acc[NACC];
   PRAGMA_UNROLL
   for (int j = 0; j < NACC; ++j) frag_zero(acc[j]);
-  const int wrb = _warp & 1;  // the 16-row block of this warp's output tiles
+  const int wrb = gw & 1;  // the 16-row block of this warp's output tiles
   // its accumulator j holds column tile MLA_CT(j): adjacent pairs, so one load brings both B fragments
-#define MLA_CT(j) (2 * ((_warp >> 1) + (NW / 2) * ((j) >> 1)) + ((j) & 1))
+#define MLA_CT(j) (2 * ((gw >> 1) + (NW / 2) * ((j) >> 1)) + ((j) & 1))
 
   if (NBUF > 1 && k_lo < k_hi) {
-    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, _tid);
+    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
     ASYNC_COMMIT();
   }
   for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
     if (NBUF > 1) {  // the next tile streams in during this one's math
       if (k0 + BK < k_hi)
-        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, _tid);
+        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
       ASYNC_COMMIT();
       ASYNC_WAIT1();
     } else if (Q8) {
-      BARRIER();
-      for (int i = _tid; i < BK * (D / 8); i += NT) {
+      MLA_GBAR();
+      for (int i = gt; i < BK * (D / 8); i += NT) {
         const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
         float x[8];
         if (k0 + kr < k_hi) {
@@ -184,18 +191,18 @@ DECODE_BODY = r"""
         st8<ST>(sK + kr * LDK + d, x);
       }
     } else {  // every load of the tile in flight before the first store
-      BARRIER();
+      MLA_GBAR();
       constexpr int NLD = (BK * (D / 8) + NT - 1) / NT;
       Raw8<T> raw[NLD];
       PRAGMA_UNROLL
       for (int j = 0; j < NLD; ++j) {
-        const int i = _tid + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
+        const int i = gt + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
         if (i < BK * (D / 8) && k0 + kr < k_hi) ld8(raw[j], rows + (rbase + k0 + kr) * DQ + d);
         else zero8(raw[j]);
       }
       PRAGMA_UNROLL
       for (int j = 0; j < NLD; ++j) {
-        const int i = _tid + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
+        const int i = gt + j * NT, kr = i / (D / 8), d = (i % (D / 8)) * 8;
         if (i < BK * (D / 8)) {
           float x[8];
           PRAGMA_UNROLL
@@ -204,7 +211,7 @@ DECODE_BODY = r"""
         }
       }
     }
-    BARRIER();
+    MLA_GBAR();
     {  // S = Q K^T: warp w takes the 16x8 tiles (w & 1, (w >> 1) + 4i), each in SACC independent sums
       constexpr int NST = BK / 32, SACC = 4 / NST, NKS = D / KSTEP(PR);
       FragC s[NST][SACC];
@@ -213,7 +220,7 @@ DECODE_BODY = r"""
         PRAGMA_UNROLL
         for (int i = 0; i < SACC; ++i) frag_zero(s[t][i]);
       }
-      const int m0 = 16 * (_warp & 1);
+      const int m0 = 16 * (gw & 1);
       PRAGMA_UNROLL
       for (int ks = 0; ks < NKS; ++ks) {
         FragA<PR> a;
@@ -221,7 +228,7 @@ DECODE_BODY = r"""
         PRAGMA_UNROLL
         for (int t = 0; t < NST; ++t) {
           FragB<PR> b;
-          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * ((_warp >> 1) + 4 * t));
+          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * ((gw >> 1) + 4 * t));
           frag_mma(s[t][ks % SACC], a, b);
         }
       }
@@ -234,12 +241,12 @@ DECODE_BODY = r"""
           for (int i = 0; i < SACC; ++i) v += frag_get(s[t][i], e);
           frag_set(s[t][0], e, v);
         }
-        frag_store_c(s[t][0], sS, LDS, m0, 8 * ((_warp >> 1) + 4 * t));
+        frag_store_c(s[t][0], sS, LDS, m0, 8 * ((gw >> 1) + 4 * t));
       }
     }
-    BARRIER();
+    MLA_GBAR();
     {  // online softmax: 8 threads a row, KPT keys each
-      const int r = _tid >> 3, c0 = (_tid & 7) * KPT;
+      const int r = gt >> 3, c0 = (gt & 7) * KPT;
       const int row = r0 + r;
       const int lim = row < M ? q_offset + row / Hq - key_start : -1;  // last visible key
       float sv[KPT];
@@ -269,14 +276,14 @@ DECODE_BODY = r"""
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
       WARP_SYNC();
-      if ((_tid & 7) == 0) {
+      if ((gt & 7) == 0) {
         const float corr = EXPF(m_old - m_use);
         sStat[r] = m_new;
         sStat[BM + r] = sStat[BM + r] * corr + sum;
         sStat[2 * BM + r] = corr;
       }
     }
-    BARRIER();
+    MLA_GBAR();
     {  // O = corr * O + P V: warp w owns column-tile pairs (w >> 1) + 4p of row block w & 1
       const int rl = 16 * wrb + frag_row(_lane);
       const float c_lo = sStat[2 * BM + rl], c_hi = sStat[2 * BM + rl + 8];
@@ -301,9 +308,9 @@ DECODE_BODY = r"""
         }
       }
     }
-    if (NBUF > 1) BARRIER();  // every warp is done with this tile before the next iteration refills it
+    if (NBUF > 1) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
   }
-  BARRIER();
+  MLA_GBAR();
   const long obase = ((long)bb * NS + split) * M;
   {
     const int rl = 16 * wrb + frag_row(_lane);
@@ -323,22 +330,29 @@ DECODE_BODY = r"""
       }
     }
   }
-  if (_tid < BM && r0 + _tid < M) {
-    const float l = sStat[BM + _tid];
-    lse_part[obase + r0 + _tid] = l > 0.0f ? sStat[_tid] + LOGF(l) : MLA_NEG_INF;
+  if (gt < BM && r0 + gt < M) {
+    const float l = sStat[BM + gt];
+    lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] + LOGF(l) : MLA_NEG_INF;
   }
+#undef MLA_GBAR
+#undef MLA_CT
 """
 
-# Template: T (output dtype), DV, NTC (threads, a multiple of 32). Inputs: o_part [B, NS, M, DV]
+# Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a
+# threadgroup, a multiple of 4). Inputs: o_part [B, NS, M, DV]
 # fp32, lse_part [B, NS, M] fp32 (NS <= MLA_MAX_SPLITS). Output: o [B, M, DV] (T).
-# Grid: (NTC * ceil(DV / NTC), M, B): a threadgroup takes NTC columns of one row.
+# Grid: (NTC * ceil(DV / CW), M, B): a threadgroup takes CW columns of one row; its threads split
+# both the columns (4 each) and the splits (NTC / (CW / 4) groups), so that many loads are in flight.
 COMBINE_BODY = r"""
 /*@PROLOGUE@*/
-  constexpr int MAXS = MLA_MAX_SPLITS;
+  constexpr int MAXS = MLA_MAX_SPLITS, CPT = 4, LPS = CW / CPT, SG = NTC / LPS, U = 4;
+  static_assert(CW % CPT == 0 && NTC % LPS == 0 && NTC % 32 == 0 && DV % CPT == 0, "mla combine shape");
   SHARED_ARR(float, sw, MAXS);
   SHARED_ARR(float, sred, NTC / 32);
+  SHARED_ARR(float, sden, NTC / 32);
+  SHARED_ARR(float, sacc, SG * CW);
   const int NS = (int)lse_part_shape[1], M = (int)lse_part_shape[2];
-  const int row = _gy, bb = _gz, c = _gx * NTC + _tid;
+  const int row = _gy, bb = _gz, c0 = _gx * CW;
   const long lbase = (long)bb * NS * M + row;
   float mx = MLA_NEG_INF;
   for (int s = _tid; s < NS; s += NTC) mx = max(mx, lse_part[lbase + (long)s * M]);
@@ -352,24 +366,46 @@ COMBINE_BODY = r"""
   mx = sred[0];
   for (int w = 1; w < NTC / 32; ++w) mx = max(mx, sred[w]);
   const float m_use = mx == MLA_NEG_INF ? 0.0f : mx;
-  for (int s = _tid; s < NS; s += NTC) sw[s] = EXPF(lse_part[lbase + (long)s * M] - m_use);
+  float den = 0.0f;
+  for (int s = _tid; s < NS; s += NTC) {
+    const float w = EXPF(lse_part[lbase + (long)s * M] - m_use);
+    sw[s] = w;
+    den += w;
+  }
+  den = WARP_SUM(den);
+  if (_lane == 0) sden[_warp] = den;
   BARRIER();
+  den = 0.0f;
+  for (int w = 0; w < NTC / 32; ++w) den += sden[w];
+  const int sg = _tid / LPS, cl = (_tid % LPS) * CPT, c = c0 + cl;
+  float acc[CPT];
+  PRAGMA_UNROLL
+  for (int i = 0; i < CPT; ++i) acc[i] = 0.0f;
   if (c < DV) {
-    float den = 0.0f, acc = 0.0f;
     const long obase = ((long)bb * NS * M + row) * DV + c;
-    for (int s0 = 0; s0 < NS; s0 += 8) {  // 8 independent loads in flight, not one split at a time
-      float v[8];
+    for (int s0 = sg; s0 < NS; s0 += U * SG) {  // U splits' loads in flight before the sums
+      float v[U][CPT], w[U];
       PRAGMA_UNROLL
-      for (int i = 0; i < 8; ++i) v[i] = s0 + i < NS && sw[s0 + i] > 0.0f ? o_part[obase + (long)(s0 + i) * M * DV] : 0.0f;
+      for (int u = 0; u < U; ++u) {
+        const int s = s0 + u * SG;
+        w[u] = s < NS ? sw[s] : 0.0f;
+        PRAGMA_UNROLL
+        for (int i = 0; i < CPT; ++i) v[u][i] = w[u] > 0.0f ? o_part[obase + (long)s * M * DV + i] : 0.0f;
+      }
       PRAGMA_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        if (s0 + i < NS) {
-          den += sw[s0 + i];
-          acc += sw[s0 + i] * v[i];
-        }
+      for (int u = 0; u < U; ++u) {
+        PRAGMA_UNROLL
+        for (int i = 0; i < CPT; ++i) acc[i] += w[u] * v[u][i];
       }
     }
-    o[((long)bb * M + row) * DV + c] = static_cast<T>(den > 0.0f ? acc / den : 0.0f);
+  }
+  PRAGMA_UNROLL
+  for (int i = 0; i < CPT; ++i) sacc[sg * CW + cl + i] = acc[i];
+  BARRIER();
+  if (_tid < CW && c0 + _tid < DV) {
+    float t = 0.0f;
+    for (int g = 0; g < SG; ++g) t += sacc[g * CW + _tid];
+    o[((long)bb * M + row) * DV + c0 + _tid] = static_cast<T>(den > 0.0f ? t / den : 0.0f);
   }
 """
 
@@ -381,7 +417,8 @@ COMBINE_BODY = r"""
 # rows [B, n, D] (T); o_in [B, Tq, H, DV] fp32, lse_in [B, H, Tq] fp32 (dummies unless HAS_INIT);
 # info int32 [n, key_start, q_offset]; info_f [scale].
 # Outputs: o [B, Tq, H, DV] fp32 (normalised), lse [B, H, Tq] fp32 (+ scratch on Metal).
-# Grid: (ceil(Tq / BQ) * 32 * NW, H, B), BQ = 16 * RW * NW.
+# Grid: (H * 32 * NW, ceil(Tq / BQ), B), BQ = 16 * RW * NW. Heads vary fastest and the query blocks
+# run last to first: the causal blocks with the most keys start first, the short ones fill the tail.
 PREFILL_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int DK = NOPE + DR, BQ = 16 * RW * NW, BKN = 64, NT = 32 * NW;
@@ -396,10 +433,11 @@ PREFILL_BODY = r"""
   DEVP float* sKV = smem + mla_floats<ST>(BQ * LDQ);
 
   const int n = info[0], key_start = info[1], q_offset = info[2];
-  const float scale = info_f[0];
+  const float scale = info_f[0], sl2 = scale * 1.4426950408889634f;  // scores to log2 units
   const int Tq = (int)q_shape[1], Hn = (int)q_shape[2];
-  const int q0 = _gx * BQ, h = _gy, bb = _gz;
+  const int q0 = ((Tq + BQ - 1) / BQ - 1 - _gy) * BQ, h = _gx, bb = _gz;
   const int rw = q0 + 16 * RW * _warp;  // first query row of this warp
+  const int lim_w = q_offset + rw - key_start;  // the last key every row of the warp sees
   // row tile i of the warp: rows r_lo[i] and r_hi[i] = r_lo[i] + 8 of this lane, their last visible key
   int r_lo[RW], r_hi[RW], lim_lo[RW], lim_hi[RW];
   PRAGMA_UNROLL
@@ -428,8 +466,9 @@ PREFILL_BODY = r"""
           frag_set(acc[i][j], e, r < Tq ? o_in[(((long)bb * Tq + r) * Hn + h) * DV + 8 * j + frag_col(_lane) + (e & 1)] : 0.0f);
         }
       }
-      m_lo[i] = r_lo[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_lo[i]] : MLA_NEG_INF;
-      m_hi[i] = r_hi[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_hi[i]] : MLA_NEG_INF;
+      // m is kept in raw score units (the scale goes into the exponent)
+      m_lo[i] = r_lo[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_lo[i]] / scale : MLA_NEG_INF;
+      m_hi[i] = r_hi[i] < Tq ? lse_in[((long)bb * Hn + h) * Tq + r_hi[i]] / scale : MLA_NEG_INF;
       l_lo[i] = l_hi[i] = frag_col(_lane) == 0 ? 1.0f : 0.0f;
     } else {
       PRAGMA_UNROLL
@@ -494,17 +533,21 @@ PREFILL_BODY = r"""
           }
         }
       }
+      // tiles below the diagonal and inside n need no mask (warp-uniform)
+      const bool masked = k0 + BKN > n || k0 + BKN - 1 > lim_w;
       PRAGMA_UNROLL
-      for (int i = 0; i < RW; ++i) {  // online softmax of row tile i
+      for (int i = 0; i < RW; ++i) {  // online softmax of row tile i, in raw scores (scale > 0)
         float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
         PRAGMA_UNROLL
         for (int j = 0; j < BKN / 8; ++j) {
           PRAGMA_UNROLL
           for (int e = 0; e < 4; ++e) {
-            const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
-            const int lim = (e >> 1) ? lim_hi[i] : lim_lo[i];
-            const float v = (k < n && k <= lim) ? frag_get(s[i][j], e) * scale : MLA_NEG_INF;
-            frag_set(s[i][j], e, v);
+            float v = frag_get(s[i][j], e);
+            if (masked) {
+              const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
+              v = (k < n && k <= ((e >> 1) ? lim_hi[i] : lim_lo[i])) ? v : MLA_NEG_INF;
+              frag_set(s[i][j], e, v);
+            }
             if (e >> 1) mx_hi = max(mx_hi, v); else mx_lo = max(mx_lo, v);
           }
         }
@@ -513,9 +556,9 @@ PREFILL_BODY = r"""
         mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_A));
         mx_hi = max(mx_hi, SHFL_XOR(mx_hi, ROW_XOR_B));
         const float mn_lo = max(m_lo[i], mx_lo), mn_hi = max(m_hi[i], mx_hi);
-        const float mu_lo = mn_lo == MLA_NEG_INF ? 0.0f : mn_lo;
-        const float mu_hi = mn_hi == MLA_NEG_INF ? 0.0f : mn_hi;
-        const float c_lo = EXPF(m_lo[i] - mu_lo), c_hi = EXPF(m_hi[i] - mu_hi);
+        const float mu_lo = mn_lo == MLA_NEG_INF ? 0.0f : mn_lo * sl2;
+        const float mu_hi = mn_hi == MLA_NEG_INF ? 0.0f : mn_hi * sl2;
+        const float c_lo = EXP2F(m_lo[i] * sl2 - mu_lo), c_hi = EXP2F(m_hi[i] * sl2 - mu_hi);
         m_lo[i] = mn_lo;
         m_hi[i] = mn_hi;
         float sum_lo = 0.0f, sum_hi = 0.0f;
@@ -523,15 +566,17 @@ PREFILL_BODY = r"""
         for (int j = 0; j < BKN / 8; ++j) {
           PRAGMA_UNROLL
           for (int e = 0; e < 4; ++e) {
-            const float p = EXPF(frag_get(s[i][j], e) - ((e >> 1) ? mu_hi : mu_lo));
+            const float p = EXP2F(frag_get(s[i][j], e) * sl2 - ((e >> 1) ? mu_hi : mu_lo));
             frag_set(s[i][j], e, p);
             if (e >> 1) sum_hi += p; else sum_lo += p;
           }
         }
         l_lo[i] = l_lo[i] * c_lo + sum_lo;
         l_hi[i] = l_hi[i] * c_hi + sum_hi;
-        PRAGMA_UNROLL
-        for (int j = 0; j < DV / 8; ++j) frag_scale2(acc[i][j], c_lo, c_hi);
+        if (!WARP_ALL(c_lo == 1.0f && c_hi == 1.0f)) {  // no row's maximum moved: nothing to rescale
+          PRAGMA_UNROLL
+          for (int j = 0; j < DV / 8; ++j) frag_scale2(acc[i][j], c_lo, c_hi);
+        }
       }
       PRAGMA_UNROLL
       for (int kk = 0; kk < BKN / KSTEP(PR); ++kk) {
@@ -578,8 +623,8 @@ PREFILL_BODY = r"""
       }
     }
     if (frag_col(_lane) == 0) {
-      if (r_lo[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_lo[i]] = ll > 0.0f ? m_lo[i] + LOGF(ll) : MLA_NEG_INF;
-      if (r_hi[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_hi[i]] = lh > 0.0f ? m_hi[i] + LOGF(lh) : MLA_NEG_INF;
+      if (r_lo[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_lo[i]] = ll > 0.0f ? m_lo[i] * scale + LOGF(ll) : MLA_NEG_INF;
+      if (r_hi[i] < Tq) lse[((long)bb * Hn + h) * Tq + r_hi[i]] = lh > 0.0f ? m_hi[i] * scale + LOGF(lh) : MLA_NEG_INF;
     }
   }
 """
@@ -608,11 +653,11 @@ def inputs(kind: str) -> list[str]:
 MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
-def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32) -> int:
+def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM, BK = 32, bk
-    return f(BM * (D + 8)) + nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM
+    return f(BM * (D + 8)) + groups * (nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM)
 
 
 def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:

@@ -57,6 +57,7 @@ def _ref_decode(q, c, scale, q_offset):
     (1, 8, 3, [50, 47, 3], None, 2),       # three queries (causal inside the chunk), 24 rows
     (2, 4, 1, [100, 29], 8, 3),            # 8-bit segments, dequantized in the kernel
     (1, 40, 1, [45], None, 1),             # 40 heads: two row blocks, the second part-empty
+    (1, 4, 1, [1300], None, 41),           # 41 splits: the combine's split groups, several rounds each
 ])
 # nbuf 2: the next key tile is loaded during this one's math; bk: keys a tile
 @pytest.mark.parametrize("nbuf,bk", [("1", "32"), ("2", "32"), ("2", "64")])
@@ -196,11 +197,11 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
         q8 = kind.endswith("q8")
         kind = "mla_decode"
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 64 if q8 else 32), ("Q8", q8),
-                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2)]
+                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2), ("G", 1 if q8 else 2)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
-        tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 128)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
+        tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 256), ("CW", 64)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
     else:
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("NOPE", 128), ("DR", 64), ("DV", 128), ("DL", 512),
                 ("D", 576), ("NW", 8), ("RW", 1), ("HAS_INIT", True), ("QREG", True), ("NBUF", 2)]
