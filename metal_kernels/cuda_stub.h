@@ -370,12 +370,16 @@ inline void ldmatrix(unsigned int* r, const void* p) {
   });
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, g = lane/4, t = lane%4: A regs
-// {(g,2t..) (g+8,2t..) (g,2t+8..) (g+8,2t+8..)}, B {(2t..,g) (2t+8..,g)}, C {(g,2t) (g,2t+1)
-// (g+8,2t) (g+8,2t+1)}; the low half of a register is the lower column (A) or row (B)
-inline float half_bf16(uint32_t reg, int k) { return bf2f((uint16_t)(k & 1 ? reg >> 16 : reg & 0xffffu)); }
-inline void mma_bf16_m16n8k16(float* c, const unsigned int* a, const unsigned int* b) {
-  collective(OP_MMA_BF16, [&](Slots s, int l) {
+// mma.sync m16n8kK, fp32 accumulate, g = lane/4, t = lane%4. A register r of lane l holds KP
+// operands (KP = 2 bf16, 1 tf32) of row g + 8 (r % 2), columns KP t.. + K/2 (r / 2); B registers
+// 4 and 5 hold rows KP t.. + K/2 (r - 4) of column g; C {(g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1)}.
+// bf16 (K 16): A {(g,2t..) (g+8,2t..) (g,2t+8..) (g+8,2t+8..)}, B {(2t..,g) (2t+8..,g)}, the low
+// half of a register the lower column (A) or row (B); tf32 (K 8): A {(g,t) (g+8,t) (g,t+4) (g+8,t+4)},
+// B {(t,g) (t+4,g)}. operand(reg, i) decodes operand i of a register.
+template <int K, int KP, typename Operand>
+inline void mma_m16n8(Op op, float* c, const unsigned int* a, const unsigned int* b, Operand operand) {
+  constexpr int KH = K / 2;
+  collective(op, [&](Slots s, int l) {
     for (int i = 0; i < 4; ++i) s.reg[l][i] = a[i];
     s.reg[l][4] = b[0];
     s.reg[l][5] = b[1];
@@ -383,9 +387,9 @@ inline void mma_bf16_m16n8k16(float* c, const unsigned int* a, const unsigned in
     for (int e = 0; e < 4; ++e) {
       const int row = l / 4 + 8 * (e >> 1), col = 2 * (l % 4) + (e & 1);
       double acc = 0.0;
-      for (int k = 0; k < 16; ++k) {
-        const float av = half_bf16(s.reg[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k);
-        const float bv = half_bf16(s.reg[4 * col + (k % 8) / 2][4 + k / 8], k);
+      for (int k = 0; k < K; ++k) {
+        const float av = operand(s.reg[4 * (row % 8) + (k % KH) / KP][row / 8 + 2 * (k / KH)], k % KP);
+        const float bv = operand(s.reg[4 * col + (k % KH) / KP][4 + k / KH], k % KP);
         acc += (double)av * (double)bv;
       }
       c[e] = (float)((double)c[e] + acc);
@@ -393,27 +397,13 @@ inline void mma_bf16_m16n8k16(float* c, const unsigned int* a, const unsigned in
     return 0;
   });
 }
-// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: A {(g,t) (g+8,t) (g,t+4) (g+8,t+4)},
-// B {(t,g) (t+4,g)}, C as above; the tensor cores read 19 bits of each operand
-inline float tf32_operand(uint32_t reg) { return u2f(reg & 0xffffe000u); }
+inline void mma_bf16_m16n8k16(float* c, const unsigned int* a, const unsigned int* b) {
+  mma_m16n8<16, 2>(OP_MMA_BF16, c, a, b,
+                   [](uint32_t reg, int i) { return bf2f((uint16_t)(i ? reg >> 16 : reg & 0xffffu)); });
+}
+// the tensor cores read 19 bits of each tf32 operand
 inline void mma_tf32_m16n8k8(float* c, const unsigned int* a, const unsigned int* b) {
-  collective(OP_MMA_TF32, [&](Slots s, int l) {
-    for (int i = 0; i < 4; ++i) s.reg[l][i] = a[i];
-    s.reg[l][4] = b[0];
-    s.reg[l][5] = b[1];
-  }, [&](Slots s, int l) {
-    for (int e = 0; e < 4; ++e) {
-      const int row = l / 4 + 8 * (e >> 1), col = 2 * (l % 4) + (e & 1);
-      double acc = 0.0;
-      for (int k = 0; k < 8; ++k) {
-        const float av = tf32_operand(s.reg[4 * (row % 8) + k % 4][row / 8 + 2 * (k / 4)]);
-        const float bv = tf32_operand(s.reg[4 * col + k % 4][4 + k / 4]);
-        acc += (double)av * (double)bv;
-      }
-      c[e] = (float)((double)c[e] + acc);
-    }
-    return 0;
-  });
+  mma_m16n8<8, 1>(OP_MMA_TF32, c, a, b, [](uint32_t reg, int) { return u2f(reg & 0xffffe000u); });
 }
 
 // cp.async.cg.shared.global 16 bytes (zeros when !valid). The copy lands at the

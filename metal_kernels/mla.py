@@ -175,14 +175,14 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nt = 32 * _DECODE_NW * g
-    # a register cap for two threadgroups a multiprocessor, only where their tiles fit beside each
-    # other; a group pair is capped at one (512 threads: 128 registers)
-    two = be == "cuda" and g == 1 and 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM
+    # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
+    # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
+    two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
     row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two or g == 2 else 1)
+    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
     ns = -(-n // kps)
     ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two or g > 1 else 0)
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
     dtypes = [mx.float32, mx.float32]
     if be == "metal":
@@ -212,9 +212,7 @@ def mla_combine(parts, dtype):
     o = mx.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
     lse = mx.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]
     B, NS, M, DV = o.shape
-    if NS > MAX_SPLITS:
-        return None
-    if DV % 4:
+    if NS > MAX_SPLITS or DV % 4:
         return None
     ntc, cw = 256, 64
     kern = _kernel(be, "mla_combine")

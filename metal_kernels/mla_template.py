@@ -119,7 +119,8 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
-# Grid: (NS / G * 32 * NW * G, ceil(M / 32), B); query row r is token r / H, head r % H.
+# Grid: (NS * 32 * NW, ceil(M / 32), B): NS / G threadgroups of G * 32 * NW threads; query row r is
+# token r / H, head r % H.
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int BM = 32, NT = 32 * NW, KPT = BK / 8;  // KPT: keys a thread in the softmax

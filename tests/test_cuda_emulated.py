@@ -12,18 +12,16 @@ import pytest
 
 import metal_kernels
 import test_mla_kernels as MT
-from helpers import MODELS, golden, max_abs
-from kimi_mlx import load_model
 from kimi_mlx.ops import attention as A
 from metal_kernels import mla as K
 from metal_kernels import sources
 from metal_kernels.dialect import CUDA, PREC_BF16, PREC_TF32, PREC_TF32X3
 from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_cuda_body
-from test_kernel_dispatch import _EmulatedKernel
+from test_kernel_dispatch import _EmulatedKernel, tiny_quant_through_kernels
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
 
-D, DL, DR, NOPE, DV = MT.D, MT.DL, MT.DR, MT.NOPE, MT.DV
+D, DL, DV = MT.D, MT.DL, MT.DV
 
 
 @pytest.fixture
@@ -64,18 +62,8 @@ def _rel(out, ref) -> float:
 @pytest.mark.parametrize("nbuf,bk,groups", [("1", "32", "1"), ("2", "32", "1"), ("2", "64", "1"), ("2", "64", "2")])
 @pytest.mark.parametrize("dt", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_mla_decode(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, groups, dt):
-    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BK", bk)
     monkeypatch.setenv("KIMI_MLX_MLA_DECODE_GROUPS", groups)
-    monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
-    monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
-    rng = np.random.default_rng(B * 100 + H + T)
-    S = sum(appends)
-    rows = mx.array(rng.standard_normal((B, S, D)).astype(np.float32)).astype(dt)
-    c = MT._cache(rows, appends, bits=bits)
-    q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32)).astype(dt)
-    out = A.mla_decode_attention(q, c, 0.3, DL)
-    ref = MT._ref_decode(q, c, 0.3, S - T)
+    out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, dt)
     decodes = [t for k, t in cuda_emu if k == "mla_decode"]
     assert decodes and [k for k, _ in cuda_emu if k != "mla_decode"] == ["mla_combine"]
     assert all(t["Q8"] == (bits == 8) and t["NBUF"] == (1 if t["Q8"] else int(nbuf)) and t["BK"] == int(bk)
@@ -101,30 +89,6 @@ def test_cuda_mla_combine(cuda_emu, splits):
     assert np.abs(np.array(out.astype(mx.float32)) - ref).max() < 1e-2 * np.abs(ref).max()
 
 
-def _prefill_case(monkeypatch, B, H, T, before, bits, block_keys, dt):
-    """(out, fp32 reference) of one expanded prefill chunk, as test_mla_kernels' prefill test,
-    with the cache and the queries in dt (the reference gets the same rounded values in fp32)."""
-    if block_keys:
-        monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * dt.size)
-        monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
-    rng = np.random.default_rng(T + 7 * B)
-    S0 = sum(before)
-    rows = mx.array(rng.standard_normal((B, S0 + T, D)).astype(np.float32)).astype(dt)
-    c = MT._cache(rows, [n for n in before if n] + [T], page_tokens=48, bits=bits)
-    q = mx.array(rng.standard_normal((B, T, H, NOPE + DR)).astype(np.float32)).astype(dt)
-    ex = MT._Expand(H, rng)
-
-    def split32(r):  # the kernel's kv (computed in dt), in fp32
-        kv = ex.kv(r.astype(dt)).astype(mx.float32).transpose(0, 2, 1, 3)
-        k_pe = mx.broadcast_to(r[:, None, :, DL:].astype(mx.float32), (r.shape[0], H, r.shape[1], DR))
-        return mx.concatenate([kv[..., :NOPE], k_pe], axis=-1), kv[..., NOPE:]
-
-    out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
-    blocks = [b.astype(mx.float32) for b in c.blocks()]
-    ref = A.expanded_attention(q.astype(mx.float32).transpose(0, 2, 1, 3), blocks, split32, 0.2, S0)
-    return out, ref.transpose(0, 2, 1, 3)
-
-
 @pytest.mark.parametrize("B,H,T,before,bits,block_keys",
                          _params_of(MT.test_kernel_mla_prefill_matches_reference, "B,H,T,before,bits,block_keys"))
 # nw 8 is the CUDA default (bf16 with rw 1 keeps the query fragments in registers, QREG);
@@ -135,7 +99,7 @@ def test_cuda_mla_prefill(cuda_emu, monkeypatch, B, H, T, before, bits, block_ke
     monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
     monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_RW", rw)
     monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_NW", nw)
-    out, ref = _prefill_case(monkeypatch, B, H, T, before, bits, block_keys, dt)
+    out, ref = MT.prefill_case(monkeypatch, B, H, T, before, bits, block_keys, dt)
     prefills = [t for k, t in cuda_emu if k == "mla_prefill"]
     assert prefills and all(p["NBUF"] == int(nbuf) and p["RW"] == int(rw) and p["NW"] == int(nw) for p in prefills)
     assert all(p["QREG"] == (dt == mx.bfloat16 and rw == "1") for p in prefills)
@@ -150,7 +114,7 @@ def test_cuda_mla_defaults(cuda_emu, monkeypatch):
     for var in ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_PREFILL_RW", "KIMI_MLX_MLA_TGS",
                 "KIMI_MLX_MLA_PREFILL_NW", "KIMI_MLX_MLA_DECODE_GROUPS"):
         monkeypatch.delenv(var, raising=False)
-    out, ref = _prefill_case(monkeypatch, 1, 2, 37, [20], None, None, mx.bfloat16)
+    out, ref = MT.prefill_case(monkeypatch, 1, 2, 37, [20], None, None, mx.bfloat16)
     assert _rel(out, ref) < 2e-2
     rng = np.random.default_rng(2)
     rows = mx.array(rng.standard_normal((1, 300, D)).astype(np.float32)).astype(mx.bfloat16)
@@ -245,21 +209,11 @@ def test_cuda_model_matches_oracle(cuda_emu, monkeypatch):
     """tiny_quant through the CUDA launch code and text: 65 tokens of prefill (KDA chunk scan with
     SPLIT, MLA expanded prefill), two decode steps, against the transformers oracle's logits."""
     monkeypatch.setattr("kimi_mlx.ops.attention._kernels_trusted", lambda kind, key: True)
-    model = load_model(MODELS / "tiny_quant")
-    g = golden("tiny_quant")
-    ids = mx.array(g["ids"][:1, :67])
-    cache = model.make_cache()
-    logits = model(ids[:, :65], cache=cache)
-    assert max_abs(logits[0], g["logits_65"]) < 1e-4
-    assert sorted({k for k, _ in cuda_emu}) == ["mla_prefill", "prefill"]
-    assert all(t["SPLIT"] for k, t in cuda_emu if k == "prefill")
-    cuda_emu.clear()
-    steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
-    assert sorted({k for k, _ in cuda_emu}) == ["decode", "mla_combine", "mla_decode"]
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
-    ref = model(ids[:, :67])[0]
-    for i, t in enumerate((65, 66)):
-        assert max_abs(steps[i], ref[t]) < 1e-4
+    prefill, decode = tiny_quant_through_kernels(cuda_emu, lambda: monkeypatch.setattr(mx.cuda, "is_available",
+                                                                                        lambda: False))
+    assert sorted({k for k, _ in prefill}) == ["mla_prefill", "prefill"]
+    assert all(t["SPLIT"] for k, t in prefill if k == "prefill")
+    assert sorted({k for k, _ in decode}) == ["decode", "mla_combine", "mla_decode"]
 
 
 # ---------------------------------------------------------------------------------------------

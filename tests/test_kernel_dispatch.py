@@ -81,36 +81,45 @@ def test_kernel_unsupported_shape_falls_back(emulated_metal):
     assert emulated_metal == [] and o.shape == (B, T, H, K) and S.shape == (B, H, K, K)
 
 
-@pytest.mark.parametrize("split", ["0", "1"])
-def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monkeypatch, split):
-    """tiny_quant (K = V = 64): prefill 65 tokens through the chunk-scan kernel (two chunks, the
-    second a 1-token tail), then decode through the fused step kernel (gated RMSNorm fused).
-    split=1: the v-slice threadgroups of a head share the intra-chunk work (SPLIT)."""
-    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", split)
+def tiny_quant_through_kernels(log, kernels_off):
+    """tiny_quant through the kernels' launch code: 65 tokens of prefill against the transformers
+    oracle's logits, then two decode steps against the same continuation after kernels_off() (the
+    MLX-ops path: identical up to fp32 rounding). Returns the launches logged in prefill and in decode."""
     model = load_model(MODELS / "tiny_quant")
     g = golden("tiny_quant")
     ids = mx.array(g["ids"][:1, :67])
     cache = model.make_cache()
     logits = model(ids[:, :65], cache=cache)
     assert max_abs(logits[0], g["logits_65"]) < 1e-4
-    kda = [(k, t) for k, t in emulated_metal if not k.startswith("mla_")]
-    mla = [k for k, _ in emulated_metal if k.startswith("mla_")]
+    prefill = list(log)
+    log.clear()
+    steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
+    decode = list(log)
+    kernels_off()
+    ref = model(ids[:, :67])[0]
+    for i, t in enumerate((65, 66)):
+        assert max_abs(steps[i], ref[t]) < 1e-4
+    return prefill, decode
+
+
+@pytest.mark.parametrize("split", ["0", "1"])
+def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monkeypatch, split):
+    """tiny_quant (K = V = 64): prefill 65 tokens through the chunk-scan kernel (two chunks, the
+    second a 1-token tail), then decode through the fused step kernel (gated RMSNorm fused).
+    split=1: the v-slice threadgroups of a head share the intra-chunk work (SPLIT)."""
+    monkeypatch.setenv("KIMI_MLX_KDA_SPLIT", split)
+    prefill, decode = tiny_quant_through_kernels(emulated_metal, lambda: monkeypatch.setattr(mx.metal, "is_available",
+                                                                                             lambda: False))
+    kda = [(k, t) for k, t in prefill if not k.startswith("mla_")]
+    mla = [k for k, _ in prefill if k.startswith("mla_")]
     assert [k for k, _ in kda] == ["prefill"] * 3  # one dispatch per KDA layer
     assert mla == ["mla_prefill"]  # the MLA layer: 65 queries, expanded form
     assert all(t["HAS_INIT"] is False and t["K"] == 64 for _, t in kda)
     assert all(t["SPLIT"] is (split == "1") for _, t in kda)
-    emulated_metal.clear()
-    steps = [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in (65, 66)]
-    kda = [(k, t) for k, t in emulated_metal if not k.startswith("mla_")]
+    kda = [(k, t) for k, t in decode if not k.startswith("mla_")]
     assert [k for k, _ in kda] == ["decode"] * 6
-    assert [k for k, _ in emulated_metal if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
+    assert [k for k, _ in decode if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
     assert all(t["GATED"] for _, t in kda)
-
-    # the same continuation on the MLX-ops path (no kernel): identical up to fp32 rounding
-    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
-    ref = model(ids[:, :67])[0]
-    for i, t in enumerate((65, 66)):
-        assert max_abs(steps[i], ref[t]) < 1e-4
 
 
 def test_kernel_split_dispatch_rules(monkeypatch):

@@ -51,6 +51,21 @@ def _ref_decode(q, c, scale, q_offset):
     return A.latent_attention_reference(q.astype(mx.float32), rows, DL, scale, q_offset)
 
 
+def decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, dt=mx.float32):
+    """(out, fp32 reference) of one decode call: key buffers nbuf, tiles of bk keys, about `splits`
+    splits a segment, the cache and the queries in dt (the reference sees the same rounded values)."""
+    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BK", bk)
+    monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
+    monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
+    rng = np.random.default_rng(B * 100 + H + T)
+    S = sum(appends)
+    rows = mx.array(rng.standard_normal((B, S, D)).astype(np.float32)).astype(dt)
+    c = _cache(rows, appends, bits=bits)
+    q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32)).astype(dt)
+    return A.mla_decode_attention(q, c, 0.3, DL), _ref_decode(q, c, 0.3, S - T)
+
+
 @pytest.mark.parametrize("B,H,T,appends,bits,splits", [
     (1, 4, 1, [37], None, 1),              # one short segment, one split
     (2, 4, 1, [70, 30, 1], None, 4),       # depth 101 over three segments, batch 2, several splits
@@ -62,17 +77,7 @@ def _ref_decode(q, c, scale, q_offset):
 # nbuf 2: the next key tile is loaded during this one's math; bk: keys a tile
 @pytest.mark.parametrize("nbuf,bk", [("1", "32"), ("2", "32"), ("2", "64")])
 def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends, bits, splits, nbuf, bk):
-    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", nbuf)
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BK", bk)
-    monkeypatch.setattr(K, "_MIN_KEYS_PER_SPLIT", 32)
-    monkeypatch.setenv("KIMI_MLX_MLA_TGS", str(splits))
-    rng = np.random.default_rng(B * 100 + H + T)
-    S = sum(appends)
-    rows = mx.array(rng.standard_normal((B, S, D)).astype(np.float32))
-    c = _cache(rows, appends, bits=bits)
-    q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32))
-    out = A.mla_decode_attention(q, c, 0.3, DL)
-    ref = _ref_decode(q, c, 0.3, S - T)
+    out, ref = decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk)
     assert [k for k, _ in emu] and all(k in ("mla_decode", "mla_combine") for k, _ in emu)
     assert float(mx.abs(out - ref).max()) < 2e-5
     assert any(t.get("Q8") for k, t in emu if k == "mla_decode") == (bits == 8)
@@ -108,6 +113,31 @@ class _Expand:
         return mx.concatenate([kv[..., :NOPE], k_pe], axis=-1), kv[..., NOPE:]
 
 
+def prefill_case(monkeypatch, B, H, T, before, bits, block_keys, dt=mx.float32):
+    """(out, fp32 reference) of one expanded prefill chunk of T queries after `before` cached
+    tokens, the cache expanded block_keys at a time (None: at once), the cache and the queries in
+    dt (the reference gets the same rounded values in fp32)."""
+    if block_keys:
+        monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * dt.size)
+        monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
+    rng = np.random.default_rng(T + 7 * B)
+    S0 = sum(before)
+    rows = mx.array(rng.standard_normal((B, S0 + T, D)).astype(np.float32)).astype(dt)
+    c = _cache(rows, [n for n in before if n] + [T], page_tokens=48, bits=bits)
+    q = mx.array(rng.standard_normal((B, T, H, NOPE + DR)).astype(np.float32)).astype(dt)
+    ex = _Expand(H, rng)
+
+    def split32(r):  # the kernel's kv (computed in dt), in fp32
+        kv = ex.kv(r.astype(dt)).astype(mx.float32).transpose(0, 2, 1, 3)
+        k_pe = mx.broadcast_to(r[:, None, :, DL:].astype(mx.float32), (r.shape[0], H, r.shape[1], DR))
+        return mx.concatenate([kv[..., :NOPE], k_pe], axis=-1), kv[..., NOPE:]
+
+    out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
+    blocks = [b.astype(mx.float32) for b in c.blocks()]
+    ref = A.expanded_attention(q.astype(mx.float32).transpose(0, 2, 1, 3), blocks, split32, 0.2, S0)
+    return out, ref.transpose(0, 2, 1, 3)
+
+
 @pytest.mark.parametrize("B,H,T,before,bits,block_keys", [
     (1, 2, 70, [0], None, None),         # a chunk from position 0, not a multiple of the tile
     (2, 2, 40, [50, 31], None, None),    # depth 81 over two segments, batch 2
@@ -122,18 +152,7 @@ def test_kernel_mla_prefill_matches_reference(emu, monkeypatch, B, H, T, before,
     monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_RW", rw)
     if rw == "2":
         monkeypatch.setenv("KIMI_MLX_MLA_PREFILL_NW", "2")
-    if block_keys:
-        monkeypatch.setattr(A, "EXPAND_BLOCK_BYTES", block_keys * B * H * (NOPE + DV) * 4)
-        monkeypatch.setattr(A, "EXPAND_MIN_KEYS", 1)
-    rng = np.random.default_rng(T + 7 * B)
-    S0 = sum(before)
-    rows = mx.array(rng.standard_normal((B, S0 + T, D)).astype(np.float32))
-    appends = [n for n in before if n] + [T]
-    c = _cache(rows, appends, page_tokens=48, bits=bits)
-    q = mx.array(rng.standard_normal((B, T, H, NOPE + DR)).astype(np.float32))
-    ex = _Expand(H, rng)
-    out = A.mla_prefill_attention(q, c, ex.kv, 0.2, DR, DV, expand=ex.kv_split)
-    ref = A.expanded_attention(q.transpose(0, 2, 1, 3), c.blocks(), ex.kv_split, 0.2, S0).transpose(0, 2, 1, 3)
+    out, ref = prefill_case(monkeypatch, B, H, T, before, bits, block_keys)
     prefills = [t for k, t in emu if k == "mla_prefill"]
     assert prefills and all(p["NBUF"] == int(nbuf) and p["RW"] == int(rw) for p in prefills)
     if block_keys:
