@@ -90,23 +90,45 @@ DFN void mla_copy8(PD dst, PS src, bool valid) { mla_tile8<ST, T>(dst, src, vali
 // One decode key tile: cached rows k0.. (< k_hi) into sK (zeros past k_hi), plain rows only
 template <typename ST, typename T, int D, int DQ, int BK, int NT, typename PK, typename PT>
 DFN void mla_decode_tile(PK sK, PT rows, long rbase, int k0, int k_hi, int tid) {
-  for (int i = tid; i < BK * (D / 8); i += NT) {
-    const int kr = i / (D / 8), d = (i % (D / 8)) * 8;
-    const bool ok = k0 + kr < k_hi;
-    mla_copy8<ST, T>(sK + kr * (D + 8) + d, rows + (rbase + (ok ? k0 + kr : 0)) * DQ + d, ok);
+  // each thread keeps one 8-column chunk and steps RS rows a pass: constant address steps
+  constexpr int CH = D / 8, RS = NT / CH;
+  static_assert(RS >= 1, "a decode tile row needs at most NT chunks");
+  if (tid >= RS * CH) return;
+  const int r = tid / CH, c = (tid - r * CH) * 8;
+  const int left = k_hi - k0 - r;  // rows of this thread's that hold keys: p * RS < left
+  const PT first = rows + (rbase + k0) * DQ + c;  // key k0 exists: invalid rows point here
+  const PT mine = first + r * DQ;
+  PK dst = sK + r * (D + 8) + c;
+  PRAGMA_UNROLL
+  for (int p = 0; p < (BK + RS - 1) / RS; ++p) {
+    if (p * RS + r < BK) {
+      const bool ok = p * RS < left;
+      mla_copy8<ST, T>(dst + p * RS * (D + 8), ok ? mine + p * RS * DQ : first, ok);
+    }
   }
 }
-// One prefill key/value tile: keys k0.. of head h, [k_nope | k_pe] into sK, v into sV (zeros past n)
+// One prefill key/value tile: keys k0 (< n) .. of head h, [k_nope | k_pe] into sK, v into sV (zeros
+// past n). Each thread keeps one 8-column chunk, so its source and tile row pitches are fixed.
 template <typename ST, typename T, int NOPE, int DR, int DV, int D, int DL, int BKN, int NT, typename PK, typename PR_, typename PT>
 DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, int h, int k0, int tid) {
-  constexpr int DK = NOPE + DR, LDK = DK + 8, LDV = DV + 8;
-  for (int i = tid; i < BKN * ((DK + DV) / 8); i += NT) {
-    const int kr = i / ((DK + DV) / 8), c = (i % ((DK + DV) / 8)) * 8;
-    const bool ok = k0 + kr < n;
-    const long key = (long)bb * n + (ok ? k0 + kr : 0);
-    if (c < NOPE) mla_copy8<ST, T>(sK + kr * LDK + c, kv + (key * Hn + h) * (NOPE + DV) + c, ok);
-    else if (c < DK) mla_copy8<ST, T>(sK + kr * LDK + c, rows + key * D + DL + (c - NOPE), ok);
-    else mla_copy8<ST, T>(sV + kr * LDV + (c - DK), kv + (key * Hn + h) * (NOPE + DV) + NOPE + (c - DK), ok);
+  constexpr int DK = NOPE + DR, LDK = DK + 8, LDV = DV + 8, CH = (DK + DV) / 8, RS = NT / CH;
+  static_assert(RS >= 1, "a prefill tile row needs at most NT chunks");
+  if (tid >= RS * CH) return;
+  const int r = tid / CH, c = (tid - r * CH) * 8;
+  const bool from_kv = c < NOPE || c >= DK;  // k_nope and v come from kv, k_pe from the cached rows
+  const long kstep = from_kv ? (long)Hn * (NOPE + DV) : (long)D;  // elements from one key to the next
+  const PT base = from_kv ? kv + (long)h * (NOPE + DV) + (c < NOPE ? c : c - DR) : rows + DL + (c - NOPE);
+  const PT first = base + ((long)bb * n + k0) * kstep;  // key k0 exists: invalid rows point here
+  const PT mine = first + r * kstep;
+  const int ldd = c < DK ? LDK : LDV;
+  PK dst = c < DK ? sK + r * LDK + c : sV + r * LDV + (c - DK);
+  const int left = n - k0 - r;
+  PRAGMA_UNROLL
+  for (int p = 0; p < (BKN + RS - 1) / RS; ++p) {
+    if (p * RS + r < BKN) {
+      const bool ok = p * RS < left;
+      mla_copy8<ST, T>(dst + p * RS * ldd, ok ? mine + p * RS * kstep : first, ok);
+    }
   }
 }
 """
@@ -126,6 +148,7 @@ DECODE_BODY = r"""
   constexpr int BM = 32, NT = 32 * NW, KPT = BK / 8;  // KPT: keys a thread in the softmax
   constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
   constexpr int NPAIR = (DV / 8 + 1) / 2, NACC = 2 * ((NPAIR + NW / 2 - 1) / (NW / 2));  // tiles a warp
+  constexpr bool FULLCT = (DV / 8) % (2 * (NW / 2)) == 0;  // every warp's every tile pair exists
   static_assert(NW == 8 && (BK == 32 || BK == 64) && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
@@ -144,7 +167,7 @@ DECODE_BODY = r"""
   const int M = (int)q_shape[1];
   const int NS = (int)threadgroups_per_grid_x_(_gx) * G;
   const int split = _gx * G + grp, r0 = _gy * BM, bb = _gz;
-  const float scale = info_f[0];
+  const float sl2 = info_f[0] * 1.44269504f;  // the score scale, for exp2
   const long rbase = (long)bb * (long)rows_cap_(rows_shape, wq_shape);
   const int k_lo = split * kps;
   int k_hi = min(n, k_lo + kps);
@@ -155,6 +178,8 @@ DECODE_BODY = r"""
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
     mla_tile8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + r0 + r) * D + d, r0 + r < M);
   }
+  // the last key visible to this thread's softmax row
+  const int lim = r0 + (gt >> 3) < M ? q_offset + (r0 + (gt >> 3)) / Hq - key_start : -1;
   if (gt < BM) {
     sStat[gt] = MLA_NEG_INF;
     sStat[BM + gt] = 0.0f;
@@ -246,16 +271,14 @@ DECODE_BODY = r"""
       }
     }
     MLA_GBAR();
-    {  // online softmax: 8 threads a row, KPT keys each
+    {  // online softmax in base 2 (row maxima too): 8 threads a row, KPT keys each
       const int r = gt >> 3, c0 = (gt & 7) * KPT;
-      const int row = r0 + r;
-      const int lim = row < M ? q_offset + row / Hq - key_start : -1;  // last visible key
       float sv[KPT];
       float mx = MLA_NEG_INF;
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) {
         const int k = k0 + c0 + e;
-        sv[e] = (k < k_hi && k <= lim) ? sS[r * LDS + c0 + e] * scale : MLA_NEG_INF;
+        sv[e] = (k < k_hi && k <= lim) ? sS[r * LDS + c0 + e] * sl2 : MLA_NEG_INF;
         mx = max(mx, sv[e]);
       }
       mx = max(mx, SHFL_XOR(mx, 1));
@@ -268,7 +291,7 @@ DECODE_BODY = r"""
       float sum = 0.0f;
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) {
-        ps[e] = EXPF(sv[e] - m_use);
+        ps[e] = EXP2F(sv[e] - m_use);
         sum += ps[e];
       }
       sum += SHFL_XOR(sum, 1);
@@ -278,7 +301,7 @@ DECODE_BODY = r"""
       for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
       WARP_SYNC();
       if ((gt & 7) == 0) {
-        const float corr = EXPF(m_old - m_use);
+        const float corr = EXP2F(m_old - m_use);
         sStat[r] = m_new;
         sStat[BM + r] = sStat[BM + r] * corr + sum;
         sStat[2 * BM + r] = corr;
@@ -288,15 +311,18 @@ DECODE_BODY = r"""
     {  // O = corr * O + P V: warp w owns column-tile pairs (w >> 1) + 4p of row block w & 1
       const int rl = 16 * wrb + frag_row(_lane);
       const float c_lo = sStat[2 * BM + rl], c_hi = sStat[2 * BM + rl + 8];
+      if (!WARP_ALL(c_lo == 1.0f && c_hi == 1.0f)) {  // no row's maximum moved: nothing to rescale
+        PRAGMA_UNROLL
+        for (int j = 0; j < NACC; ++j) frag_scale2(acc[j], c_lo, c_hi);
+      }
       PRAGMA_UNROLL
-      for (int j = 0; j < NACC; ++j) frag_scale2(acc[j], c_lo, c_hi);
       for (int kk = 0; kk < BK; kk += KSTEP(PR)) {
         FragA<PR> a;
         frag_load_a<false>(a, sP, LDP, 16 * wrb, kk);
         PRAGMA_UNROLL
         for (int j = 0; j < NACC; j += 2) {
           const int ct = MLA_CT(j);
-          if (ct + 1 < DV / 8 && j + 1 < NACC) {
+          if (FULLCT || (ct + 1 < DV / 8 && j + 1 < NACC)) {
             FragB<PR> b0, b1;
             frag_load_b2<false>(b0, b1, sK, LDK, kk, 8 * ct);
             frag_mma(acc[j], a, b0);
@@ -320,7 +346,7 @@ DECODE_BODY = r"""
     PRAGMA_UNROLL
     for (int j = 0; j < NACC; ++j) {
       const int ct = MLA_CT(j);
-      if (ct < DV / 8) {
+      if (FULLCT || ct < DV / 8) {
         PRAGMA_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int row = r0 + rl + 8 * (e >> 1);
@@ -333,7 +359,7 @@ DECODE_BODY = r"""
   }
   if (gt < BM && r0 + gt < M) {
     const float l = sStat[BM + gt];
-    lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] + LOGF(l) : MLA_NEG_INF;
+    lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * 0.69314718f + LOGF(l) : MLA_NEG_INF;
   }
 #undef MLA_GBAR
 #undef MLA_CT

@@ -1,11 +1,15 @@
 """The MLA decode kernel's two launches timed apart on the device: the split-K partials and the
 combine, at the real widths, bf16, one cache segment; and both together, 16 calls a graph.
 
-    python scripts/mla_decode_parts.py --depths 32K,128K
+    python scripts/mla_decode_parts.py --depths 32K,128K --json out/parts.json
+
+The copy bandwidth (x + 1 over 2 GiB of bf16) is measured in the same run; each line gives the
+cache read rate as a share of it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -16,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kimi_mlx  # noqa: F401,E402
 import mlx.core as mx  # noqa: E402
 
+from kimi_mlx.bench.roofline import copy_bandwidth  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
 
 
@@ -33,8 +38,13 @@ def timed(f, reps=20, per=16):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--depths", default="32K,128K")
+    ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args()
     H, D, DV = 32, 576, 512
+    copy = copy_bandwidth(2048, mx.bfloat16, reps=10)
+    copy_gbps = copy["GBps_median"]
+    print(f"copy: {copy['op']}: {copy_gbps:.0f} GB/s (median), {copy['GBps_best']:.0f} best", flush=True)
+    out = [{"device": str(mx.default_device()), "mlx": mx.__version__, "copy": copy}]
     for d in a.depths.split(","):
         n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
         rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
@@ -48,9 +58,16 @@ def main():
         gb = n * D * 2 / 1e9
         for name, f in (("partials", part), ("combine", comb), ("both", both)):
             med, lo, hi = timed(f)
+            bw = gb / (med * 1e-6)
             print(f"depth {d}: {name:9s} {med:8.1f} us [{lo:.1f}-{hi:.1f}]  splits {o.shape[1]}"
-                  + (f"  cache {gb / (med * 1e-6):.0f} GB/s" if name != "combine" else
+                  + (f"  cache {bw:.0f} GB/s = {100 * bw / copy_gbps:.1f} % of copy" if name != "combine" else
                      f"  partials {o.nbytes / 1e6:.1f} MB"), flush=True)
+            out.append({"depth": n, "part": name, "us_median": med, "us_min": lo, "us_max": hi, "splits": o.shape[1],
+                        "cache_GBps": bw if name != "combine" else None,
+                        "share_of_copy": bw / copy_gbps if name != "combine" else None})
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

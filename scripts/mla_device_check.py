@@ -23,6 +23,7 @@ import kimi_mlx  # noqa: F401,E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kimi_mlx.bench import roofline  # noqa: E402
 from kimi_mlx.cache import MLACache  # noqa: E402
 from kimi_mlx.ops import attention as A  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
@@ -138,13 +139,10 @@ def _torch():
 
 
 def copy_bandwidth():
-    x = mx.random.normal((1 << 30,)).astype(mx.bfloat16)  # 2 GiB
-    mx.eval(x)
-    med, lo, hi = timeit(lambda: x + 1, reps=10)
-    bw = 2 * x.nbytes / med
-    row(bench="copy", what="x + 1 on a 2 GiB bf16 array (read + write bytes / time)",
-        GBps=bw / 1e9, ms=med * 1e3, ms_min=lo * 1e3, ms_max=hi * 1e3)
-    return bw
+    c = roofline.copy_bandwidth(2048, mx.bfloat16, reps=10)
+    row(bench="copy", what=c["op"] + " (read + write bytes / time)", GBps=c["GBps_median"],
+        ms=c["ms_median"], ms_min=c["ms_min"], ms_max=c["ms_max"])
+    return c["GBps_median"] * 1e9
 
 
 def bench_decode(depths, copy_bw):
