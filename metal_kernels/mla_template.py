@@ -32,6 +32,8 @@ MLA_HEADER = r"""
 #define MLA_NEG_INF (-INFINITY)
 #endif
 #define MLA_MAX_SPLITS 1024
+#define MLA_LOG2E 1.4426950408889634f
+#define MLA_LN2 0.6931471805599453f
 template <typename ST> DFN int mla_floats(int n) { return (n * (int)sizeof(ST) + 3) / 4; }
 
 // 8 consecutive values of a cached row at column d (a multiple of 8): plain, or 8-bit affine
@@ -87,25 +89,27 @@ DFN void mla_copy8(PD dst, PS src, bool valid) { MlaCopy8<ST, T>::run(dst, src, 
 template <typename ST, typename T, typename PD, typename PS>
 DFN void mla_copy8(PD dst, PS src, bool valid) { mla_tile8<ST, T>(dst, src, valid); }
 #endif
-// One decode key tile: cached rows k0.. (< k_hi) into sK (zeros past k_hi), plain rows only
-template <typename ST, typename T, int D, int DQ, int BK, int NT, typename PK, typename PT>
-DFN void mla_decode_tile(PK sK, PT rows, long rbase, int k0, int k_hi, int tid) {
-  // each thread keeps one 8-column chunk and steps RS rows a pass: constant address steps
-  constexpr int CH = D / 8, RS = NT / CH;
-  static_assert(RS >= 1, "a decode tile row needs at most NT chunks");
-  if (tid >= RS * CH) return;
-  const int r = tid / CH, c = (tid - r * CH) * 8;
-  const int left = k_hi - k0 - r;  // rows of this thread's that hold keys: p * RS < left
-  const PT first = rows + (rbase + k0) * DQ + c;  // key k0 exists: invalid rows point here
-  const PT mine = first + r * DQ;
-  PK dst = sK + r * (D + 8) + c;
+// This thread's 8-column chunk down a tile: rows r, r + RS, ... (< BK) into dst (row pitch ldd)
+// from `first` (key k0, which exists; kstep elements between keys), zeros from row `left` on. The tile
+// loaders below give each thread one chunk, so every step is a constant.
+template <typename ST, typename T, int BK, int RS, typename PD, typename PS>
+DFN void mla_chunk_rows(PD dst, int ldd, PS first, int kstep, int r, int left) {
   PRAGMA_UNROLL
   for (int p = 0; p < (BK + RS - 1) / RS; ++p) {
     if (p * RS + r < BK) {
       const bool ok = p * RS < left;
-      mla_copy8<ST, T>(dst + p * RS * (D + 8), ok ? mine + p * RS * DQ : first, ok);
+      mla_copy8<ST, T>(dst + p * RS * ldd, first + (ok ? (p * RS + r) * kstep : 0), ok);  // invalid rows read nothing
     }
   }
+}
+// One decode key tile: cached rows k0.. (< k_hi) into sK (zeros past k_hi), plain rows only
+template <typename ST, typename T, int D, int DQ, int BK, int NT, typename PK, typename PT>
+DFN void mla_decode_tile(PK sK, PT rows, long rbase, int k0, int k_hi, int tid) {
+  constexpr int CH = D / 8, RS = NT / CH;
+  static_assert(RS >= 1, "a decode tile row needs at most NT chunks");
+  if (tid >= RS * CH) return;
+  const int r = tid / CH, c = (tid - r * CH) * 8;
+  mla_chunk_rows<ST, T, BK, RS>(sK + r * (D + 8) + c, D + 8, rows + (rbase + k0) * DQ + c, DQ, r, k_hi - k0 - r);
 }
 // One prefill key/value tile: keys k0 (< n) .. of head h, [k_nope | k_pe] into sK, v into sV (zeros
 // past n). Each thread keeps one 8-column chunk, so its source and tile row pitches are fixed.
@@ -116,20 +120,10 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
   if (tid >= RS * CH) return;
   const int r = tid / CH, c = (tid - r * CH) * 8;
   const bool from_kv = c < NOPE || c >= DK;  // k_nope and v come from kv, k_pe from the cached rows
-  const long kstep = from_kv ? (long)Hn * (NOPE + DV) : (long)D;  // elements from one key to the next
+  const int kstep = from_kv ? Hn * (NOPE + DV) : D;  // elements from one key to the next
   const PT base = from_kv ? kv + (long)h * (NOPE + DV) + (c < NOPE ? c : c - DR) : rows + DL + (c - NOPE);
-  const PT first = base + ((long)bb * n + k0) * kstep;  // key k0 exists: invalid rows point here
-  const PT mine = first + r * kstep;
-  const int ldd = c < DK ? LDK : LDV;
-  PK dst = c < DK ? sK + r * LDK + c : sV + r * LDV + (c - DK);
-  const int left = n - k0 - r;
-  PRAGMA_UNROLL
-  for (int p = 0; p < (BKN + RS - 1) / RS; ++p) {
-    if (p * RS + r < BKN) {
-      const bool ok = p * RS < left;
-      mla_copy8<ST, T>(dst + p * RS * ldd, ok ? mine + p * RS * kstep : first, ok);
-    }
-  }
+  mla_chunk_rows<ST, T, BKN, RS>(c < DK ? sK + r * LDK + c : sV + r * LDV + (c - DK), c < DK ? LDK : LDV,
+                                 base + ((long)bb * n + k0) * (long)kstep, kstep, r, n - k0 - r);
 }
 """
 
@@ -167,7 +161,7 @@ DECODE_BODY = r"""
   const int M = (int)q_shape[1];
   const int NS = (int)threadgroups_per_grid_x_(_gx) * G;
   const int split = _gx * G + grp, r0 = _gy * BM, bb = _gz;
-  const float sl2 = info_f[0] * 1.44269504f;  // the score scale, for exp2
+  const float sl2 = info_f[0] * MLA_LOG2E;  // the score scale, for exp2
   const long rbase = (long)bb * (long)rows_cap_(rows_shape, wq_shape);
   const int k_lo = split * kps;
   int k_hi = min(n, k_lo + kps);
@@ -359,7 +353,7 @@ DECODE_BODY = r"""
   }
   if (gt < BM && r0 + gt < M) {
     const float l = sStat[BM + gt];
-    lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * 0.69314718f + LOGF(l) : MLA_NEG_INF;
+    lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * MLA_LN2 + LOGF(l) : MLA_NEG_INF;
   }
 #undef MLA_GBAR
 #undef MLA_CT
@@ -460,7 +454,7 @@ PREFILL_BODY = r"""
   DEVP float* sKV = smem + mla_floats<ST>(BQ * LDQ);
 
   const int n = info[0], key_start = info[1], q_offset = info[2];
-  const float scale = info_f[0], sl2 = scale * 1.4426950408889634f;  // scores to log2 units
+  const float scale = info_f[0], sl2 = scale * MLA_LOG2E;  // scores to log2 units
   const int Tq = (int)q_shape[1], Hn = (int)q_shape[2];
   const int q0 = ((Tq + BQ - 1) / BQ - 1 - _gy) * BQ, h = _gx, bb = _gz;
   const int rw = q0 + 16 * RW * _warp;  // first query row of this warp
