@@ -152,19 +152,55 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     B, M, D = q.shape
     q8 = isinstance(seg, dict)
     dt = seg["scales"].dtype if q8 else seg.dtype
-    st, prec = _tiles(be, dt)
-    if D % _kstep(be, prec) or d_v % 8 or d_v > D:
-        return None
     if q8:
         dq = seg["wq"].shape[2] * 4
         qg = dq // seg["scales"].shape[2]
-        if qg % 8 or dq < D:
-            return None
-        rows, wq, sc, bi = _dummy(str(dt).split(".")[-1]), seg["wq"], seg["scales"], seg["biases"]
     else:
         dq, qg = D, 64
+    plan = _decode_plan(be, dt, q8, D, d_v, dq, qg, *(kernel_setting(k) for k in _DECODE_SETTINGS))
+    if plan is None:
+        return None
+    nt, g, two, smem, template = plan
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
+    if q8:
+        rows, wq, sc, bi = _dummy(str(dt).split(".")[-1]), seg["wq"], seg["scales"], seg["biases"]
+    else:
         dummy = _dummy(str(dt).split(".")[-1])
         rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
+    row_blocks = -(-M // 32) * B
+    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
+    ns = -(-n // kps)
+    ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
+    shapes = [(B, ns, M, d_v), (B, ns, M)]
+    dtypes = [mx.float32, mx.float32]
+    if be == "metal":
+        shapes.append((ns * -(-M // 32) * B * smem,))
+        dtypes.append(mx.float32)
+    outs = kern(
+        inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
+        template=template,
+        grid=(nt * (ns // g), -(-M // 32), B),
+        threadgroup=(nt, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+        init_value=None,
+    )
+    return outs[0], outs[1]
+
+
+# the settings a decode launch plan depends on (read every call: benchmarks change them)
+_DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS")
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *settings):
+    """What a decode launch needs besides the depth, made once per kind of call (a decode step
+    launches this for every segment of every MLA layer): (threads, warp groups, two
+    threadgroups a multiprocessor, tile floats, template), or None when no kernel takes it.
+    settings: the values of _DECODE_SETTINGS, which the helpers below read themselves."""
+    st, prec = _tiles(be, dt)
+    if D % _kstep(be, prec) or d_v % 8 or d_v > D or (q8 and (qg % 8 or dq < D)):
+        return None
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
     most = 1 if q8 or st != dt else 2
     g = _decode_groups(be)
@@ -178,45 +214,31 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
-    row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
-    ns = -(-n // kps)
-    ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
-    shapes = [(B, ns, M, d_v), (B, ns, M)]
-    dtypes = [mx.float32, mx.float32]
-    if be == "metal":
-        shapes.append((ns * -(-M // 32) * B * smem,))
-        dtypes.append(mx.float32)
-    outs = kern(
-        inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
-        template=[("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
-                  ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem)],
-        grid=(nt * (ns // g), -(-M // 32), B),
-        threadgroup=(nt, 1, 1),
-        output_shapes=shapes,
-        output_dtypes=dtypes,
-        init_value=None,
-    )
-    return outs[0], outs[1]
+    template = [("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
+                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem)]
+    return nt, g, two, smem, template
 
 
 def mla_combine(parts, dtype):
     """Merge split partials [(o_part [B, NS_i, M, DV], lse_part [B, NS_i, M]), ...] into
-    o [B, M, DV] of `dtype`."""
+    o [B, M, DV] of `dtype`. The last segment's partials (a decode step's tail) are read where
+    they are; only those of more than two segments are concatenated first."""
     be = backend()
     if be is None:
         return None
     import mlx.core as mx
 
-    o = mx.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
-    lse = mx.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]
+    two = len(parts) > 1
+    head = parts[:-1] if two else parts
+    o = mx.concatenate([p[0] for p in head], axis=1) if len(head) > 1 else head[0][0]
+    lse = mx.concatenate([p[1] for p in head], axis=1) if len(head) > 1 else head[0][1]
+    o2, lse2 = parts[-1] if two else (_dummy("float32"), _dummy("float32"))
     B, NS, M, DV = o.shape
-    if NS > MAX_SPLITS or DV % 4:
+    if NS + (o2.shape[1] if two else 0) > MAX_SPLITS or DV % 4:
         return None
     ntc, cw = 256, 64
     kern = _kernel(be, "mla_combine")
-    return kern(inputs=[o, lse], template=[("T", dtype), ("DV", DV), ("NTC", ntc), ("CW", cw)],
+    return kern(inputs=[o, lse, o2, lse2], template=[("T", dtype), ("DV", DV), ("NTC", ntc), ("CW", cw), ("TWO", two)],
                 grid=(ntc * -(-DV // cw), M, B), threadgroup=(ntc, 1, 1), output_shapes=[(B, M, DV)],
                 output_dtypes=[dtype], init_value=None)[0]
 

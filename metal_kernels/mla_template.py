@@ -360,8 +360,10 @@ DECODE_BODY = r"""
 """
 
 # Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a
-# threadgroup, a multiple of 4). Inputs: o_part [B, NS, M, DV]
-# fp32, lse_part [B, NS, M] fp32 (NS <= MLA_MAX_SPLITS). Output: o [B, M, DV] (T).
+# threadgroup, a multiple of 4), TWO (a second set of partials). Inputs: o_part [B, NS1, M, DV]
+# fp32, lse_part [B, NS1, M] fp32, and o_tail [B, NS2, M, DV], lse_tail [B, NS2, M] (dummies unless
+# TWO: the tail segment's partials, read where they are instead of concatenated first; NS1 + NS2 <=
+# MLA_MAX_SPLITS). Output: o [B, M, DV] (T).
 # Grid: (NTC * ceil(DV / CW), M, B): a threadgroup takes CW columns of one row; its threads split
 # both the columns (4 each) and the splits (NTC / (CW / 4) groups), so that many loads are in flight.
 COMBINE_BODY = r"""
@@ -372,11 +374,13 @@ COMBINE_BODY = r"""
   SHARED_ARR(float, sred, NTC / 32);
   SHARED_ARR(float, sden, NTC / 32);
   SHARED_ARR(float, sacc, SG * CW);
-  const int NS = (int)lse_part_shape[1], M = (int)lse_part_shape[2];
+  const int NS1 = (int)lse_part_shape[1], M = (int)lse_part_shape[2];
+  const int NS2 = TWO ? (int)lse_tail_shape[1] : 0, NS = NS1 + NS2;
   const int row = _gy, bb = _gz, c0 = _gx * CW;
-  const long lbase = (long)bb * NS * M + row;
+  const long lbase = (long)bb * NS1 * M + row, lbase2 = (long)bb * NS2 * M + row;
+#define MLA_LSE(s) ((s) < NS1 ? lse_part[lbase + (long)(s) * M] : lse_tail[lbase2 + (long)((s) - NS1) * M])
   float mx = MLA_NEG_INF;
-  for (int s = _tid; s < NS; s += NTC) mx = max(mx, lse_part[lbase + (long)s * M]);
+  for (int s = _tid; s < NS; s += NTC) mx = max(mx, MLA_LSE(s));
   mx = max(mx, SHFL_XOR(mx, 16));
   mx = max(mx, SHFL_XOR(mx, 8));
   mx = max(mx, SHFL_XOR(mx, 4));
@@ -389,7 +393,7 @@ COMBINE_BODY = r"""
   const float m_use = mx == MLA_NEG_INF ? 0.0f : mx;
   float den = 0.0f;
   for (int s = _tid; s < NS; s += NTC) {
-    const float w = EXPF(lse_part[lbase + (long)s * M] - m_use);
+    const float w = EXPF(MLA_LSE(s) - m_use);
     sw[s] = w;
     den += w;
   }
@@ -403,7 +407,7 @@ COMBINE_BODY = r"""
   PRAGMA_UNROLL
   for (int i = 0; i < CPT; ++i) acc[i] = 0.0f;
   if (c < DV) {
-    const long obase = ((long)bb * NS * M + row) * DV + c;
+    const long obase = ((long)bb * NS1 * M + row) * DV + c, obase2 = ((long)bb * NS2 * M + row) * DV + c;
     for (int s0 = sg; s0 < NS; s0 += U * SG) {  // U splits' loads in flight before the sums
       float v[U][CPT], w[U];
       PRAGMA_UNROLL
@@ -411,7 +415,9 @@ COMBINE_BODY = r"""
         const int s = s0 + u * SG;
         w[u] = s < NS ? sw[s] : 0.0f;
         PRAGMA_UNROLL
-        for (int i = 0; i < CPT; ++i) v[u][i] = w[u] > 0.0f ? o_part[obase + (long)s * M * DV + i] : 0.0f;
+        for (int i = 0; i < CPT; ++i)
+          v[u][i] = !(w[u] > 0.0f) ? 0.0f
+                    : s < NS1 ? o_part[obase + (long)s * M * DV + i] : o_tail[obase2 + (long)(s - NS1) * M * DV + i];
       }
       PRAGMA_UNROLL
       for (int u = 0; u < U; ++u) {
@@ -428,6 +434,7 @@ COMBINE_BODY = r"""
     for (int g = 0; g < SG; ++g) t += sacc[g * CW + _tid];
     o[((long)bb * M + row) * DV + c0 + _tid] = static_cast<T>(den > 0.0f ? t / den : 0.0f);
   }
+#undef MLA_LSE
 """
 
 # Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW, RW
@@ -651,7 +658,7 @@ PREFILL_BODY = r"""
 """
 
 DECODE_INPUTS = ["q", "rows", "wq", "scales", "biases", "info", "info_f"]
-COMBINE_INPUTS = ["o_part", "lse_part"]
+COMBINE_INPUTS = ["o_part", "lse_part", "o_tail", "lse_tail"]
 PREFILL_INPUTS = ["q", "kv", "rows", "o_in", "lse_in", "info", "info_f"]
 
 

@@ -39,14 +39,20 @@ def _prefilled(model, mla_bits=None):
 
 
 @pytest.mark.parametrize("mla_bits", [None, 8])
-def test_compiled_decode_matches_plain(model, model_name, monkeypatch, mla_bits):
+@pytest.mark.parametrize("whole_kda", [False, True])
+def test_compiled_decode_matches_plain(model, model_name, monkeypatch, mla_bits, whole_kda):
+    """whole_kda: as on a GPU, each KDA layer's token is one compiled piece with its kernel inside
+    (here the kernel's place is taken by the MLX-ops step, which mx.compile traces too)."""
+    monkeypatch.setattr("kimi_mlx.model.kimi_linear.kernels_traceable", lambda: whole_kda)
     base = _prefilled(model, mla_bits)
     monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
     ref = _steps(model, base.copy(), 5)
     assert not any("_compiled" in layer.__dict__ for layer in model.layers)
     monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
     got = _steps(model, base.copy(), 5)
-    assert all(set(layer.__dict__["_compiled"].fns) == {"pre", "post"} for layer in model.layers)
+    for layer in model.layers:
+        whole = whole_kda and not layer.is_mla
+        assert set(layer.__dict__["_compiled"].fns) == ({"token"} if whole else {"pre", "post"})
     # the KDA layers' six input projections ran as two joined matmuls, their weights views of the joined ones
     kda = [layer.self_attn for layer in model.layers if not layer.is_mla]
     assert kda and all(a.__dict__["_joined_q_proj_k_proj_v_proj"][1] is not None
@@ -54,9 +60,10 @@ def test_compiled_decode_matches_plain(model, model_name, monkeypatch, mla_bits)
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     assert shapes == {k: v.shape for k, v in tree_flatten(load_model(MODELS / model_name, cpu_fast_path=False).parameters())}
     assert max(max_abs(r, g) for r, g in zip(ref, got)) < 1e-5
-    traces = [layer.__dict__["_compiled"].fns["post"] for layer in model.layers]
-    _steps(model, base.copy(), 2)
-    assert [layer.__dict__["_compiled"].fns["post"] for layer in model.layers] == traces  # reused, not retraced
+    traces = [layer.__dict__["_compiled"].fns.copy() for layer in model.layers]
+    after = _steps(model, base.copy(), 7)
+    assert [layer.__dict__["_compiled"].fns for layer in model.layers] == traces  # reused, not retraced
+    assert max(max_abs(r, g) for r, g in zip(ref, after)) < 1e-5  # the cache advanced as the plain steps do
 
 
 def test_new_weights_are_never_served_from_an_old_trace(model, monkeypatch):

@@ -73,19 +73,23 @@ def test_cuda_mla_decode(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, 
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 5])
-def test_cuda_mla_combine(cuda_emu, splits):
-    """Partials of several splits (one of them empty: lse -inf) merged, against numpy."""
-    rng = np.random.default_rng(splits)
+@pytest.mark.parametrize("splits,cuts", [(1, ()), (5, ()), (5, (3,)), (6, (1, 4))])
+def test_cuda_mla_combine(cuda_emu, splits, cuts):
+    """Partials of several splits (one of them empty: lse -inf) merged, against numpy; cuts: the
+    splits come as several segments' partials (the last one read in place, the rest joined)."""
+    rng = np.random.default_rng(splits + len(cuts))
     B, M = 2, 3
     o = rng.standard_normal((B, splits, M, DV)).astype(np.float32)
     lse = rng.standard_normal((B, splits, M)).astype(np.float32) * 3
     if splits > 1:
         lse[0, 1, :] = -np.inf
-    out = K.mla_combine([(mx.array(o), mx.array(lse))], mx.bfloat16)
+    edges = [0, *cuts, splits]
+    parts = [(mx.array(o[:, a:b]), mx.array(lse[:, a:b])) for a, b in zip(edges, edges[1:])]
+    out = K.mla_combine(parts, mx.bfloat16)
     w = np.exp(lse - lse.max(1, keepdims=True))
     ref = (w[..., None] * o).sum(1) / w.sum(1)[..., None]
     assert [k for k, _ in cuda_emu] == ["mla_combine"] and out.dtype == mx.bfloat16
+    assert [t["TWO"] for k, t in cuda_emu] == [bool(cuts)]
     assert np.abs(np.array(out.astype(mx.float32)) - ref).max() < 1e-2 * np.abs(ref).max()
 
 

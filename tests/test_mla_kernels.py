@@ -220,7 +220,8 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
-        tmpl, ins, outs = [("T", bf), ("DV", 512), ("NTC", 256), ("CW", 64)], dict(o_part="float32", lse_part="float32"), dict(o=bf)
+        tmpl, outs = [("T", bf), ("DV", 512), ("NTC", 256), ("CW", 64), ("TWO", True)], dict(o=bf)
+        ins = dict(o_part="float32", lse_part="float32", o_tail="float32", lse_tail="float32")
     else:
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("NOPE", 128), ("DR", 64), ("DV", 128), ("DL", 512),
                 ("D", 576), ("NW", 8), ("RW", 1), ("HAS_INIT", True), ("QREG", True), ("NBUF", 2)]

@@ -14,6 +14,15 @@ def compile_decode() -> bool:
     return v == "on" or (v != "off" and mx.default_device().type == mx.DeviceType.gpu)
 
 
+def kernels_traceable() -> bool:
+    """The custom kernels run on this device's GPU (Metal or CUDA), where a kernel launch is a
+    primitive that mx.compile can trace; on the CPU they are MLX ops or the tests' emulator,
+    which reads its inputs on the host."""
+    from ..ops.kda import kernel_backend
+
+    return mx.default_device().type == mx.DeviceType.gpu and kernel_backend() is not None
+
+
 def _entries(module: nn.Module) -> list:
     """(container, key, value) for every array, list and submodule under module."""
     out = []
@@ -70,7 +79,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = joined_linear(self, ("gate_proj", "up_proj"))  # one matmul, not two
+        g, u = gate_up(x) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(nn.silu(g) * u)
 
 
 def derived(module: nn.Module, name: str, sources: tuple, make, *extra):
@@ -102,18 +113,27 @@ def _joinable(layers) -> bool:
     return False  # e.g. the CPU fast path's classes: left as they are
 
 
-def joined_linear(module: nn.Module, names: tuple):
+def joined_linear(module: nn.Module, names: tuple, split: bool = True):
     """fn(x) -> [module[name](x) for name in names] as one matmul, or None when the layers can't
-    be joined (other classes, biases, mixed settings). Their weights are concatenated once along
+    be joined (other classes, biases, mixed settings); with split=False fn(x) is their outputs
+    concatenated (the matmul's own output, no copy). Their weights are concatenated once along
     the output and each layer's arrays become views of the joined ones: nothing is stored twice,
     and the layers still work (and save) alone. Made again if a layer's arrays are replaced."""
     layers = [module[n] for n in names]
     key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
     slot = "_joined_" + "_".join(names)
     hit = module.__dict__.get(slot)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    fn = None
+    if hit is None or hit[0] != key:
+        hit = module.__dict__[slot] = _join(layers)
+    fn, splits = hit[1], hit[3]
+    if fn is None or not split:
+        return fn
+    return lambda x: mx.split(fn(x), splits, axis=-1)
+
+
+def _join(layers: list):
+    """(key, fn(x) -> the joined output, the joined layers' arrays, split points) for joined_linear."""
+    fn = splits = None
     if _joinable(layers):
         keys = [k for k in _LINEAR_KEYS if k in layers[0]]
         joined = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in keys}
@@ -131,15 +151,14 @@ def joined_linear(module: nn.Module, names: tuple):
         q = layers[0]
         if type(q) is nn.Linear:
             w = joined["weight"]
-            fn = lambda x: mx.split(x @ w.T, splits, axis=-1)  # noqa: E731
+            fn = lambda x: x @ w.T  # noqa: E731
         else:
-            fn = lambda x: mx.split(mx.quantized_matmul(  # noqa: E731
+            fn = lambda x: mx.quantized_matmul(  # noqa: E731
                 x, joined["weight"], joined["scales"], joined.get("biases"), transpose=True,
-                group_size=q.group_size, bits=q.bits, mode=getattr(q, "mode", "affine")), splits, axis=-1)
-        key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
+                group_size=q.group_size, bits=q.bits, mode=getattr(q, "mode", "affine"))
+    key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
     # the arrays are held with their ids (as derived() does), so no new array can reuse one of them
-    module.__dict__[slot] = (key, fn, [m.get(k) for m in layers for k in _LINEAR_KEYS])
-    return fn
+    return key, fn, [m.get(k) for m in layers for k in _LINEAR_KEYS], splits
 
 
 def linear_weight(layer: nn.Module) -> mx.array:

@@ -71,10 +71,10 @@ class KimiDeltaAttention(nn.Module):
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
-        qkv_fn = joined_linear(self, ("q_proj", "k_proj", "v_proj")) if join else None
+        qkv_fn = joined_linear(self, ("q_proj", "k_proj", "v_proj"), split=False) if join else None
         low_fn = joined_linear(self, ("f_a_proj", "g_a_proj", "b_proj")) if join else None
         if qkv_fn is not None:
-            qkv = mx.concatenate(qkv_fn(x), axis=-1)
+            qkv = qkv_fn(x)
         else:
             qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         f_a, g_a, b = low_fn(x) if low_fn is not None else (self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x))
@@ -92,13 +92,16 @@ class KimiDeltaAttention(nn.Module):
 
     def attend(self, parts, cache: KDACache | None) -> mx.array:
         """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""
-        q, k, v, f, gate, b, conv_state = parts
-        o, state = kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps,
-                             cache.state if cache is not None else None)
+        o, state = self.gated_delta(parts, cache.state if cache is not None else None)
         if cache is not None:
-            cache.conv, cache.state = conv_state, state
-            cache.offset += q.shape[1]
+            cache.conv, cache.state = parts[-1], state
+            cache.offset += parts[0].shape[1]
         return o
+
+    def gated_delta(self, parts, state: mx.array | None):
+        """attend without the cache: (o fp32 [B, T, H, V], new state)."""
+        q, k, v, f, gate, b, _ = parts
+        return kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps, state)
 
     def output(self, o: mx.array, dtype) -> mx.array:
         B, T = o.shape[:2]

@@ -6,7 +6,7 @@ import mlx.nn as nn
 
 from ..cache import KDACache, KimiCache, MLACache
 from ..config import ModelConfig
-from .common import MLP, compile_decode, compiled_for
+from .common import MLP, compile_decode, compiled_for, kernels_traceable
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
@@ -35,14 +35,29 @@ class DecoderLayer(nn.Module):
     def _decode(self, x: mx.array, cache, compiled) -> mx.array:
         """One token as two compiled pieces around the attention kernel: everything before it
         (norm, projections, short conv / query absorption) and everything after it (o_proj,
-        residuals, MoE). Same maths as __call__: fused elementwise ops, and no graph to rebuild."""
+        residuals, MoE). Same maths as __call__: fused elementwise ops, and no graph to rebuild.
+        A KDA layer whose state has a fixed shape is one compiled piece, kernel included, where
+        the kernel is a GPU kernel that mx.compile can trace (not the CPU's MLX ops or emulator)."""
         attn = self.self_attn
+        if not self.is_mla and kernels_traceable():
+            step = compiled("token", self._kda_token)
+            h, cache.conv, cache.state = step(x, cache.conv, cache.state)
+            cache.offset += x.shape[1]
+            return h
         state = () if self.is_mla else (cache.conv,)
         pre = compiled("pre", lambda x, *state: attn.decode_project(self.input_layernorm(x), *state))
         parts = pre(x, *state)
         o = attn.attend(parts, cache)
         post = compiled("post", lambda x, o: self._mlp_block(x + attn.output(o, x.dtype)))
         return post(x, o)
+
+
+    def _kda_token(self, x: mx.array, conv: mx.array, state: mx.array):
+        """A KDA layer's decode step as a pure function: (output, new conv state, new state)."""
+        attn = self.self_attn
+        parts = attn.decode_project(self.input_layernorm(x), conv)
+        o, state = attn.gated_delta(parts, state)
+        return self._mlp_block(x + attn.output(o, x.dtype)), parts[-1], state
 
 
 class KimiLinearModel(nn.Module):
