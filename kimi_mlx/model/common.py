@@ -15,12 +15,15 @@ def compile_decode() -> bool:
 
 
 def kernels_traceable() -> bool:
-    """The custom kernels run on this device's GPU (Metal or CUDA), where a kernel launch is a
-    primitive that mx.compile can trace; on the CPU they are MLX ops or the tests' emulator,
-    which reads its inputs on the host."""
+    """A KDA layer's decode step may take its kernel inside its compiled piece (KIMI_MLX_COMPILE_KDA):
+    the kernels run on this device's GPU (Metal or CUDA), where a launch is a primitive that
+    mx.compile traces; on the CPU they are MLX ops or the tests' emulator, which reads its inputs
+    on the host."""
     from ..ops.kda import kernel_backend
+    from ..settings import kernel_switch
 
-    return mx.default_device().type == mx.DeviceType.gpu and kernel_backend() is not None
+    v = kernel_switch("KIMI_MLX_COMPILE_KDA", "auto")
+    return v != "off" and mx.default_device().type == mx.DeviceType.gpu and kernel_backend() is not None
 
 
 def _entries(module: nn.Module) -> list:
