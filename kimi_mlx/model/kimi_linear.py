@@ -45,19 +45,24 @@ class DecoderLayer(nn.Module):
             cache.offset += x.shape[1]
             return h
         state = () if self.is_mla else (cache.conv,)
-        pre = compiled("pre", lambda x, *state: attn.decode_project(self.input_layernorm(x), *state))
-        parts = pre(x, *state)
+        parts = compiled("pre", self._pre)(x, *state)
         o = attn.attend(parts, cache)
-        post = compiled("post", lambda x, o: self._mlp_block(x + attn.output(o, x.dtype)))
-        return post(x, o)
+        return compiled("post", self._post)(x, o)
 
+    # the pieces of a decode token (pure functions of their arguments, for mx.compile)
+    def _pre(self, x: mx.array, *state):
+        """Before the kernel: norm, projections, short conv / query absorption."""
+        return self.self_attn.decode_project(self.input_layernorm(x), *state)
+
+    def _post(self, x: mx.array, o: mx.array) -> mx.array:
+        """After the kernel: o_proj, residuals, MLP / MoE."""
+        return self._mlp_block(x + self.self_attn.output(o, x.dtype))
 
     def _kda_token(self, x: mx.array, conv: mx.array, state: mx.array):
-        """A KDA layer's decode step as a pure function: (output, new conv state, new state)."""
-        attn = self.self_attn
-        parts = attn.decode_project(self.input_layernorm(x), conv)
-        o, state = attn.gated_delta(parts, state)
-        return self._mlp_block(x + attn.output(o, x.dtype)), parts[-1], state
+        """A KDA layer's decode step, kernel included: (output, new conv state, new state)."""
+        parts = self._pre(x, conv)
+        o, state = self.self_attn.gated_delta(parts, state)
+        return self._post(x, o), parts[-1], state
 
 
 class KimiLinearModel(nn.Module):
