@@ -9,7 +9,9 @@ This module imports nothing heavy: _blas reads it before mlx.core is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,11 +65,34 @@ def is_off(value: Optional[str]) -> bool:
     return parse_switch(value, "") == "off"
 
 
+_HELD = threading.local()
+
+
+@contextlib.contextmanager
+def held_kernel_settings():
+    """Within it (on this thread), each kernel setting is read from the environment once: a decode
+    step's forward pass asks some sixty times, at about a microsecond a read."""
+    outer = getattr(_HELD, "values", None)
+    if outer is None:
+        _HELD.values = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _HELD.values = None
+
+
 def kernel_setting(name: str) -> Optional[str]:
-    """A kernel tuning variable, read on every call (benchmarks change them between calls)."""
+    """A kernel tuning variable, read on every call (benchmarks change them between calls), or
+    once per held_kernel_settings() block."""
     if name not in KERNEL_SETTINGS:
         raise KeyError(f"{name} is not in settings.KERNEL_SETTINGS")
-    return os.environ.get(name) or None
+    held = getattr(_HELD, "values", None)
+    if held is None:
+        return os.environ.get(name) or None
+    if name not in held:
+        held[name] = os.environ.get(name) or None
+    return held[name]
 
 
 def kernel_switch(name: str, default: str = "") -> str:

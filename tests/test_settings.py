@@ -49,3 +49,25 @@ def test_every_variable_read_anywhere_is_in_the_table_and_the_readme():
 def test_the_readme_shows_the_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert S.table_markdown() in readme
+
+
+def test_held_kernel_settings_read_once_per_block(monkeypatch):
+    import threading
+
+    from kimi_mlx.settings import held_kernel_settings, kernel_setting
+
+    monkeypatch.setenv("KIMI_MLX_MLA_NBUF", "1")
+    with held_kernel_settings():
+        assert kernel_setting("KIMI_MLX_MLA_NBUF") == "1"
+        monkeypatch.setenv("KIMI_MLX_MLA_NBUF", "2")
+        with held_kernel_settings():  # nested: the same held values
+            assert kernel_setting("KIMI_MLX_MLA_NBUF") == "1"
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(kernel_setting("KIMI_MLX_MLA_NBUF")))
+        t.start()
+        t.join()
+        assert seen == ["2"]  # another thread reads the environment
+        assert kernel_setting("KIMI_MLX_MLA_NBUF") == "1"
+    assert kernel_setting("KIMI_MLX_MLA_NBUF") == "2"  # after the block: read again
+    with held_kernel_settings():
+        assert kernel_setting("KIMI_MLX_MLA_NBUF") == "2"

@@ -6,6 +6,7 @@ import mlx.nn as nn
 
 from ..cache import KDACache, KimiCache, MLACache
 from ..config import ModelConfig
+from ..settings import held_kernel_settings
 from .common import MLP, compile_decode, compiled_for, kernels_traceable
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
@@ -75,8 +76,9 @@ class KimiLinearModel(nn.Module):
     def __call__(self, input_ids: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(input_ids)
         caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, c)
+        with held_kernel_settings():
+            for layer, c in zip(self.layers, caches):
+                h = layer(h, c)
         return self.norm(h)
 
 

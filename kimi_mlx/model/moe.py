@@ -50,7 +50,10 @@ class KimiMoE(nn.Module):
         inds, weights = route(logits, self.e_score_correction_bias, c.num_experts_per_token,
                               c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor)
         y = self.switch_mlp(x, inds)  # [..., k, d]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
+        if x.shape[-2] == 1:  # a decode step: the weighted sum over the k experts as one matmul, not two kernels
+            y = (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(x.dtype)
+        else:
+            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

@@ -5,6 +5,7 @@ our own small module: importing mlx_lm pulls in transformers (seconds of start-u
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -20,14 +21,24 @@ def _sort_by_expert(x, indices):
     return x.flatten(0, -3)[order // k], flat[order], inv
 
 
+@functools.lru_cache(maxsize=32)
+def _lhs_rows(shape: tuple) -> mx.array:
+    """The lhs indices gather_mm builds itself when given none (an arange over x's batch), made
+    once a shape: one kernel less a gathered matmul in a decode step."""
+    a = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
+    mx.eval(a)  # a constant, also when first made inside a compiled trace or on another thread
+    return a
+
+
 class SwitchLinear(nn.Module):
     def __init__(self, input_dims: int, output_dims: int, num_experts: int):
         super().__init__()
         scale = math.sqrt(1 / input_dims)
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+    def __call__(self, x, indices, sorted_indices=False, lhs=None):
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=indices,
+                            sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs):
         return QuantizedSwitchLinear.from_weight(self.weight, group_size, bits, mode)
@@ -54,9 +65,9 @@ class QuantizedSwitchLinear(nn.Module):
         q.freeze()
         return q
 
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+    def __call__(self, x, indices, sorted_indices=False, lhs=None):
+        return mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), lhs_indices=lhs, rhs_indices=indices,
+                             transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
 
 
@@ -72,11 +83,13 @@ class SwitchGLU(nn.Module):
     def __call__(self, x, indices):
         x = mx.expand_dims(x, (-2, -3))
         do_sort = indices.size >= 64
-        idx, inv = indices, None
+        idx, inv, lhs = indices, None, None
         if do_sort:
             x, idx, inv = _sort_by_expert(x, indices)
-        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
-        y = self.down_proj(h, idx, do_sort)
+        else:  # a decode step: the lhs indices are a constant (the sorted prefill path keeps its own)
+            lhs = _lhs_rows(x.shape[:-2])
+        h = nn.silu(self.gate_proj(x, idx, do_sort, lhs)) * self.up_proj(x, idx, do_sort, lhs)
+        y = self.down_proj(h, idx, do_sort, None if do_sort else _lhs_rows(h.shape[:-2]))
         if do_sort:
             y = mx.unflatten(y[inv], 0, indices.shape)
         return y.squeeze(-2)
