@@ -77,6 +77,31 @@ def test_model_bench_append_and_plot(model_json, tmp_path):
     assert (tmp_path / "bench_model_q4.png").stat().st_size > 1000
 
 
+def test_model_bench_decode_rounds(tmp_path):
+    import statistics
+
+    path = tmp_path / "model.json"
+    args = ["--tiny", "--lengths", "32", "--dtypes", "q4", "--impls", "ours", "--decode-tokens", "2",
+            "--decode-rounds", "2", "--step", "32", "--no-check", "--warmup-seconds", "0",
+            "--json", str(path), "--no-plot"]
+    assert bench_main(["model", *args]) == 0
+    (r,) = json.loads(path.read_text())["results"]
+    assert "error" not in r, r
+    assert len(r["decode_tok_s_rounds"]) == 2 and len(r["decode_pipelined_tok_s_rounds"]) == 2
+    assert len(r["decode_ms_all"]) == 4  # 2 rounds x 2 steps, the warm-up step not kept
+    # the rounds are rounded to 2 decimals; the reported rate is their median, unrounded
+    assert r["decode_tok_s"] == pytest.approx(statistics.median(r["decode_tok_s_rounds"]), rel=1e-2)
+    assert r["decode_pipelined_tok_s"] == pytest.approx(statistics.median(r["decode_pipelined_tok_s_rounds"]), rel=1e-2)
+
+
+@pytest.mark.parametrize("rounds", ["0", "-1"])
+def test_model_bench_decode_rounds_rejects_below_one(rounds, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["model", "--decode-rounds", rounds])
+    assert e.value.code == 2
+    assert "--decode-rounds" in capsys.readouterr().err
+
+
 def test_roofline_json(model_json, tmp_path):
     out = tmp_path / "roof.json"
     assert bench_main(["roofline", "--model-json", str(model_json), "--mib", "8", "--matmul-n", "128",

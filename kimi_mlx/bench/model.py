@@ -15,8 +15,10 @@ is ours without it.
 
 Prefill runs in chunks of --step tokens (2048, mlx-lm's default too), evaluating each chunk's
 last-position logits and the cache (so every layer runs). Before anything is timed, every model
-runs a two-chunk prefill and two decode steps (kernel compiles, the initial-state variants). Decode times --decode-tokens greedy steps at that depth (median), with the
-implementations' steps interleaved so that load from other processes hits them alike. Peak
+runs a two-chunk prefill and two decode steps (kernel compiles, the initial-state variants). Decode times --decode-tokens greedy steps at that depth, with the
+implementations' steps interleaved so that load from other processes hits them alike, then a pipelined
+block of as many per implementation; --decode-rounds (3) repeats both, and each rate is the median over
+rounds (the min-max is printed beside it). Peak
 memory = the model's weights + the largest extra active memory during its prefill.
 
 Before timing, both models are built in fp32 and their logits compared (`checks.same_weights` in the
@@ -34,6 +36,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -212,6 +215,22 @@ def _parse_limits(s: str | None) -> dict[str, int]:
     return out
 
 
+def _at_least_one(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _spread(r: dict, key: str) -> str:
+    """' [min-max]' over the decode rounds, when there were several."""
+    xs = r.get(key) or []
+    return f" [{min(xs):.1f}-{max(xs):.1f}]" if len(xs) > 1 else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kimi_mlx.bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="1K,4K", help="context lengths, e.g. 1K,8K,32K")
@@ -223,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke tests), not the real ones")
     ap.add_argument("--step", type=int, default=2048, help="prefill chunk (tokens)")
     ap.add_argument("--decode-tokens", type=int, default=8)
+    ap.add_argument("--decode-rounds", type=_at_least_one, default=3,
+                    help="repeat the decode timing (steps, then pipelined) this many times; the median over rounds is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prefill", default=None,
                     help="skip the full prefill above a length per impl, e.g. 'mlx-lm=1K,mlx-lm+fast=8K': decode "
@@ -380,31 +401,47 @@ def main(argv=None) -> int:
                         stats, cache, tok = prefill_one(impl, models[impl], n, a.step, a.vocab, a.seed)
                         r.update(stats)
                         r["decode_depth"] = "prefilled"
-                    live[impl] = [cache, tok, []]
+                    live[impl] = [cache, tok, [], []]  # cache, token, step times a round, pipelined rates
                 except Exception as e:
                     r["error"] = f"{type(e).__name__}: {e}"[:200]
-            # decode, interleaved: each round runs one step of every implementation, so load from
-            # other processes hits all of them alike; the first round is a warm-up
-            for i in range(a.decode_tokens + 1):
-                for impl, st in list(live.items()):
-                    try:
-                        st[1], dt_s = decode_step(impl, models[impl], st[0], st[1])
-                        if i:
-                            st[2].append(dt_s)
-                    except Exception as e:
-                        row[impl]["error"] = f"decode: {type(e).__name__}: {e}"[:200]
-                        live.pop(impl)
-            for impl, st in live.items():
-                med = _median(st[2])
-                row[impl].update({"decode_tok_s": 1 / med if med else None,
-                                  "decode_ms_median": med * 1e3 if med else None,
-                                  "decode_ms_all": [round(x * 1e3, 2) for x in st[2]]})
+            # decode, interleaved: each iteration runs one step of every implementation, so load
+            # from other processes hits all of them alike (the very first is a warm-up); then each
+            # one's pipelined block. --decode-rounds repeats both and takes the median over rounds:
+            # one run of a few dozen steps moves by 10-40 % on a GPU host.
+            for rnd in range(a.decode_rounds):
+                for impl, st in live.items():
+                    st[2].append([])
+                for i in range(a.decode_tokens + (rnd == 0)):
+                    for impl, st in list(live.items()):
+                        try:
+                            st[1], dt_s = decode_step(impl, models[impl], st[0], st[1])
+                            if i or rnd:
+                                st[2][-1].append(dt_s)
+                        except Exception as e:
+                            row[impl]["error"] = f"decode: {type(e).__name__}: {e}"[:200]
+                            live.pop(impl)
                 if a.decode_tokens > 1:  # what generation sees: graph building overlaps the device
-                    try:
-                        sec, st[1] = pipelined_decode(impl, models[impl], st[0], st[1], a.decode_tokens)
-                        row[impl]["decode_pipelined_tok_s"] = 1 / sec
-                    except Exception as e:
-                        row[impl]["error"] = f"pipelined decode: {type(e).__name__}: {e}"[:200]
+                    for impl, st in live.items():
+                        if st[3] is None:
+                            continue
+                        try:
+                            sec, st[1] = pipelined_decode(impl, models[impl], st[0], st[1], a.decode_tokens)
+                            st[3].append(1 / sec)
+                        except Exception as e:  # keeps its synced steps, as before rounds; no retry
+                            row[impl]["error"] = f"pipelined decode: {type(e).__name__}: {e}"[:200]
+                            st[3] = None
+            for impl, st in live.items():
+                steps = [t for ts in st[2] for t in ts]
+                med = _median(steps)
+                rates = [1 / _median(ts) for ts in st[2] if ts]
+                # over rounds the true median (an even R averages the middle two), not _median's upper one
+                row[impl].update({"decode_tok_s": statistics.median(rates) if rates else None,
+                                  "decode_tok_s_rounds": [round(x, 2) for x in rates],
+                                  "decode_ms_median": med * 1e3 if med else None,
+                                  "decode_ms_all": [round(x * 1e3, 2) for x in steps]})
+                if st[3]:
+                    row[impl].update({"decode_pipelined_tok_s": statistics.median(st[3]),
+                                      "decode_pipelined_tok_s_rounds": [round(x, 2) for x in st[3]]})
                 if impl in synth:
                     synth[impl][1] = st[1]
             del live
@@ -419,9 +456,9 @@ def main(argv=None) -> int:
                 elif r.get("prefill_skipped"):
                     msg = r["prefill_skipped"]
                 if r.get("decode_tok_s"):
-                    msg += f"  decode {r['decode_tok_s']:6.2f} tok/s ({r['decode_depth']} depth)"
+                    msg += f"  decode {r['decode_tok_s']:6.2f} tok/s{_spread(r, 'decode_tok_s_rounds')} ({r['decode_depth']} depth)"
                 if r.get("decode_pipelined_tok_s"):
-                    msg += f", pipelined {r['decode_pipelined_tok_s']:6.2f} tok/s"
+                    msg += f", pipelined {r['decode_pipelined_tok_s']:6.2f} tok/s{_spread(r, 'decode_pipelined_tok_s_rounds')}"
                 print(f"  {dt:5s} {impl:10s} {fmt_len(n):>5s}: {msg}", flush=True)
             save()
         if a.profile:
