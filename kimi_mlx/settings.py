@@ -3,7 +3,8 @@
 `settings()` parses the user settings once per distinct KIMI_MLX_* environment (a changed
 variable, e.g. in a test, is seen on the next call). "off" is spelled off/0/false/no/none
 everywhere, "on" on/1/true/yes. Kernel tuning knobs are listed here for the README and read
-by metal_kernels / the kernel dispatch (they must be changeable per call in benchmarks).
+by metal_kernels / the kernel dispatch (they must be changeable per call in benchmarks; a
+forward pass reads each once, held_kernel_settings).
 
 This module imports nothing heavy: _blas reads it before mlx.core is loaded.
 """
