@@ -61,6 +61,11 @@ class KDACache:
         c.conv, c.state, c.offset = self.conv, self.state, self.offset
         return c
 
+    def advance(self, conv: mx.array, state: mx.array, tokens: int) -> None:
+        """After `tokens` more tokens: their short-conv tail and recurrent state."""
+        self.conv, self.state = conv, state
+        self.offset += tokens
+
     def arrays(self) -> dict[str, mx.array]:
         if self.state is None:
             return {}

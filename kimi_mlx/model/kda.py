@@ -94,8 +94,7 @@ class KimiDeltaAttention(nn.Module):
         """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""
         o, state = self.gated_delta(parts, cache.state if cache is not None else None)
         if cache is not None:
-            cache.conv, cache.state = parts[-1], state
-            cache.offset += parts[0].shape[1]
+            cache.advance(parts[-1], state, parts[0].shape[1])
         return o
 
     def gated_delta(self, parts, state: mx.array | None):

@@ -42,8 +42,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         if not self.is_mla and kernels_traceable():
             step = compiled("token", self._kda_token)
-            h, cache.conv, cache.state = step(x, cache.conv, cache.state)
-            cache.offset += x.shape[1]
+            h, conv, state = step(x, cache.conv, cache.state)
+            cache.advance(conv, state, x.shape[1])
             return h
         state = () if self.is_mla else (cache.conv,)
         parts = compiled("pre", self._pre)(x, *state)
