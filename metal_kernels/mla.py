@@ -162,11 +162,8 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         return None
     nt, g, two, smem, template = plan
     kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
-    if q8:
-        rows, wq, sc, bi = _dummy(str(dt).split(".")[-1]), seg["wq"], seg["scales"], seg["biases"]
-    else:
-        dummy = _dummy(str(dt).split(".")[-1])
-        rows, wq, sc, bi = seg, _dummy("uint32"), dummy, dummy
+    dummy = _dummy(str(dt).split(".")[-1])
+    rows, wq, sc, bi = (dummy, seg["wq"], seg["scales"], seg["biases"]) if q8 else (seg, _dummy("uint32"), dummy, dummy)
     row_blocks = -(-M // 32) * B
     kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
     ns = -(-n // kps)
@@ -188,7 +185,7 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     return outs[0], outs[1]
 
 
-# the settings a decode launch plan depends on (read every call: benchmarks change them)
+# the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
 _DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS")
 
 

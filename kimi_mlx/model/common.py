@@ -26,6 +26,12 @@ def kernels_traceable() -> bool:
     return v != "off" and mx.default_device().type == mx.DeviceType.gpu and kernel_backend() is not None
 
 
+def one_token(x: mx.array) -> bool:
+    """x [B, T, d] is a decode step's single token: the decode-only forms (fewer launches) key on
+    this, so prefill keeps its own code."""
+    return x.ndim == 3 and x.shape[1] == 1
+
+
 def _entries(module: nn.Module) -> list:
     """(container, key, value) for every array, list and submodule under module."""
     out = []
@@ -83,7 +89,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         # a decode step's token: gate|up as one matmul (one launch less); prefill as before
-        gate_up = joined_linear(self, ("gate_proj", "up_proj")) if x.ndim == 3 and x.shape[1] == 1 else None
+        gate_up = joined_linear(self, ("gate_proj", "up_proj")) if one_token(x) else None
         g, u = gate_up(x) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(nn.silu(g) * u)
 

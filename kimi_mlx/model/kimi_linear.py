@@ -7,7 +7,7 @@ import mlx.nn as nn
 from ..cache import KDACache, KimiCache, MLACache
 from ..config import ModelConfig
 from ..settings import held_kernel_settings
-from .common import MLP, compile_decode, compiled_for, kernels_traceable
+from .common import MLP, compile_decode, compiled_for, kernels_traceable, one_token
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
@@ -23,7 +23,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        if x.shape[1] == 1 and cache is not None and cache.offset and compile_decode():
+        if one_token(x) and cache is not None and cache.offset and compile_decode():
             c = compiled_for(self)
             if c.safe:
                 return self._decode(x, cache, c)

@@ -6,7 +6,7 @@ import mlx.nn as nn
 from .switch import SwitchGLU
 
 from ..config import ModelConfig
-from .common import MLP
+from .common import MLP, one_token
 
 
 def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
@@ -50,7 +50,7 @@ class KimiMoE(nn.Module):
         inds, weights = route(logits, self.e_score_correction_bias, c.num_experts_per_token,
                               c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor)
         y = self.switch_mlp(x, inds)  # [..., k, d]
-        if x.shape[-2] == 1:  # a decode step: the weighted sum over the k experts as one matmul, not two kernels
+        if one_token(x):  # the weighted sum over the k experts as one matmul, not two kernels
             y = (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(x.dtype)
         else:
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)

@@ -83,13 +83,13 @@ class SwitchGLU(nn.Module):
     def __call__(self, x, indices):
         x = mx.expand_dims(x, (-2, -3))
         do_sort = indices.size >= 64
-        idx, inv, lhs = indices, None, None
+        idx, inv, lhs_x, lhs_h = indices, None, None, None
         if do_sort:
             x, idx, inv = _sort_by_expert(x, indices)
-        else:  # a decode step: the lhs indices are a constant (the sorted prefill path keeps its own)
-            lhs = _lhs_rows(x.shape[:-2])
-        h = nn.silu(self.gate_proj(x, idx, do_sort, lhs)) * self.up_proj(x, idx, do_sort, lhs)
-        y = self.down_proj(h, idx, do_sort, None if do_sort else _lhs_rows(h.shape[:-2]))
+        else:  # a few tokens (a decode step): constant lhs indices (the sorted prefill path keeps its own)
+            lhs_x, lhs_h = _lhs_rows(x.shape[:-2]), _lhs_rows(indices.shape)
+        h = nn.silu(self.gate_proj(x, idx, do_sort, lhs_x)) * self.up_proj(x, idx, do_sort, lhs_x)
+        y = self.down_proj(h, idx, do_sort, lhs_h)
         if do_sort:
             y = mx.unflatten(y[inv], 0, indices.shape)
         return y.squeeze(-2)
