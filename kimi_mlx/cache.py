@@ -40,6 +40,16 @@ def segment_rows(data, s: int, e: int, D: int) -> mx.array:
                             "group_size": gs, "bits": 8})
 
 
+def write_rows(data, rows: mx.array, at: mx.array, group_size: int):
+    """data (a segment's [B, cap, D] array, or its 8-bit dict) with rows [B, T, D] written at row
+    `at` (a one-element int array, so a compiled step takes the position as an input)."""
+    if not isinstance(data, dict):
+        return mx.slice_update(data, rows.astype(data.dtype), at, axes=(1,))
+    B, T, _ = rows.shape
+    q = quantize_rows(rows, group_size)
+    return {k: mx.slice_update(data[k], q[k].reshape(B, T, -1), at, axes=(1,)) for k in ("wq", "scales", "biases")}
+
+
 def dequantize_rows(q: dict) -> mx.array:
     B, T, D = q["shape"]
     x = mx.dequantize(q["wq"], q["scales"], q["biases"], group_size=q["group_size"], bits=q["bits"])
@@ -147,16 +157,13 @@ class MLACache:
         return {"data": data, "cap": cap, "n": 0, "start": self.offset, "D": D}
 
     def _write(self, seg: dict, rows: mx.array) -> None:
-        B, take, _ = rows.shape
-        at = mx.array([0, seg["n"], 0])
-        if self.bits is None:
-            seg["data"] = mx.slice_update(seg["data"], rows, at, axes=(0, 1, 2))
-        else:
-            q = quantize_rows(rows, self.group_size)
-            seg["data"] = {k: mx.slice_update(seg["data"][k], q[k].reshape(B, take, -1), at, axes=(0, 1, 2))
-                           for k in ("wq", "scales", "biases")}
-        seg["n"] += take
-        self.offset += take
+        self.commit(seg, write_rows(seg["data"], rows, mx.array([seg["n"]]), self.group_size), rows.shape[1])
+
+    def commit(self, seg: dict, data, rows: int) -> None:
+        """seg's data now holds `rows` more rows (written with write_rows)."""
+        seg["data"] = data
+        seg["n"] += rows
+        self.offset += rows
 
     @property
     def tail_rows(self) -> int:
@@ -180,14 +187,18 @@ class MLACache:
 
     def _append_tail(self, kv: mx.array) -> None:
         B, T, D = kv.shape
+        self._write(self.tail(B, T, D, kv.dtype), kv)
+
+    def tail(self, B: int, T: int, D: int, dtype) -> dict:
+        """The tail segment, with room for T more rows (a new one when there is none or it is full)."""
         tail = self.segs[-1] if self.segs and self.segs[-1].get("tail") else None
         if tail is not None and tail["n"] + T > tail["cap"]:
             self._close_tail()
             tail = None
         if tail is None:
-            tail = {**self._new_segment(B, D, kv.dtype, self.tail_rows), "tail": True, "small": True}
+            tail = {**self._new_segment(B, D, dtype, self.tail_rows), "tail": True, "small": True}
             self.segs.append(tail)
-        self._write(tail, kv)
+        return tail
 
     @staticmethod
     def _sliced(data, s: int, e: int):

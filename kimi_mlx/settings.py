@@ -44,13 +44,14 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_KDA_POISON": ("off", "fill KDA kernel outputs with NaN first (tests: unwritten elements show)"),
     "KIMI_MLX_MLA": ("", "reference: the MLX-ops MLA attention instead of the kernels"),
     "KIMI_MLX_COMPILE": ("on a GPU", "decode steps run as mx.compile'd pieces per layer (fused elementwise ops, no per-token graph build): on, off, auto"),
-    "KIMI_MLX_COMPILE_KDA": ("on a GPU with the kernels", "a KDA layer's compiled decode step takes its kernel inside (one piece a layer, not two around the kernel): on, off, auto"),
+    "KIMI_MLX_COMPILE_KDA": ("on a GPU with the kernels", "a layer's compiled decode step takes its kernels inside (one piece a layer, not two around them; MLA: the cache write too): on, off, auto"),
     "KIMI_MLX_MLA_NBUF": ("2 on CUDA (bf16)", "MLA kernels: key/value tile buffers (2: async copies overlap the math; 1 on Metal)"),
     "KIMI_MLX_MLA_PREFILL_NW": ("8 CUDA, 4 Metal", "MLA prefill kernel: warps per threadgroup"),
     "KIMI_MLX_MLA_PREFILL_RW": ("2 CUDA where it fits, else 1", "MLA prefill kernel: 16-row query tiles a warp (1 or 2: each key fragment used twice)"),
     "KIMI_MLX_MLA_TGS": ("132 per fitting threadgroup CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
     "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32 or 64)"),
     "KIMI_MLX_MLA_DECODE_GROUPS": ("1", "MLA decode kernel: warp groups a threadgroup, each on its own split (1, or 2 on CUDA)"),
+    "KIMI_MLX_MOE_ROUTE": ("", "reference: the MLX-ops MoE routing instead of the one-launch routing kernel"),
 }
 
 

@@ -61,7 +61,7 @@ def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_
     import mlx.core as mx
 
     d = _dialect.DIALECTS[be]
-    if kind.startswith("mla_"):
+    if kind.startswith(("mla_", "moe_")):
         header, body = _sources.render(d, kind)
         if be == "cuda" and max_threads:  # a register cap: MLX writes the signature
             blocks = 2 if max_threads <= 256 else 1  # two blocks of 256, or one larger

@@ -11,6 +11,7 @@ take); the caller then runs the plain MLX-ops path in kimi_mlx/ops/attention.py.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 from kimi_mlx.settings import kernel_setting, kernel_switch
 
@@ -53,7 +54,8 @@ def _kstep(be: str, prec: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _ints(*vals):
+def info_ints(*vals):
+    """An int32 info array of these values (made once, kept: decode steps repeat them)."""
     import mlx.core as mx
 
     a = mx.array(list(vals), dtype=mx.int32)
@@ -144,12 +146,37 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     """Absorbed attention of query rows q [B, M, D] (row r = token r // heads, head r % heads,
     the token at absolute position q_offset + r // heads) over the first n rows of one cache
     segment: seg is rows [B, cap, D] or {"wq", "scales", "biases"} (8-bit, groups along D)."""
+    B, M, D = q.shape
+    plan = mla_decode_launch(seg, B, M, D, d_v, n, max_splits)
+    if plan is None:
+        return None
+    launch, kps = plan
+    return mla_decode_run(launch, q, seg, info_ints(n, key_start, q_offset, heads, kps), scale)
+
+
+class DecodeLaunch(NamedTuple):
+    be: str
+    dt: object
+    q8: bool
+    nt: int
+    g: int
+    two: bool
+    smem: int
+    template: tuple
+    ns: int  # splits
+    B: int
+    M: int
+    d_v: int
+
+
+def mla_decode_launch(seg, B: int, M: int, D: int, d_v: int, n: int, max_splits: int = MAX_SPLITS):
+    """The host side of a decode launch over the first n rows of seg: (launch, keys per split), or
+    None when no kernel takes it. `launch` is hashable and fixes the kernel call (grid, shapes,
+    template) but not the depth, which the info array carries (n, key_start, q_offset, heads,
+    keys per split): a launch made for n serves any depth with the same split count."""
     be = backend()
     if be is None or n <= 0:
         return None
-    import mlx.core as mx
-
-    B, M, D = q.shape
     q8 = isinstance(seg, dict)
     dt = seg["scales"].dtype if q8 else seg.dtype
     if q8:
@@ -161,21 +188,31 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
     if plan is None:
         return None
     nt, g, two, smem, template = plan
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
-    dummy = _dummy(str(dt).split(".")[-1])
-    rows, wq, sc, bi = (dummy, seg["wq"], seg["scales"], seg["biases"]) if q8 else (seg, _dummy("uint32"), dummy, dummy)
     row_blocks = -(-M // 32) * B
     kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
     ns = -(-n // kps)
     ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
+    return DecodeLaunch(be, dt, q8, nt, g, two, smem, template, ns, B, M, d_v), kps
+
+
+def mla_decode_run(launch, q, seg, info, scale: float):
+    """The kernel call of a launch (mla_decode_launch) for q [B, M, D] over seg, with info the
+    int32 array (n, key_start, q_offset, heads, keys per split): (o_part, lse_part). Takes arrays
+    only besides the launch, so it runs inside mx.compile."""
+    import mlx.core as mx
+
+    be, dt, q8, nt, g, two, smem, template, ns, B, M, d_v = launch
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
+    dummy = _dummy(str(dt).split(".")[-1])
+    rows, wq, sc, bi = (dummy, seg["wq"], seg["scales"], seg["biases"]) if q8 else (seg, _dummy("uint32"), dummy, dummy)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
     dtypes = [mx.float32, mx.float32]
     if be == "metal":
         shapes.append((ns * -(-M // 32) * B * smem,))
         dtypes.append(mx.float32)
     outs = kern(
-        inputs=[q.astype(dt), rows, wq, sc, bi, _ints(n, key_start, q_offset, heads, kps), _floats(scale)],
-        template=template,
+        inputs=[q.astype(dt), rows, wq, sc, bi, info, _floats(scale)],
+        template=list(template),
         grid=(nt * (ns // g), -(-M // 32), B),
         threadgroup=(nt, 1, 1),
         output_shapes=shapes,
@@ -183,6 +220,11 @@ def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int
         init_value=None,
     )
     return outs[0], outs[1]
+
+
+def combine_fits(splits: int, d_v: int) -> bool:
+    """One combine takes `splits` partials of width d_v."""
+    return splits <= MAX_SPLITS and d_v % 4 == 0
 
 
 # the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
@@ -211,8 +253,8 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
-    template = [("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
-                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem)]
+    template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
+                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem))
     return nt, g, two, smem, template
 
 
@@ -231,7 +273,7 @@ def mla_combine(parts, dtype):
     lse = mx.concatenate([p[1] for p in head], axis=1) if len(head) > 1 else head[0][1]
     o2, lse2 = parts[-1] if two else (_dummy("float32"), _dummy("float32"))
     B, NS, M, DV = o.shape
-    if NS + (o2.shape[1] if two else 0) > MAX_SPLITS or DV % 4:
+    if not combine_fits(NS + (o2.shape[1] if two else 0), DV):
         return None
     ntc, cw = 256, 64
     kern = _kernel(be, "mla_combine")
@@ -278,7 +320,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
         shapes.append((nqb * H * B * smem,))
         dtypes.append(mx.float32)
     outs = kern(
-        inputs=[q.astype(dt), kv, rows.astype(dt), o_in, lse_in, _ints(n, key_start, q_offset),
+        inputs=[q.astype(dt), kv, rows.astype(dt), o_in, lse_in, info_ints(n, key_start, q_offset),
                 _floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
                   ("DL", D - d_rope), ("D", D), ("NW", nw), ("RW", rw), ("HAS_INIT", has_init), ("QREG", qreg),

@@ -1,4 +1,4 @@
-"""Whole translation units around the rendered kernels (KDA and MLA), for checks outside MLX.
+"""Whole translation units around the rendered kernels (KDA, MLA, MoE), for checks outside MLX.
 
 MLX wraps a kernel body in its own signature (inputs, `<name>_shape` arrays for names the body
 mentions, outputs, then builtins on Metal / template constants on CUDA). These functions build
@@ -13,7 +13,7 @@ Template arguments are (name, value) pairs; a value is an int, a bool, or a dtyp
 """
 from __future__ import annotations
 
-from . import mla_template
+from . import mla_template, moe_template
 from .dialect import CUDA, METAL
 from .kda_template import DECODE_INPUTS, DECODE_OUTPUTS, PREFILL_INPUTS, prefill_outputs
 from .kda_template import render as _kda_render
@@ -34,15 +34,19 @@ _METAL_BUILTINS = [
 
 
 def render(dialect, kind: str, prof: bool = False) -> tuple[str, str]:
-    """(header, body) of any kernel kind: the KDA 'prefill'/'decode' or an 'mla_*' one."""
+    """(header, body) of any kernel kind: the KDA 'prefill'/'decode', an 'mla_*' or a 'moe_*' one."""
     if kind.startswith("mla_"):
         return mla_template.render(dialect, kind)
+    if kind.startswith("moe_"):
+        return moe_template.render(dialect, kind)
     return _kda_render(dialect, kind, prof)
 
 
 def io_names(kind: str, dialect, prof: bool = False) -> tuple[list[str], list[str]]:
     if kind.startswith("mla_"):
         return mla_template.inputs(kind), mla_template.outputs(kind, dialect)
+    if kind.startswith("moe_"):
+        return moe_template.inputs(kind), moe_template.outputs(kind, dialect)
     if kind == "prefill":
         return PREFILL_INPUTS, prefill_outputs(dialect, prof)
     return DECODE_INPUTS, DECODE_OUTPUTS

@@ -38,10 +38,11 @@ def main():
     ap.add_argument("--depth", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--mla-bits", type=int, choices=(8,), default=None, help="an 8-bit MLA cache")
     a = ap.parse_args()
     c = bm.slice_config(layers=a.layers, experts=a.experts, vocab=8192, tiny=a.tiny)
     model = bm.build("ours-plain", c, bm.random_weights(c), a.dtype)
-    base = model.make_cache()
+    base = model.make_cache(mla_bits=a.mla_bits)
     base.reserve(a.depth + 2 * a.steps + 64)
     bm.prefill_chunk("ours", model, mx.array([list(range(1, 65))]), base)
     bm.fill_synthetic("ours", model, base, a.depth)
@@ -51,9 +52,13 @@ def main():
     if n_compiled != len(model.layers):
         print(f"only {n_compiled} of {len(model.layers)} layers ran compiled")
         return 1
+    pieces = [sorted({k[0] if isinstance(k, tuple) else k for k in layer.__dict__["_compiled"].fns})
+              for layer in model.layers]
+    print("compiled pieces by layer:", pieces)
     worst = max(float(mx.abs(r - g).max() / mx.abs(r).max()) for r, g in zip(ref, got))
     same = sum(x == y for x, y in zip(ref_toks, got_toks))
-    print(f"compiled vs plain decode, {a.dtype}, {a.experts} experts, depth {a.depth}, {a.steps} steps on "
+    print(f"compiled vs plain decode, {a.dtype}, {a.experts} experts, depth {a.depth}, {a.steps} steps, "
+          f"MLA cache bits {a.mla_bits or 'full'}, on "
           f"{mx.default_device()}: max rel diff of logits {worst:.2e}, same token {same}/{a.steps}")
     return 0 if worst < (1e-5 if a.dtype == "fp32" else 3e-2) else 1
 

@@ -143,3 +143,86 @@ os._exit(0)
     assert r.returncode == 0, r.stderr[-2000:]
     main, worker = eval(r.stdout.strip().splitlines()[-1])
     assert worker == main, (main, worker)
+
+
+class _TracedMLA:
+    """The MLA decode and combine kernels' contract in MLX ops: unlike the emulator, mx.compile
+    traces it, so an MLA layer's one-piece decode step runs on the CPU. The depth comes from the
+    info array only (n, key_start, q_offset, heads, keys per split), as in the kernel."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
+        t = dict(template)
+        if self.kind == "mla_combine":
+            o, lse, o2, lse2 = inputs
+            if t["TWO"]:
+                o, lse = mx.concatenate([o, o2], axis=1), mx.concatenate([lse, lse2], axis=1)
+            w = mx.exp(lse - lse.max(axis=1, keepdims=True))
+            return [((w[..., None] * o).sum(axis=1) / w.sum(axis=1)[..., None]).astype(t["T"])]
+        assert self.kind == "mla_decode", self.kind
+        q, rows, wq, sc, bi, info, info_f = inputs
+        B, M, D = q.shape
+        if t["Q8"]:
+            cap = wq.shape[1]
+            rows = mx.dequantize(wq.reshape(B * cap, -1), sc.reshape(B * cap, -1), bi.reshape(B * cap, -1),
+                                 group_size=t["QG"], bits=8)[:, :D].reshape(B, cap, D)
+        rows = rows.astype(mx.float32)
+        cap, ns = rows.shape[1], output_shapes[0][1]
+        n, key_start, q_offset, heads, kps = (info[i] for i in range(5))
+        j, r = mx.arange(cap), mx.arange(M)
+        seen = (j[None] < n) & (key_start + j[None] <= q_offset + r[:, None] // heads)  # [M, cap]
+        mask = seen[None] & (j // kps == mx.arange(ns)[:, None])[:, None, :]  # [ns, M, cap]
+        s = (q.astype(mx.float32) @ rows.swapaxes(1, 2)) * info_f[0]
+        s = mx.where(mask[None], s[:, None], -mx.inf)  # [B, ns, M, cap]
+        top = s.max(axis=-1)
+        safe = mx.where(mx.isinf(top), 0.0, top)
+        p = mx.exp(s - safe[..., None])
+        total = p.sum(axis=-1)
+        lse = mx.where(total > 0, mx.log(mx.maximum(total, 1e-30)) + safe, -mx.inf)
+        o = (p @ rows[:, None, :, : t["DV"]]) / mx.maximum(total, 1e-30)[..., None]
+        return [o, lse]
+
+
+@pytest.mark.parametrize("mla_bits", [None, 8])
+def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits):
+    """As on a GPU: an MLA layer's decode step is one compiled piece, the cache write and the
+    kernels inside. The same logits as the plain layers, token after token across tails that
+    fill, close and merge (4-row pages); a trace is reused while the segments stay as they are,
+    and only a few are kept."""
+    import metal_kernels
+    from metal_kernels import mla as K
+    from kimi_mlx.cache import KDACache, KimiCache, MLACache
+
+    cache = KimiCache(MLACache(page_tokens=4, bits=mla_bits) if layer.is_mla else KDACache() for layer in model.layers)
+    mx.eval(model(mx.array([list(range(1, 40))]), cache=cache))
+    monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
+    ref = _steps(model, cache.copy(), 14)
+    monkeypatch.setattr(K, "backend", lambda: "cuda")
+    monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _TracedMLA(kind))
+    plain_kernels = _steps(model, cache.copy(), 14)  # the stand-in kernels outside mx.compile
+    assert max(max_abs(r, g) for r, g in zip(ref, plain_kernels)) < 1e-5
+    monkeypatch.setattr("kimi_mlx.model.kimi_linear.kernels_traceable", lambda: True)
+    monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
+    made = []
+    mla = [layer for layer in model.layers if layer.is_mla]
+    c = cache.copy()
+    got = []
+    for i in range(14):
+        got += _steps_from(model, c, ref[i - 1] if i else None)
+        fns = mla[0].__dict__["_compiled"].fns
+        made.append(next(reversed([k for k in fns if isinstance(k, tuple)])))
+    assert max(max_abs(r, g) for r, g in zip(ref, got)) < 1e-5
+    assert all("pre" not in layer.__dict__["_compiled"].fns for layer in mla)  # never the plain pieces
+    assert len(set(made)) < len(made) // 2  # traces reused within a tail
+    assert len([k for k in mla[0].__dict__["_compiled"].fns if isinstance(k, tuple)]) <= 8
+    assert c.offset == cache.offset + 14 and all(x.offset == c.offset for x in c)
+
+
+def _steps_from(model, cache, prev_logits):
+    """One greedy step from the previous step's logits (token 7 first), as _steps takes them."""
+    tok = mx.array([[7]]) if prev_logits is None else mx.argmax(prev_logits, axis=-1)[None]
+    logits = model(tok, cache=cache)[:, -1]
+    mx.eval(logits)
+    return [logits]

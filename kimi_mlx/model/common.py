@@ -15,10 +15,10 @@ def compile_decode() -> bool:
 
 
 def kernels_traceable() -> bool:
-    """A KDA layer's decode step may take its kernel inside its compiled piece (KIMI_MLX_COMPILE_KDA):
-    the kernels run on this device's GPU (Metal or CUDA), where a launch is a primitive that
-    mx.compile traces; on the CPU they are MLX ops or the tests' emulator, which reads its inputs
-    on the host."""
+    """A layer's decode step may take its kernels inside one compiled piece (KIMI_MLX_COMPILE_KDA;
+    MLA layers too, where their kernels take the cache): the kernels run on this device's GPU
+    (Metal or CUDA), where a launch is a primitive that mx.compile traces; on the CPU they are
+    MLX ops or the tests' emulator, which reads its inputs on the host."""
     from ..ops.kda import kernel_backend
     from ..settings import kernel_switch
 
@@ -62,10 +62,15 @@ class Compiled:
     def valid(self) -> bool:
         return all(c[k] is v for c, k, v in self.entries)
 
-    def __call__(self, name: str, fn):
-        """mx.compile(fn), made once: fn may read the module's weights, never host values of its inputs."""
+    def __call__(self, name, fn, limit: int | None = None):
+        """mx.compile(fn), made once: fn may read the module's weights, never host values of its inputs.
+        A tuple name is one of a family (name[0]) of which at most `limit` are kept, the oldest dropped."""
         f = self.fns.get(name)
         if f is None:
+            if limit is not None:
+                family = [k for k in self.fns if isinstance(k, tuple) and k[0] == name[0]]
+                for k in family[: max(0, len(family) - limit + 1)]:
+                    del self.fns[k]
             f = self.fns[name] = mx.compile(fn)
         return f
 

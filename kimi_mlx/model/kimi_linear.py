@@ -1,11 +1,14 @@
 """Decoder layer, model, and make_cache."""
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import KDACache, KimiCache, MLACache
+from ..cache import KDACache, KimiCache, MLACache, write_rows
 from ..config import ModelConfig
+from ..ops.attention import INFO_INTS, decode_info, decode_kernel_attention, decode_kernel_plan
 from ..settings import held_kernel_settings
 from .common import MLP, compile_decode, compiled_for, kernels_traceable, one_token
 from .kda import KimiDeltaAttention
@@ -37,14 +40,19 @@ class DecoderLayer(nn.Module):
         """One token as two compiled pieces around the attention kernel: everything before it
         (norm, projections, short conv / query absorption) and everything after it (o_proj,
         residuals, MoE). Same maths as __call__: fused elementwise ops, and no graph to rebuild.
-        A KDA layer whose state has a fixed shape is one compiled piece, kernel included, where
-        the kernel is a GPU kernel that mx.compile can trace (not the CPU's MLX ops or emulator)."""
+        Where the kernels are GPU kernels that mx.compile can trace (not the CPU's MLX ops or
+        emulator), a layer is one compiled piece, kernels included: a KDA layer (its state has a
+        fixed shape), and an MLA layer with its cache write (_mla_token)."""
         attn = self.self_attn
-        if not self.is_mla and kernels_traceable():
-            step = compiled("token", self._kda_token)
-            h, conv, state = step(x, cache.conv, cache.state)
-            cache.advance(conv, state, x.shape[1])
-            return h
+        if kernels_traceable():
+            if not self.is_mla:
+                step = compiled("token", self._kda_token)
+                h, conv, state = step(x, cache.conv, cache.state)
+                cache.advance(conv, state, x.shape[1])
+                return h
+            h = self._mla_token(x, cache, compiled)
+            if h is not None:
+                return h
         state = () if self.is_mla else (cache.conv,)
         parts = compiled("pre", self._pre)(x, *state)
         o = attn.attend(parts, cache)
@@ -58,6 +66,38 @@ class DecoderLayer(nn.Module):
     def _post(self, x: mx.array, o: mx.array) -> mx.array:
         """After the kernel: o_proj, residuals, MLP / MoE."""
         return self._mlp_block(x + self.self_attn.output(o, x.dtype))
+
+    def _mla_token(self, x: mx.array, cache: MLACache, compiled):
+        """An MLA layer's decode step as one compiled piece, the cache write and the attention
+        kernels inside; the depth goes in as a small int array, so a trace serves every token
+        until the segments or the kernels' split counts change. None when the kernels don't take
+        this cache (the plain pieces run)."""
+        attn = self.self_attn
+        B, T, _ = x.shape
+        tail = cache.tail(B, T, attn.rank + attn.rope, x.dtype)
+        segs = [s for s in cache.segs if s["n"] or s is tail]
+        views = [(s["data"], s["n"] + (T if s is tail else 0), s["start"]) for s in segs]
+        plan = decode_kernel_plan((B, attn.num_heads, T, attn.rank + attn.rope), views, cache.offset, attn.rank)
+        if plan is None:
+            return None
+        launches, infos = plan
+        w = next(i for i, s in enumerate(segs) if s is tail)
+        key = ("mla_token", w, cache.group_size, launches, tuple(s["cap"] for s in segs))
+        step = compiled(key, functools.partial(self._mla_token_fn, w, cache.group_size, launches), limit=8)
+        info = decode_info(tail["n"], *(v for i in infos for v in i))
+        h, data = step(x, info, [s["data"] for s in segs])
+        cache.commit(tail, data, T)
+        return h
+
+    def _mla_token_fn(self, w: int, group_size: int, launches, x: mx.array, info: mx.array, datas: list):
+        """(output, the tail segment's new data); info = [tail row, then 5 ints a segment]."""
+        qa, rows = self._pre(x)
+        datas = list(datas)
+        datas[w] = write_rows(datas[w], rows, info[:1], group_size)
+        n = INFO_INTS
+        infos = [info[1 + n * i: 1 + n * (i + 1)] for i in range(len(datas))]
+        o = decode_kernel_attention(qa, datas, infos, launches, self.self_attn.scale)
+        return self._post(x, o), datas[w]
 
     def _kda_token(self, x: mx.array, conv: mx.array, state: mx.array):
         """A KDA layer's decode step, kernel included: (output, new conv state, new state)."""

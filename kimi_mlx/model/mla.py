@@ -44,7 +44,8 @@ class KimiMLA(nn.Module):
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
 
     # The absorbed path is project -> absorb -> attend -> output; a compiled decode step runs
-    # project + absorb and output compiled, and attend (cache append + kernel) between them.
+    # project + absorb and output compiled, and attend (cache append + kernel) between them, or,
+    # with GPU kernels, all of it as one piece (DecoderLayer._mla_token).
     def project(self, x: mx.array):
         """x [B, T, d] -> (q [B, T, H, nope + rope], cache rows [B, T, rank + rope])."""
         B, T, _ = x.shape

@@ -6,12 +6,42 @@ import mlx.nn as nn
 from .switch import SwitchGLU
 
 from ..config import ModelConfig
-from .common import MLP, one_token
+from .common import MLP, derived, one_token
+
+
+def _on_gpu() -> bool:
+    """The routing kernel runs where the default device is a GPU: there its launch is one primitive
+    that mx.compile traces (decode steps route inside compiled pieces); the CPU tests' emulator
+    reads its inputs on the host."""
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def _route_kernel(logits, bias, top_k, renormalize, scaling):
+    """metal_kernels' one-launch routing, or None (no kernel here: route_reference runs)."""
+    if not _on_gpu():
+        return None
+    try:
+        from metal_kernels.moe import moe_route
+    except ImportError:  # a trimmed install without the kernels
+        return None
+    return moe_route(logits, bias, top_k, renormalize, scaling)
 
 
 def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
           renormalize: bool, scaling: float):
-    """logits fp32 [..., E] -> (indices [..., k], weights fp32 [..., k])."""
+    """logits fp32 [..., E] -> (indices [..., k], weights fp32 [..., k]), the k picks in no set
+    order. Without group limiting one kernel does it all on a GPU; with it, on the CPU, or with
+    KIMI_MLX_MOE_ROUTE=reference the MLX ops of route_reference run."""
+    if n_group <= 1 or topk_group >= n_group:
+        out = _route_kernel(logits, bias, top_k, renormalize, scaling)
+        if out is not None:
+            return out
+    return route_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+
+
+def route_reference(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
+                    renormalize: bool, scaling: float):
+    """route in MLX ops, on every device."""
     scores = mx.sigmoid(logits)
     choice = scores + bias.astype(mx.float32)  # bias picks experts, never weights them
     if n_group > 1:
@@ -45,8 +75,14 @@ class KimiMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         c = self.cfg
-        gx = x if isinstance(self.gate, nn.QuantizedLinear) else x.astype(mx.float32)
-        logits = self.gate(gx).astype(mx.float32)
+        if type(self.gate) is nn.Linear and "bias" not in self.gate:
+            # fp32 logits from an fp32 copy of the router, made once: a bf16 weight would be
+            # converted again every token (a launch and 3.5 MB of traffic a MoE layer)
+            w = derived(self, "_gate_fp32", (self.gate.weight,), lambda: self.gate.weight.astype(mx.float32))
+            logits = x.astype(mx.float32) @ w.T
+        else:
+            gx = x if isinstance(self.gate, nn.QuantizedLinear) else x.astype(mx.float32)
+            logits = self.gate(gx).astype(mx.float32)
         inds, weights = route(logits, self.e_score_correction_bias, c.num_experts_per_token,
                               c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor)
         y = self.switch_mlp(x, inds)  # [..., k, d]

@@ -284,22 +284,63 @@ def mla_decode_attention(q: mx.array, source, scale: float, d_v: int, q_offset: 
     """Absorbed MLA attention. q [B, H, T, D] (W_uk^T q_nope | q_pe); source: an MLACache that
     already holds these tokens, or a list of row blocks [B, n, D]. Query t is at absolute
     position q_offset + t (default: the last T positions cached). Returns [B, H, T, d_v]."""
-    from metal_kernels import mla as K
-
     B, H, T, D = q.shape
     q_offset = _cached(source) - T if q_offset is None else q_offset
     segs = _segments(source)
-    if segs and K.backend() is not None and all(
-            _kernels_trusted("decode", (k[0], D, d_v, k[2], k[3])) for k in (_seg_key(d, D) for d, *_ in segs)):
-        qr = q.transpose(0, 2, 1, 3).reshape(B, T * H, D)
-        per_seg = K.MAX_SPLITS // len(segs)  # one combine takes every segment's splits
-        parts = [K.mla_decode_partial(qr, data, n, start, q_offset, H, scale, d_v, per_seg) if per_seg else None
-                 for data, n, start, _ in segs]
-        if all(p is not None for p in parts):
-            o = K.mla_combine(parts, q.dtype)
-            if o is not None:
-                return o.reshape(B, T, H, d_v).transpose(0, 2, 1, 3)
+    plan = decode_kernel_plan(q.shape, [(d, n, start) for d, n, start, _ in segs], q_offset, d_v)
+    if plan is not None:
+        launches, infos = plan
+        return decode_kernel_attention(q, [d for d, *_ in segs], [decode_info(*i) for i in infos], launches, scale)
     return latent_attention(q, _blocks(source), d_v, scale, q_offset)
+
+
+INFO_INTS = 5  # a decode launch's info array: n, key_start, q_offset, heads, keys per split
+
+
+def decode_kernel_plan(q_shape, segs, q_offset: int, d_v: int):
+    """The host side of the decode kernels for q of q_shape [B, H, T, D] over segs [(data, n,
+    start)]: (launches, infos), one of each a segment, infos the ints of each launch's info array;
+    or None when the kernels don't take this (the plain path runs). Depends on the depth only
+    through the split counts in the launches and the values in the infos."""
+    from metal_kernels import mla as K
+
+    B, H, T, D = q_shape
+    if not segs or K.backend() is None or not all(
+            _kernels_trusted("decode", (k[0], D, d_v, k[2], k[3])) for k in (_seg_key(d, D) for d, *_ in segs)):
+        return None
+    per_seg = K.MAX_SPLITS // len(segs)  # one combine takes every segment's splits
+    if not per_seg:
+        return None
+    launches, infos = [], []
+    for data, n, start in segs:
+        plan = K.mla_decode_launch(data, B, T * H, D, d_v, n, per_seg)
+        if plan is None:
+            return None
+        launches.append(plan[0])
+        infos.append((n, start, q_offset, H, plan[1]))
+    if not K.combine_fits(sum(launch.ns for launch in launches), d_v):
+        return None
+    return tuple(launches), infos
+
+
+def decode_info(*vals) -> mx.array:
+    """The int32 info array of decode kernel launches; the same values give the same array, so a
+    step's MLA layers share one."""
+    from metal_kernels.mla import info_ints
+
+    return info_ints(*vals)
+
+
+def decode_kernel_attention(q: mx.array, datas, infos, launches, scale: float) -> mx.array:
+    """The decode kernels of a decode_kernel_plan: q [B, H, T, D] over the segments' data, info
+    arrays per segment -> [B, H, T, d_v]. Arrays only besides the plan: it runs inside mx.compile."""
+    from metal_kernels import mla as K
+
+    B, H, T, D = q.shape
+    qr = q.transpose(0, 2, 1, 3).reshape(B, T * H, D)
+    parts = [K.mla_decode_run(launch, qr, data, info, scale) for launch, data, info in zip(launches, datas, infos)]
+    o = K.mla_combine(parts, q.dtype)
+    return o.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
 
 
 def mla_prefill_attention(q: mx.array, source, expand_kv, scale: float, d_rope: int, d_v: int,
