@@ -189,8 +189,21 @@ class MLACache:
         B, T, D = kv.shape
         self._write(self.tail(B, T, D, kv.dtype), kv)
 
+    def tail_step(self, B: int, T: int, D: int, dtype):
+        """What a compiled decode step that appends T rows to the tail takes: ([(data, rows after
+        the step, first position, capacity)] of each segment that will hold rows, the tail's index
+        among them, the tail's first free row). commit_tail(new data, T) records the write."""
+        tail = self.tail(B, T, D, dtype)
+        segs = [s for s in self.segs if s["n"] or s is tail]
+        views = [(s["data"], s["n"] + (T if s is tail else 0), s["start"], s["cap"]) for s in segs]
+        return views, len(segs) - 1, tail["n"]
+
+    def commit_tail(self, data, rows: int) -> None:
+        self.commit(self.segs[-1], data, rows)
+
     def tail(self, B: int, T: int, D: int, dtype) -> dict:
-        """The tail segment, with room for T more rows (a new one when there is none or it is full)."""
+        """The tail segment (always the last), with room for T more rows (a new one when there is
+        none or it is full)."""
         tail = self.segs[-1] if self.segs and self.segs[-1].get("tail") else None
         if tail is not None and tail["n"] + T > tail["cap"]:
             self._close_tail()

@@ -49,6 +49,9 @@ def main() -> int:
     metal_kernels.backend = lambda: "cuda"
     metal_kernels._kernel = lambda *args, **kw: StandIn()
     mla.backend = lambda: "cuda"
+    import kimi_mlx.model.moe as moe
+    if hasattr(moe, "_on_gpu"):  # the routing kernel, as on a GPU
+        moe._on_gpu = lambda: True
     import kimi_mlx.model.kimi_linear as kl
     if hasattr(kl, "kernels_traceable"):  # a KDA layer's kernel inside its compiled piece, as on a GPU
         kl.kernels_traceable = lambda: True

@@ -74,19 +74,17 @@ class DecoderLayer(nn.Module):
         this cache (the plain pieces run)."""
         attn = self.self_attn
         B, T, _ = x.shape
-        tail = cache.tail(B, T, attn.rank + attn.rope, x.dtype)
-        segs = [s for s in cache.segs if s["n"] or s is tail]
-        views = [(s["data"], s["n"] + (T if s is tail else 0), s["start"]) for s in segs]
-        plan = decode_kernel_plan((B, attn.num_heads, T, attn.rank + attn.rope), views, cache.offset, attn.rank)
+        views, w, row = cache.tail_step(B, T, attn.rank + attn.rope, x.dtype)
+        plan = decode_kernel_plan((B, attn.num_heads, T, attn.rank + attn.rope), [v[:3] for v in views],
+                                  cache.offset, attn.rank)
         if plan is None:
             return None
         launches, infos = plan
-        w = next(i for i, s in enumerate(segs) if s is tail)
-        key = ("mla_token", w, cache.group_size, launches, tuple(s["cap"] for s in segs))
+        key = ("mla_token", w, cache.group_size, launches, tuple(v[3] for v in views))
         step = compiled(key, functools.partial(self._mla_token_fn, w, cache.group_size, launches), limit=8)
-        info = decode_info(tail["n"], *(v for i in infos for v in i))
-        h, data = step(x, info, [s["data"] for s in segs])
-        cache.commit(tail, data, T)
+        info = decode_info(row, *(v for i in infos for v in i))
+        h, data = step(x, info, [v[0] for v in views])
+        cache.commit_tail(data, T)
         return h
 
     def _mla_token_fn(self, w: int, group_size: int, launches, x: mx.array, info: mx.array, datas: list):
