@@ -12,13 +12,13 @@ from kimi_mlx import load_model
 from mlx.utils import tree_flatten
 
 
-def _steps(model, cache, n):
-    tok, out = mx.array([[7]]), []
+def _steps(model, cache, n, batch=1):
+    tok, out = mx.full((batch, 1), 7), []
     for _ in range(n):
         logits = model(tok, cache=cache)[:, -1]
         mx.eval(logits)
         out.append(logits)
-        tok = mx.argmax(logits, axis=-1)[None]
+        tok = mx.argmax(logits, axis=-1)[:, None]
     return out
 
 
@@ -185,8 +185,8 @@ class _TracedMLA:
         return [o, lse]
 
 
-@pytest.mark.parametrize("mla_bits", [None, 8])
-def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits):
+@pytest.mark.parametrize("mla_bits,batch", [(None, 1), (8, 1), (None, 2)])
+def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits, batch):
     """As on a GPU: an MLA layer's decode step is one compiled piece, the cache write and the
     kernels inside. The same logits as the plain layers, token after token across tails that
     fill, close and merge (4-row pages); a trace is reused while the segments stay as they are,
@@ -196,12 +196,12 @@ def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits):
     from kimi_mlx.cache import KDACache, KimiCache, MLACache
 
     cache = KimiCache(MLACache(page_tokens=4, bits=mla_bits) if layer.is_mla else KDACache() for layer in model.layers)
-    mx.eval(model(mx.array([list(range(1, 40))]), cache=cache))
+    mx.eval(model(mx.array([list(range(1 + 40 * b, 40 + 40 * b)) for b in range(batch)]), cache=cache))
     monkeypatch.setenv("KIMI_MLX_COMPILE", "off")
-    ref = _steps(model, cache.copy(), 14)
+    ref = _steps(model, cache.copy(), 14, batch)
     monkeypatch.setattr(K, "backend", lambda: "cuda")
     monkeypatch.setattr(metal_kernels, "_kernel", lambda be, kind, *a: _TracedMLA(kind))
-    plain_kernels = _steps(model, cache.copy(), 14)  # the stand-in kernels outside mx.compile
+    plain_kernels = _steps(model, cache.copy(), 14, batch)  # the stand-in kernels outside mx.compile
     assert max(max_abs(r, g) for r, g in zip(ref, plain_kernels)) < 1e-5
     monkeypatch.setattr("kimi_mlx.model.kimi_linear.kernels_traceable", lambda: True)
     monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
@@ -210,7 +210,7 @@ def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits):
     c = cache.copy()
     got = []
     for i in range(14):
-        got += _steps_from(model, c, ref[i - 1] if i else None)
+        got += _steps_from(model, c, ref[i - 1] if i else None, batch)
         fns = mla[0].__dict__["_compiled"].fns
         made.append(next(reversed([k for k in fns if isinstance(k, tuple)])))
     assert max(max_abs(r, g) for r, g in zip(ref, got)) < 1e-5
@@ -220,9 +220,9 @@ def test_mla_decode_token_as_one_compiled_piece(model, monkeypatch, mla_bits):
     assert c.offset == cache.offset + 14 and all(x.offset == c.offset for x in c)
 
 
-def _steps_from(model, cache, prev_logits):
+def _steps_from(model, cache, prev_logits, batch=1):
     """One greedy step from the previous step's logits (token 7 first), as _steps takes them."""
-    tok = mx.array([[7]]) if prev_logits is None else mx.argmax(prev_logits, axis=-1)[None]
+    tok = mx.full((batch, 1), 7) if prev_logits is None else mx.argmax(prev_logits, axis=-1)[:, None]
     logits = model(tok, cache=cache)[:, -1]
     mx.eval(logits)
     return [logits]
