@@ -191,12 +191,12 @@ class MLACache:
 
     def tail_step(self, B: int, T: int, D: int, dtype):
         """What a compiled decode step that appends T rows to the tail takes: ([(data, rows after
-        the step, first position, capacity)] of each segment that will hold rows, the tail's index
-        among them, the tail's first free row). commit_tail(new data, T) records the write."""
+        the step, first position, capacity)] of each segment that will hold rows, the tail last;
+        the tail's first free row). commit_tail(new data, T) records the write."""
         tail = self.tail(B, T, D, dtype)
         segs = [s for s in self.segs if s["n"] or s is tail]
         views = [(s["data"], s["n"] + (T if s is tail else 0), s["start"], s["cap"]) for s in segs]
-        return views, len(segs) - 1, tail["n"]
+        return views, tail["n"]
 
     def commit_tail(self, data, rows: int) -> None:
         self.commit(self.segs[-1], data, rows)

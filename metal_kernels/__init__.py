@@ -55,6 +55,27 @@ def available() -> bool:
     return backend() is not None
 
 
+@functools.lru_cache(maxsize=64)
+def info_ints(*vals):
+    """An int32 array of these values, made once and kept: the small info inputs of kernel calls,
+    which decode steps repeat."""
+    import mlx.core as mx
+
+    a = mx.array(list(vals), dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+@functools.lru_cache(maxsize=16)
+def info_floats(*vals):
+    """info_ints for float32 values (scales, eps)."""
+    import mlx.core as mx
+
+    a = mx.array(list(vals), dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(be: str, kind: str, shared_memory: int = 0, prof: bool = False, max_threads: int = 0):
     """Built once per (backend, kind[, shared memory, ...]); MLX compiles per template instance."""

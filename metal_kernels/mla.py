@@ -16,6 +16,7 @@ from typing import NamedTuple
 from kimi_mlx.settings import kernel_setting, kernel_switch
 
 from . import dialect as _dialect
+from . import info_floats, info_ints
 from .mla_template import MAX_SPLITS, decode_smem_floats, prefill_smem_floats
 
 _CUDA_SMEM_LIMIT = 232448  # one threadgroup's dynamic shared memory (sm_90)
@@ -51,25 +52,6 @@ def _tiles(be: str, dt):
 
 def _kstep(be: str, prec: int) -> int:
     return 16 if be == "cuda" and prec == _dialect.PREC_BF16 else 8
-
-
-@functools.lru_cache(maxsize=64)
-def info_ints(*vals):
-    """An int32 info array of these values (made once, kept: decode steps repeat them)."""
-    import mlx.core as mx
-
-    a = mx.array(list(vals), dtype=mx.int32)
-    mx.eval(a)
-    return a
-
-
-@functools.lru_cache(maxsize=16)
-def _floats(*vals):
-    import mlx.core as mx
-
-    a = mx.array(list(vals), dtype=mx.float32)
-    mx.eval(a)
-    return a
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,7 +193,7 @@ def mla_decode_run(launch, q, seg, info, scale: float):
         shapes.append((ns * -(-M // 32) * B * smem,))
         dtypes.append(mx.float32)
     outs = kern(
-        inputs=[q.astype(dt), rows, wq, sc, bi, info, _floats(scale)],
+        inputs=[q.astype(dt), rows, wq, sc, bi, info, info_floats(scale)],
         template=list(template),
         grid=(nt * (ns // g), -(-M // 32), B),
         threadgroup=(nt, 1, 1),
@@ -321,7 +303,7 @@ def mla_prefill_block(q, kv, rows, n: int, key_start: int, q_offset: int, scale:
         dtypes.append(mx.float32)
     outs = kern(
         inputs=[q.astype(dt), kv, rows.astype(dt), o_in, lse_in, info_ints(n, key_start, q_offset),
-                _floats(scale)],
+                info_floats(scale)],
         template=[("T", dt), ("ST", st), ("PR", prec), ("NOPE", nope), ("DR", d_rope), ("DV", d_v),
                   ("DL", D - d_rope), ("D", D), ("NW", nw), ("RW", rw), ("HAS_INIT", has_init), ("QREG", qreg),
                   ("NBUF", nbuf), ("SMEM_FLOATS", smem)],

@@ -13,10 +13,11 @@ experts, k above 32 or above the experts. The caller then runs the MLX ops.
 """
 from __future__ import annotations
 
-import functools
+import math
 
 from kimi_mlx.settings import kernel_switch
 
+from . import info_floats
 from .moe_template import MAX_EXPERTS, MAX_TOP_K, threads
 
 
@@ -35,15 +36,6 @@ def _kernel(be):
     return k(be, "moe_route")
 
 
-@functools.lru_cache(maxsize=16)
-def _scaling(value: float):
-    import mlx.core as mx
-
-    a = mx.array([value], dtype=mx.float32)
-    mx.eval(a)
-    return a
-
-
 def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float):
     be = backend()
     if be is None:
@@ -52,9 +44,7 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float):
 
     E = logits.shape[-1]
     lead = logits.shape[:-1]
-    N = 1
-    for d in lead:
-        N *= d
+    N = math.prod(lead)
     if (logits.dtype != mx.float32 or E > MAX_EXPERTS or not 1 <= top_k <= min(E, MAX_TOP_K)
             or bias.size != E or N == 0):
         return None
@@ -64,7 +54,7 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float):
     # the kernel reads and writes rows flat (inputs come row contiguous): no reshapes to launch
     out = (*lead, top_k)
     inds, weights = _kernel(be)(
-        inputs=[logits, bias, _scaling(float(scaling))],
+        inputs=[logits, bias, info_floats(float(scaling))],
         template=[("E", E), ("K", top_k), ("NT", nt), ("RENORM", bool(renormalize))],
         grid=(nt * N, 1, 1),
         threadgroup=(nt, 1, 1),

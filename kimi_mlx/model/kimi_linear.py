@@ -74,28 +74,28 @@ class DecoderLayer(nn.Module):
         this cache (the plain pieces run)."""
         attn = self.self_attn
         B, T, _ = x.shape
-        views, w, row = cache.tail_step(B, T, attn.rank + attn.rope, x.dtype)
+        views, row = cache.tail_step(B, T, attn.rank + attn.rope, x.dtype)
         plan = decode_kernel_plan((B, attn.num_heads, T, attn.rank + attn.rope), [v[:3] for v in views],
                                   cache.offset, attn.rank)
         if plan is None:
             return None
         launches, infos = plan
-        key = ("mla_token", w, cache.group_size, launches, tuple(v[3] for v in views))
-        step = compiled(key, functools.partial(self._mla_token_fn, w, cache.group_size, launches), limit=8)
+        key = ("mla_token", cache.group_size, launches, tuple(v[3] for v in views))
+        step = compiled(key, functools.partial(self._mla_token_fn, cache.group_size, launches), limit=8)
         info = decode_info(row, *(v for i in infos for v in i))
         h, data = step(x, info, [v[0] for v in views])
         cache.commit_tail(data, T)
         return h
 
-    def _mla_token_fn(self, w: int, group_size: int, launches, x: mx.array, info: mx.array, datas: list):
-        """(output, the tail segment's new data); info = [tail row, then 5 ints a segment]."""
+    def _mla_token_fn(self, group_size: int, launches, x: mx.array, info: mx.array, datas: list):
+        """(output, the tail segment's new data); datas: the segments', the tail last; info = [tail
+        row, then 5 ints a segment]."""
         qa, rows = self._pre(x)
-        datas = list(datas)
-        datas[w] = write_rows(datas[w], rows, info[:1], group_size)
+        datas = [*datas[:-1], write_rows(datas[-1], rows, info[:1], group_size)]
         n = INFO_INTS
         infos = [info[1 + n * i: 1 + n * (i + 1)] for i in range(len(datas))]
         o = decode_kernel_attention(qa, datas, infos, launches, self.self_attn.scale)
-        return self._post(x, o), datas[w]
+        return self._post(x, o), datas[-1]
 
     def _kda_token(self, x: mx.array, conv: mx.array, state: mx.array):
         """A KDA layer's decode step, kernel included: (output, new conv state, new state)."""

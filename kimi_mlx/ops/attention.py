@@ -326,7 +326,7 @@ def decode_kernel_plan(q_shape, segs, q_offset: int, d_v: int):
 def decode_info(*vals) -> mx.array:
     """The int32 info array of decode kernel launches; the same values give the same array, so a
     step's MLA layers share one."""
-    from metal_kernels.mla import info_ints
+    from metal_kernels import info_ints
 
     return info_ints(*vals)
 
