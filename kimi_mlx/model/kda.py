@@ -7,7 +7,7 @@ import mlx.nn as nn
 from ..cache import KDACache
 from ..config import ModelConfig
 from ..ops.kda import kda_gated
-from .common import derived, joined_linear
+from .common import Linear, derived, joined_linear
 
 
 class ShortConvWeight(nn.Module):
@@ -18,8 +18,9 @@ class ShortConvWeight(nn.Module):
         self.weight = mx.zeros((channels, kernel))
 
 
-def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None):
-    """x [B, T, C], weight [C, Kc], state [B, Kc-1, C] (previous inputs) -> (silu(conv), new state)."""
+def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None, weight_t: mx.array | None = None):
+    """x [B, T, C], weight [C, Kc], state [B, Kc-1, C] (previous inputs) -> (silu(conv), new state).
+    weight_t: weight.T made once, if the caller keeps one."""
     B, T, C = x.shape
     kc = weight.shape[1]
     if state is None:
@@ -27,7 +28,7 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None):
     xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
     w = weight.astype(x.dtype)
     if T == 1:  # decode: one product and one sum instead of kc of each (a step's graph is host-bound)
-        out = (xs * w.T).sum(axis=1, keepdims=True)
+        out = (xs * (weight.T if weight_t is None else weight_t).astype(x.dtype)).sum(axis=1, keepdims=True)
     else:
         out = xs[:, 0:T] * w[:, 0]
         for j in range(1, kc):
@@ -43,21 +44,21 @@ class KimiDeltaAttention(nn.Module):
         P = H * K
         d = cfg.hidden_size
         self.eps = cfg.rms_norm_eps
-        self.q_proj = nn.Linear(d, P, bias=False)
-        self.k_proj = nn.Linear(d, P, bias=False)
-        self.v_proj = nn.Linear(d, P, bias=False)
+        self.q_proj = Linear(d, P, bias=False)
+        self.k_proj = Linear(d, P, bias=False)
+        self.v_proj = Linear(d, P, bias=False)
         self.q_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
         self.k_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
         self.v_conv1d = ShortConvWeight(P, cfg.short_conv_kernel_size)
-        self.f_a_proj = nn.Linear(d, K, bias=False)
-        self.f_b_proj = nn.Linear(K, P, bias=False)
+        self.f_a_proj = Linear(d, K, bias=False)
+        self.f_b_proj = Linear(K, P, bias=False)
         self.dt_bias = mx.zeros((P,), dtype=mx.float32)
         self.A_log = mx.zeros((H,), dtype=mx.float32)
-        self.b_proj = nn.Linear(d, H, bias=False)
-        self.g_a_proj = nn.Linear(d, K, bias=False)
-        self.g_b_proj = nn.Linear(K, P, bias=False)
+        self.b_proj = Linear(d, H, bias=False)
+        self.g_a_proj = Linear(d, K, bias=False)
+        self.g_b_proj = Linear(K, P, bias=False)
         self.o_norm = nn.RMSNorm(K, eps=cfg.rms_norm_eps)
-        self.o_proj = nn.Linear(P, d, bias=False)
+        self.o_proj = Linear(P, d, bias=False)
 
     def __call__(self, x: mx.array, cache: KDACache | None = None) -> mx.array:
         parts = self.project(x, cache.conv if cache is not None else None)
@@ -79,8 +80,9 @@ class KimiDeltaAttention(nn.Module):
             qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         f_a, g_a, b = low_fn(x) if low_fn is not None else (self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x))
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
-        w = derived(self, "_conv_w_cache", ws, lambda: mx.concatenate(ws, axis=0))  # joined once, not every token
-        qkv, conv_state = causal_short_conv(qkv, w, conv_state)
+        # joined once, not every token, and transposed for decode (a view: see common.transposed)
+        w, w_t = derived(self, "_conv_w_cache", ws, lambda: (w := mx.concatenate(ws, axis=0), w.T))
+        qkv, conv_state = causal_short_conv(qkv, w, conv_state, w_t)
         f = self.f_b_proj(f_a).reshape(B, T, H, K)
         gate = self.g_b_proj(g_a).reshape(B, T, H, K)
         return (qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),

@@ -10,7 +10,7 @@ from ..cache import KDACache, KimiCache, MLACache, write_rows
 from ..config import ModelConfig
 from ..ops.attention import INFO_INTS, decode_info, decode_kernel_attention, decode_kernel_plan
 from ..settings import held_kernel_settings
-from .common import MLP, compile_decode, compiled_for, kernels_traceable, one_token
+from .common import MLP, Linear, compile_decode, compiled_for, kernels_traceable, one_token
 from .kda import KimiDeltaAttention
 from .mla import KimiMLA
 from .moe import KimiMoE
@@ -128,7 +128,7 @@ class Model(nn.Module):
         self.config = cfg
         self.model = KimiLinearModel(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def __call__(self, input_ids: mx.array, cache: KimiCache | None = None, last_n: int | None = None) -> mx.array:
         """last_n: only compute logits for the last n positions (prefill needs one, not [T, vocab])."""

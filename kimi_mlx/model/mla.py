@@ -12,7 +12,7 @@ import mlx.nn as nn
 from ..cache import MLACache
 from ..config import ModelConfig
 from ..ops.attention import expand_min_queries, mla_decode_attention, mla_prefill_attention
-from .common import derived, linear_weight
+from .common import Linear, derived, linear_weight
 
 
 class KimiMLA(nn.Module):
@@ -24,11 +24,11 @@ class KimiMLA(nn.Module):
         self.v_dim = cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=False)
+        self.q_proj = Linear(d, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.rank + self.rope, bias=False)
         self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=cfg.kv_a_norm_eps)
-        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, d, bias=False)
+        self.kv_b_proj = Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, d, bias=False)
         self.scale = cfg.qk_head_dim ** -0.5
 
     def __call__(self, x: mx.array, cache: MLACache | None = None) -> mx.array:

@@ -6,7 +6,8 @@ import mlx.nn as nn
 from .switch import SwitchGLU
 
 from ..config import ModelConfig
-from .common import MLP, derived, one_token
+from ..ops.cpu_fast import is_plain_linear
+from .common import MLP, Linear, derived, matmul_t, one_token, transposed
 
 
 def _on_gpu() -> bool:
@@ -67,7 +68,7 @@ class KimiMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         E = cfg.num_experts
-        self.gate = nn.Linear(cfg.hidden_size, E, bias=False)
+        self.gate = Linear(cfg.hidden_size, E, bias=False)
         self.e_score_correction_bias = mx.zeros((E,), dtype=mx.float32)
         self.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, E)
         if cfg.num_shared_experts:
@@ -75,11 +76,12 @@ class KimiMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         c = self.cfg
-        if type(self.gate) is nn.Linear and "bias" not in self.gate:
+        if is_plain_linear(self.gate) and "bias" not in self.gate:
             # fp32 logits from an fp32 copy of the router, made once: a bf16 weight would be
             # converted again every token (a launch and 3.5 MB of traffic a MoE layer)
-            w = derived(self, "_gate_fp32", (self.gate.weight,), lambda: self.gate.weight.astype(mx.float32))
-            logits = x.astype(mx.float32) @ w.T
+            w = self.gate.weight
+            logits = matmul_t(x.astype(mx.float32), derived(self, "_gate_fp32", (w,),
+                                                            lambda: transposed(w.astype(mx.float32))))
         else:
             gx = x if isinstance(self.gate, nn.QuantizedLinear) else x.astype(mx.float32)
             logits = self.gate(gx).astype(mx.float32)

@@ -11,6 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .common import derived
+
 
 def _sort_by_expert(x, indices):
     """Group token copies by expert so each expert's rows are contiguous (fast gathered matmul)."""
@@ -37,7 +39,9 @@ class SwitchLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
     def __call__(self, x, indices, sorted_indices=False, lhs=None):
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=indices,
+        w = self.weight  # [E, in, out] as a view made once (a graph node less a call; see transposed)
+        wt = derived(self, "_weight_t", (w,), lambda: w.swapaxes(-1, -2))
+        return mx.gather_mm(x, wt, lhs_indices=lhs, rhs_indices=indices,
                             sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs):

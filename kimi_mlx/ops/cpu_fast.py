@@ -95,6 +95,22 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         return y.astype(_model_dtype(self, x)) if self.keep_dtype else y
 
 
+_PLAIN_LINEAR: list[type] = [nn.Linear]
+
+
+def plain_linear(cls: type) -> type:
+    """Register cls, a subclass of nn.Linear with nn.Linear's maths (the model's own, which keeps
+    its weight's transposed view), as one the fast path replaces like nn.Linear."""
+    if cls not in _PLAIN_LINEAR:
+        _PLAIN_LINEAR.append(cls)
+    return cls
+
+
+def is_plain_linear(m: nn.Module) -> bool:
+    """m is nn.Linear or a registered class with its maths (not CPULinear, not a quantized one)."""
+    return type(m) in _PLAIN_LINEAR
+
+
 class CPULinear(nn.Linear):
     """Linear with a bf16/fp16 weight: fp32 output; fp32 BLAS on an fp32 copy of the weight for many
     rows, the low-precision matmul (no weight copy) for few."""
@@ -248,7 +264,7 @@ def enable_cpu_fast_path(model: nn.Module, force: bool = False, min_rows: int | 
     replaced = []
     for path, m in model.named_modules():
         cls = swap.get(type(m))
-        if type(m) is nn.Linear and m["weight"].dtype in (mx.bfloat16, mx.float16):
+        if is_plain_linear(m) and m["weight"].dtype in (mx.bfloat16, mx.float16):
             cls = CPULinear
         if cls is not None:
             new = _rebuilt(cls, m)
