@@ -117,9 +117,9 @@ def derived(module: nn.Module, name: str, sources: tuple, make, *extra):
 
 
 def transposed(w: mx.array) -> tuple:
-    """(w.T, w.T[None]) as evaluated views of w (no copy) for matmul_t. A decode step's graph is
-    host-bound, and `x @ w.T` puts a transpose node into it at every call (~3.5 us each on
-    MLX-CUDA, about 50 a step on the 5-layer slice); a view made once is a constant instead."""
+    """(w.T, w.T[None]) as evaluated views of w (no copy) for matmul_t. `x @ w.T` puts a transpose
+    node into a step's graph at every call; a view made once is a constant instead (the 5-layer
+    slice's GPU step: 382 -> 257 primitives with matmul_t; its time did not measurably change)."""
     views = (w.T, w.T[None])
     mx.eval(views)
     return views

@@ -26,10 +26,11 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None, wei
     if state is None:
         state = mx.zeros((B, kc - 1, C), dtype=x.dtype)
     xs = mx.concatenate([state.astype(x.dtype), x], axis=1)
-    w = weight.astype(x.dtype)
     if T == 1:  # decode: one product and one sum instead of kc of each (a step's graph is host-bound)
-        out = (xs * (weight.T if weight_t is None else weight_t).astype(x.dtype)).sum(axis=1, keepdims=True)
+        w_t = weight.T if weight_t is None else weight_t
+        out = (xs * w_t.astype(x.dtype)).sum(axis=1, keepdims=True)
     else:
+        w = weight.astype(x.dtype)
         out = xs[:, 0:T] * w[:, 0]
         for j in range(1, kc):
             out = out + xs[:, j:j + T] * w[:, j]
