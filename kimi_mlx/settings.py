@@ -51,6 +51,7 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_MLA_TGS": ("132 per fitting threadgroup CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
     "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32 or 64)"),
     "KIMI_MLX_MLA_DECODE_GROUPS": ("1", "MLA decode kernel: warp groups a threadgroup, each on its own split (1, or 2 on CUDA)"),
+    "KIMI_MLX_MLA_DECODE_NW": ("8", "MLA decode kernel: warps a threadgroup (8, or 16 with one warp group)"),
     "KIMI_MLX_MOE_ROUTE": ("", "reference: the MLX-ops MoE routing instead of the one-launch routing kernel"),
 }
 

@@ -21,7 +21,6 @@ from .mla_template import MAX_SPLITS, decode_smem_floats, prefill_smem_floats
 
 _CUDA_SMEM_LIMIT = 232448  # one threadgroup's dynamic shared memory (sm_90)
 _CUDA_SM_SMEM = 233472  # a multiprocessor's, 1 KB of it reserved per threadgroup
-_DECODE_NW = 8
 _MIN_KEYS_PER_SPLIT = 128
 
 
@@ -91,6 +90,13 @@ def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
         return bk
     two = _nbuf(be, most_bufs, lambda nb: smem_bytes(nb, 64)) == 2
     return 64 if be == "cuda" and two and smem_bytes(2, 64) <= _CUDA_SMEM_LIMIT else 32
+
+
+def _decode_warps(be: str, groups: int) -> int:
+    """Warps a decode warp group: KIMI_MLX_MLA_DECODE_NW (16: one group only, each warp on half of a
+    tile's keys in S), else 8."""
+    nw = _choice("KIMI_MLX_MLA_DECODE_NW", (8, 16)) or 8
+    return nw if groups == 1 else 8
 
 
 def _decode_groups(be: str) -> int:
@@ -184,7 +190,8 @@ def mla_decode_run(launch, q, seg, info, scale: float):
     import mlx.core as mx
 
     be, dt, q8, nt, g, two, smem, template, ns, B, M, d_v = launch
-    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two else 0)
+    # a register cap where more than 256 threads share a multiprocessor (_kernel)
+    kern = _kernel(be, "mla_decode", 0 if be == "metal" else 4 * smem, nt if two or nt > 256 else 0)
     dummy = _dummy(str(dt).split(".")[-1])
     rows, wq, sc, bi = (dummy, seg["wq"], seg["scales"], seg["biases"]) if q8 else (seg, _dummy("uint32"), dummy, dummy)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
@@ -210,7 +217,8 @@ def combine_fits(splits: int, d_v: int) -> bool:
 
 
 # the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
-_DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS")
+_DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS",
+                    "KIMI_MLX_MLA_DECODE_NW")
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,18 +233,21 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     # two key tiles where async copies exist and the tile holds the rows as stored (bf16 on CUDA)
     most = 1 if q8 or st != dt else 2
     g = _decode_groups(be)
-    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g)  # noqa: E731
+    # query fragments in registers: bf16 products on CUDA, one warp group (two take a 128-register cap)
+    qreg = be == "cuda" and prec == _dialect.PREC_BF16 and g == 1
+    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg)  # noqa: E731
     bk = _decode_bk(be, most, smem_bytes)
     nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
-    smem = decode_smem_floats(D, st.size, nbuf, bk, g)
+    smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
-    nt = 32 * _DECODE_NW * g
+    nw = _decode_warps(be, g)
+    nt = 32 * nw * g
     # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
-    template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", _DECODE_NW), ("BK", bk),
-                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("SMEM_FLOATS", smem))
+    template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", nw), ("BK", bk),
+                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("QREG", qreg), ("SMEM_FLOATS", smem))
     return nt, g, two, smem, template
 
 

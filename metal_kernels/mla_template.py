@@ -7,9 +7,11 @@ decode (absorbed form, split-K flash-decoding). Query rows are (token, head) pai
   absorbed query [W_uk^T q_nope | q_pe] of width D = DL + DR against the cached rows, values =
   the latent part (DV = DL). A threadgroup takes 32 query rows and one split of the keys, so
   the cache is read once per 32 rows (all heads of a token at once). Scores go through tile
-  memory: the warps share the S = Q K^T products, then the softmax rows, then split the output
-  columns of P V. Each split writes its normalised partial output and log-sum-exp; `combine`
-  merges the splits (of every cache segment) into the output.
+  memory: each warp multiplies one 16-row block by a quarter of the row width (its query
+  fragments stay in registers on CUDA), the softmax adds the four quarters, then the warps split
+  the output columns of P V over all 32 rows, so each value fragment is read once. Each split
+  writes its normalised partial output and log-sum-exp; `combine` merges the splits (of every
+  cache segment) into the output.
 
 prefill (expanded form, flash attention). Per-head keys [k_nope | k_pe] (width NOPE + DR) and
   values (DV) expanded from the cache by kv_b_proj; a threadgroup takes BQ = 16 * NW queries of
@@ -127,11 +129,13 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 }
 """
 
-# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps a group, 8), BK
+# Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps a group: 8, or 16
+# with one group: then each warp takes half of a tile's keys in S), BK
 # (keys a tile: 32 or 64), Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
 # tiles: 2 streams the next one in with async copies; plain rows only), G (warp groups: each works
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
-# barriers, CUDA only).
+# barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
+# staged where the score tiles go).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
@@ -139,23 +143,29 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # token r / H, head r % H.
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
-  constexpr int BM = 32, NT = 32 * NW, KPT = BK / 8;  // KPT: keys a thread in the softmax
+  constexpr int BM = 32, NT = 32 * NW, TPR = NT / BM, KPT = BK / TPR;  // softmax: threads a row, keys each
+  constexpr int NCH = NW / 8, NST = BK / 8 / NCH;  // score column groups; a warp's column tiles
   constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
-  constexpr int NPAIR = (DV / 8 + 1) / 2, NACC = 2 * ((NPAIR + NW / 2 - 1) / (NW / 2));  // tiles a warp
-  constexpr bool FULLCT = (DV / 8) % (2 * (NW / 2)) == 0;  // every warp's every tile pair exists
-  static_assert(NW == 8 && (BK == 32 || BK == 64) && D % 8 == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
+  constexpr int NPW = 2 * ((DV / 8 + 2 * NW - 1) / (2 * NW));  // output column tiles a warp (pairs)
+  constexpr bool FULLCT = DV / 8 == NW * NPW;  // every warp's every tile exists
+  constexpr int NKS = D / KSTEP(PR), NKQ = (NKS + 3) / 4;  // contraction steps: all, a quarter's
+  constexpr int S4 = 4 * BM * LDS;  // the four quarters' score tiles
+  static_assert((NW == 8 || (NW == 16 && G == 1)) && (BK == 32 || BK == 64) && D % KSTEP(PR) == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
   // the group's own thread and warp, as if it were the whole threadgroup
   const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
 #define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
+  // per group: score tiles (QREG: group 0's hold the query tile until it is in registers), key
+  // tiles, P, row statistics; without QREG the query tile comes first and stays
+  const int KF = mla_floats<ST>(BK * LDK), QF = mla_floats<ST>(BM * LDQ);
+  const int SQF = QREG ? max(S4, QF) : S4;
+  DEVP float* sS = smem + (QREG ? 0 : QF) + grp * (SQF + NBUF * KF + mla_floats<ST>(BM * LDP) + 3 * BM);
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
-  const int KF = mla_floats<ST>(BK * LDK);
-  DEVP float* sKb = smem + mla_floats<ST>(BM * LDQ) + grp * (NBUF * KF + BM * LDS + mla_floats<ST>(BM * LDP) + 3 * BM);
-  DEVP float* sS = sKb + NBUF * KF;
-  DEVP ST* sP = TILE_PTR(ST, sS, BM * LDS);
-  DEVP float* sStat = sS + BM * LDS + mla_floats<ST>(BM * LDP);  // m, l, corr per row
+  DEVP float* sKb = sS + SQF;
+  DEVP ST* sP = TILE_PTR(ST, sKb, NBUF * KF);
+  DEVP float* sStat = sKb + NBUF * KF + mla_floats<ST>(BM * LDP);  // m, l, corr per row
 
   const int n = info[0], key_start = info[1], q_offset = info[2], Hq = info[3], kps = info[4];
   const int M = (int)q_shape[1];
@@ -168,32 +178,43 @@ DECODE_BODY = r"""
   const int r_last = min(M, r0 + BM) - 1;
   k_hi = min(k_hi, q_offset + r_last / Hq - key_start + 1);  // causal: nothing past the last row
 
+  if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
+    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
+    ASYNC_COMMIT();
+  }
   for (int i = _tid; i < BM * (D / 8); i += G * NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
     mla_tile8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + r0 + r) * D + d, r0 + r < M);
   }
   // the last key visible to this thread's softmax row
-  const int lim = r0 + (gt >> 3) < M ? q_offset + (r0 + (gt >> 3)) / Hq - key_start : -1;
+  const int lim = r0 + gt / TPR < M ? q_offset + (r0 + gt / TPR) / Hq - key_start : -1;
   if (gt < BM) {
     sStat[gt] = MLA_NEG_INF;
     sStat[BM + gt] = 0.0f;
   }
-  if (G > 1) BARRIER();  // the query tile is every group's (the loop's barriers are per group)
-  FragC acc[NACC];
-  PRAGMA_UNROLL
-  for (int j = 0; j < NACC; ++j) frag_zero(acc[j]);
-  const int wrb = gw & 1;  // the 16-row block of this warp's output tiles
-  // its accumulator j holds column tile MLA_CT(j): adjacent pairs, so one load brings both B fragments
-#define MLA_CT(j) (2 * ((gw >> 1) + (NW / 2) * ((j) >> 1)) + ((j) & 1))
-
-  if (NBUF > 1 && k_lo < k_hi) {
-    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
-    ASYNC_COMMIT();
+  // this warp's scores: row block m0 / 16, contraction steps kq0 .. kq0 + NKQ - 1 (< NKS), keys n0..
+  const int m0 = 16 * (gw & 1), kq = (gw >> 1) & 3, kq0 = kq * NKQ, n0 = (gw >> 3) * (8 * NST);
+  FragA<PR> qf[QREG ? NKQ : 1];
+  if (QREG) {
+    BARRIER();
+    PRAGMA_UNROLL
+    for (int i = 0; i < NKQ; ++i)
+      if (kq0 + i < NKS) frag_load_a<false>(qf[QREG ? i : 0], sQ, LDQ, m0, (kq0 + i) * KSTEP(PR));
   }
+  if (G > 1 || QREG) BARRIER();  // the query tile is every group's, and (QREG) group 0's score tiles
+  // output column tiles ct0 .. ct0 + NPW - 1 of both row blocks (adjacent pairs: one load, two tiles)
+  const int ct0 = gw * NPW;
+  FragC acc[2][NPW];
+  PRAGMA_UNROLL
+  for (int rb = 0; rb < 2; ++rb) {
+    PRAGMA_UNROLL
+    for (int j = 0; j < NPW; ++j) frag_zero(acc[rb][j]);
+  }
+
   for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
-    if (NBUF > 1) {  // the next tile streams in during this one's math
-      if (k0 + BK < k_hi)
+    if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait, so
+      if (k0 + BK < k_hi)  // that two tiles are in flight while it waits: decode is bound by the reads)
         mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
       ASYNC_COMMIT();
       ASYNC_WAIT1();
@@ -232,52 +253,45 @@ DECODE_BODY = r"""
       }
     }
     MLA_GBAR();
-    {  // S = Q K^T: warp w takes the 16x8 tiles (w & 1, (w >> 1) + 4i), each in SACC independent sums
-      constexpr int NST = BK / 32, SACC = 4 / NST, NKS = D / KSTEP(PR);
-      FragC s[NST][SACC];
+    {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
+      FragC sc[NST];
       PRAGMA_UNROLL
-      for (int t = 0; t < NST; ++t) {
-        PRAGMA_UNROLL
-        for (int i = 0; i < SACC; ++i) frag_zero(s[t][i]);
-      }
-      const int m0 = 16 * (gw & 1);
+      for (int t = 0; t < NST; ++t) frag_zero(sc[t]);
       PRAGMA_UNROLL
-      for (int ks = 0; ks < NKS; ++ks) {
-        FragA<PR> a;
-        frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
-        PRAGMA_UNROLL
-        for (int t = 0; t < NST; ++t) {
-          FragB<PR> b;
-          frag_load_b<true>(b, sK, LDK, ks * KSTEP(PR), 8 * ((gw >> 1) + 4 * t));
-          frag_mma(s[t][ks % SACC], a, b);
-        }
-      }
-      PRAGMA_UNROLL
-      for (int t = 0; t < NST; ++t) {
-        PRAGMA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          float v = 0.0f;
+      for (int i = 0; i < NKQ; ++i) {
+        const int ks = kq0 + i;
+        if (ks < NKS) {
+          FragA<PR> a;
+          if (QREG) a = qf[QREG ? i : 0];
+          else frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
           PRAGMA_UNROLL
-          for (int i = 0; i < SACC; ++i) v += frag_get(s[t][i], e);
-          frag_set(s[t][0], e, v);
+          for (int t = 0; t < NST; t += 2) {
+            FragB<PR> b0, b1;
+            frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), n0 + 8 * t);
+            frag_mma(sc[t], a, b0);
+            frag_mma(sc[t + 1], a, b1);
+          }
         }
-        frag_store_c(s[t][0], sS, LDS, m0, 8 * ((gw >> 1) + 4 * t));
       }
+      PRAGMA_UNROLL
+      for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
     }
     MLA_GBAR();
-    {  // online softmax in base 2 (row maxima too): 8 threads a row, KPT keys each
-      const int r = gt >> 3, c0 = (gt & 7) * KPT;
+    {  // online softmax in base 2 (row maxima too): TPR threads a row, KPT keys each
+      const int r = gt / TPR, c0 = (gt % TPR) * KPT;
       float sv[KPT];
       float mx = MLA_NEG_INF;
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) {
         const int k = k0 + c0 + e;
-        sv[e] = (k < k_hi && k <= lim) ? sS[r * LDS + c0 + e] * sl2 : MLA_NEG_INF;
+        const int o = r * LDS + c0 + e;
+        sv[e] = (k < k_hi && k <= lim)
+                    ? ((sS[o] + sS[BM * LDS + o]) + (sS[2 * BM * LDS + o] + sS[3 * BM * LDS + o])) * sl2
+                    : MLA_NEG_INF;
         mx = max(mx, sv[e]);
       }
-      mx = max(mx, SHFL_XOR(mx, 1));
-      mx = max(mx, SHFL_XOR(mx, 2));
-      mx = max(mx, SHFL_XOR(mx, 4));
+      PRAGMA_UNROLL
+      for (int o = 1; o < TPR; o *= 2) mx = max(mx, SHFL_XOR(mx, o));
       const float m_old = sStat[r];
       const float m_new = max(m_old, mx);
       const float m_use = m_new == MLA_NEG_INF ? 0.0f : m_new;
@@ -288,13 +302,12 @@ DECODE_BODY = r"""
         ps[e] = EXP2F(sv[e] - m_use);
         sum += ps[e];
       }
-      sum += SHFL_XOR(sum, 1);
-      sum += SHFL_XOR(sum, 2);
-      sum += SHFL_XOR(sum, 4);
+      PRAGMA_UNROLL
+      for (int o = 1; o < TPR; o *= 2) sum += SHFL_XOR(sum, o);
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
       WARP_SYNC();
-      if ((gt & 7) == 0) {
+      if (gt % TPR == 0) {
         const float corr = EXP2F(m_old - m_use);
         sStat[r] = m_new;
         sStat[BM + r] = sStat[BM + r] * corr + sum;
@@ -302,29 +315,42 @@ DECODE_BODY = r"""
       }
     }
     MLA_GBAR();
-    {  // O = corr * O + P V: warp w owns column-tile pairs (w >> 1) + 4p of row block w & 1
-      const int rl = 16 * wrb + frag_row(_lane);
-      const float c_lo = sStat[2 * BM + rl], c_hi = sStat[2 * BM + rl + 8];
-      if (!WARP_ALL(c_lo == 1.0f && c_hi == 1.0f)) {  // no row's maximum moved: nothing to rescale
+    {  // O = corr * O + P V: warp w owns column tiles ct0.. of all 32 rows
+      const int rl = frag_row(_lane);
+      float cr[2][2];
+      PRAGMA_UNROLL
+      for (int rb = 0; rb < 2; ++rb) {
+        cr[rb][0] = sStat[2 * BM + 16 * rb + rl];
+        cr[rb][1] = sStat[2 * BM + 16 * rb + rl + 8];
+      }
+      if (!WARP_ALL(cr[0][0] == 1.0f && cr[0][1] == 1.0f && cr[1][0] == 1.0f && cr[1][1] == 1.0f)) {
         PRAGMA_UNROLL
-        for (int j = 0; j < NACC; ++j) frag_scale2(acc[j], c_lo, c_hi);
+        for (int rb = 0; rb < 2; ++rb) {  // a row's maximum moved: rescale
+          PRAGMA_UNROLL
+          for (int j = 0; j < NPW; ++j) frag_scale2(acc[rb][j], cr[rb][0], cr[rb][1]);
+        }
       }
       PRAGMA_UNROLL
       for (int kk = 0; kk < BK; kk += KSTEP(PR)) {
-        FragA<PR> a;
-        frag_load_a<false>(a, sP, LDP, 16 * wrb, kk);
+        FragA<PR> pa[2];
+        frag_load_a<false>(pa[0], sP, LDP, 0, kk);
+        frag_load_a<false>(pa[1], sP, LDP, 16, kk);
         PRAGMA_UNROLL
-        for (int j = 0; j < NACC; j += 2) {
-          const int ct = MLA_CT(j);
-          if (FULLCT || (ct + 1 < DV / 8 && j + 1 < NACC)) {
+        for (int j = 0; j < NPW; j += 2) {
+          const int ct = ct0 + j;
+          if (FULLCT || ct + 1 < DV / 8) {
             FragB<PR> b0, b1;
             frag_load_b2<false>(b0, b1, sK, LDK, kk, 8 * ct);
-            frag_mma(acc[j], a, b0);
-            frag_mma(acc[j + 1], a, b1);
+            PRAGMA_UNROLL
+            for (int rb = 0; rb < 2; ++rb) {
+              frag_mma(acc[rb][j], pa[rb], b0);
+              frag_mma(acc[rb][j + 1], pa[rb], b1);
+            }
           } else if (ct < DV / 8) {
             FragB<PR> b;
             frag_load_b<false>(b, sK, LDK, kk, 8 * ct);
-            frag_mma(acc[j], a, b);
+            PRAGMA_UNROLL
+            for (int rb = 0; rb < 2; ++rb) frag_mma(acc[rb][j], pa[rb], b);
           }
         }
       }
@@ -333,20 +359,21 @@ DECODE_BODY = r"""
   }
   MLA_GBAR();
   const long obase = ((long)bb * NS + split) * M;
-  {
-    const int rl = 16 * wrb + frag_row(_lane);
+  PRAGMA_UNROLL
+  for (int rb = 0; rb < 2; ++rb) {
+    const int rl = 16 * rb + frag_row(_lane);
     const float l_lo = sStat[BM + rl], l_hi = sStat[BM + rl + 8];
     const float i_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, i_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
     PRAGMA_UNROLL
-    for (int j = 0; j < NACC; ++j) {
-      const int ct = MLA_CT(j);
+    for (int j = 0; j < NPW; ++j) {
+      const int ct = ct0 + j;
       if (FULLCT || ct < DV / 8) {
         PRAGMA_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int row = r0 + rl + 8 * (e >> 1);
           if (row < M)
             o_part[(obase + row) * DV + 8 * ct + frag_col(_lane) + (e & 1)] =
-                frag_get(acc[j], e) * ((e >> 1) ? i_hi : i_lo);
+                frag_get(acc[rb][j], e) * ((e >> 1) ? i_hi : i_lo);
         }
       }
     }
@@ -356,7 +383,6 @@ DECODE_BODY = r"""
     lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * MLA_LN2 + LOGF(l) : MLA_NEG_INF;
   }
 #undef MLA_GBAR
-#undef MLA_CT
 """
 
 # Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a
@@ -526,15 +552,15 @@ PREFILL_BODY = r"""
       ASYNC_COMMIT();  // (copies may still be asynchronous: wait for them)
       ASYNC_WAIT0();
     } else {
-      if (k0 + BKN < k_end) {
-        const int nb = ((it + 1) % NBUF) * KVF;
-        mla_prefill_tile<ST, T, NOPE, DR, DV, D, DL, BKN, NT>(TILE_PTR(ST, sKV, nb), TILE_PTR(ST, sKV, nb + mla_floats<ST>(BKN * LDK)),
-                                                             kv, rows, bb, n, Hn, h, k0 + BKN, _tid);
-      }
-      ASYNC_COMMIT();  // (an empty group on the last tile)
-      ASYNC_WAIT1();   // this thread's copies of tile `it` have landed
+      ASYNC_WAIT0();  // this thread's copies of tile `it` have landed (the only ones in flight)
     }
-    BARRIER();
+    BARRIER();  // tile `it` is complete; (NBUF 2) and every warp is done with the other buffer,
+    if (NBUF > 1 && k0 + BKN < k_end) {  // so the next tile streams into it during this one's math
+      const int nb = ((it + 1) % NBUF) * KVF;
+      mla_prefill_tile<ST, T, NOPE, DR, DV, D, DL, BKN, NT>(TILE_PTR(ST, sKV, nb), TILE_PTR(ST, sKV, nb + mla_floats<ST>(BKN * LDK)),
+                                                           kv, rows, bb, n, Hn, h, k0 + BKN, _tid);
+      ASYNC_COMMIT();
+    }
     if (rw < Tq && k0 <= q_offset + rw + 16 * RW - 1 - key_start) {  // else every key is in the future
       FragC s[RW][BKN / 8];
       PRAGMA_UNROLL
@@ -630,7 +656,6 @@ PREFILL_BODY = r"""
         }
       }
     }
-    if (NBUF > 1) BARRIER();  // every warp is done with this buffer before the next iteration refills it
   }
   PRAGMA_UNROLL
   for (int i = 0; i < RW; ++i) {
@@ -681,11 +706,14 @@ def inputs(kind: str) -> list[str]:
 MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
-def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1) -> int:
+def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1,
+                       qreg: bool = False) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM, BK = 32, bk
-    return f(BM * (D + 8)) + groups * (nbuf * f(BK * (D + 8)) + BM * (BK + 4) + f(BM * (BK + 8)) + 3 * BM)
+    q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 4)
+    sq = max(q, s4) if qreg else s4
+    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM)
 
 
 def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:

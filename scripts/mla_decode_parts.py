@@ -5,11 +5,17 @@ combine, at the real widths, bf16, one cache segment; and both together, 16 call
 
 The copy bandwidth (x + 1 over 2 GiB of bf16) is measured in the same run; each line gives the
 cache read rate as a share of it.
+
+--probe loads|math times a diagnostic build of the partials kernel instead (its results are
+garbage): `loads` keeps the key tile loads and drops the math, `math` keeps the math on whatever the
+tiles hold and drops every load after the first tile. Which of the two is close to the real kernel's
+time says what bounds it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,9 +28,26 @@ import mlx.core as mx  # noqa: E402
 
 from kimi_mlx.bench.roofline import copy_bandwidth  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
+from metal_kernels import mla_template  # noqa: E402
+
+
+def probe_body(body: str, probe: str) -> str:
+    """DECODE_BODY with the math (`loads`) or the streamed tile loads (`math`) cut out."""
+    if probe == "loads":
+        a = body.index("    {  // S = Q K^T")
+        b = body.index("  }\n  MLA_GBAR();\n  const long obase")  # the end of the key loop
+        return body[:a] + body[b:]
+    if probe == "math":
+        load = ("mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, "
+                "k0 + BK, k_hi, gt);")
+        assert load in body
+        return body.replace(load, "{}")
+    raise ValueError(probe)
 
 
 def timed(f, reps=20, per=16):
+    """Median, min and max microseconds a call, `per` calls an evaluation (MLX encodes them all and
+    runs them as graphs: with few calls an evaluation, the host's encoding is not hidden)."""
     for _ in range(3):
         mx.eval(f())
     ts = []
@@ -39,12 +62,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--depths", default="32K,128K")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--per", type=int, default=16, help="calls an evaluation")
+    ap.add_argument("--probe", choices=("loads", "math"), default=None,
+                    help="time a diagnostic build of the partials kernel (see the module doc)")
     a = ap.parse_args()
+    if a.probe:
+        mla_template._BODIES["mla_decode"] = probe_body(mla_template.DECODE_BODY, a.probe)
     H, D, DV = 32, 576, 512
     copy = copy_bandwidth(2048, mx.bfloat16, reps=10)
     copy_gbps = copy["GBps_median"]
     print(f"copy: {copy['op']}: {copy_gbps:.0f} GB/s (median), {copy['GBps_best']:.0f} best", flush=True)
-    out = [{"device": str(mx.default_device()), "mlx": mx.__version__, "copy": copy}]
+    out = [{"device": str(mx.default_device()), "mlx": mx.__version__, "copy": copy, "probe": a.probe, "per": a.per,
+            "settings": {k: v for k, v in os.environ.items() if k.startswith("KIMI_MLX_")}}]
     for d in a.depths.split(","):
         n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
         rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
@@ -57,7 +86,7 @@ def main():
         both = lambda: K.mla_combine([part()], mx.bfloat16)  # noqa: E731
         gb = n * D * 2 / 1e9
         for name, f in (("partials", part), ("combine", comb), ("both", both)):
-            med, lo, hi = timed(f)
+            med, lo, hi = timed(f, per=a.per)
             bw = gb / (med * 1e-6)
             print(f"depth {d}: {name:9s} {med:8.1f} us [{lo:.1f}-{hi:.1f}]  splits {o.shape[1]}"
                   + (f"  cache {bw:.0f} GB/s = {100 * bw / copy_gbps:.1f} % of copy" if name != "combine" else

@@ -59,15 +59,18 @@ def _rel(out, ref) -> float:
                          _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
 # bf16: bf16 tiles, ldmatrix, bf16 products, cp.async key tiles; fp32: fp32 tiles (cp.async too), 3xtf32.
 # groups 2: two warp groups a block, each on its own split, with named barriers
-@pytest.mark.parametrize("nbuf,bk,groups", [("1", "32", "1"), ("2", "32", "1"), ("2", "64", "1"), ("2", "64", "2")])
+# nw 16: sixteen warps, each on half of a tile's keys in S
+@pytest.mark.parametrize("nbuf,bk,groups,nw", [("1", "32", "1", "8"), ("2", "32", "1", "8"), ("2", "64", "1", "8"),
+                                               ("2", "64", "2", "8"), ("2", "64", "1", "16"), ("1", "32", "1", "16")])
 @pytest.mark.parametrize("dt", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_mla_decode(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, groups, dt):
+def test_cuda_mla_decode(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, groups, nw, dt):
     monkeypatch.setenv("KIMI_MLX_MLA_DECODE_GROUPS", groups)
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_NW", nw)
     out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, dt)
     decodes = [t for k, t in cuda_emu if k == "mla_decode"]
     assert decodes and [k for k, _ in cuda_emu if k != "mla_decode"] == ["mla_combine"]
     assert all(t["Q8"] == (bits == 8) and t["NBUF"] == (1 if t["Q8"] else int(nbuf)) and t["BK"] == int(bk)
-               and t["G"] == int(groups) and t["PR"] == (PREC_BF16 if dt == mx.bfloat16 else PREC_TF32X3)
+               and t["G"] == int(groups) and t["NW"] == int(nw) and t["PR"] == (PREC_BF16 if dt == mx.bfloat16 else PREC_TF32X3)
                for t in decodes)
     assert out.dtype == dt
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
@@ -116,7 +119,7 @@ def test_cuda_mla_prefill(cuda_emu, monkeypatch, B, H, T, before, bits, block_ke
 def test_cuda_mla_defaults(cuda_emu, monkeypatch):
     """No settings: the CUDA defaults (decode: 2 key buffers of 64 keys; prefill: rw 2, 2 buffers)."""
     for var in ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_PREFILL_RW", "KIMI_MLX_MLA_TGS",
-                "KIMI_MLX_MLA_PREFILL_NW", "KIMI_MLX_MLA_DECODE_GROUPS"):
+                "KIMI_MLX_MLA_PREFILL_NW", "KIMI_MLX_MLA_DECODE_GROUPS", "KIMI_MLX_MLA_DECODE_NW"):
         monkeypatch.delenv(var, raising=False)
     out, ref = MT.prefill_case(monkeypatch, 1, 2, 37, [20], None, None, mx.bfloat16)
     assert _rel(out, ref) < 2e-2

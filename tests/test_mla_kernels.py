@@ -84,6 +84,15 @@ def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends,
     assert all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) and t["BK"] == int(bk) for k, t in emu if k == "mla_decode")
 
 
+@pytest.mark.parametrize("B,H,T,appends,bits,splits", [(2, 4, 1, [70, 30, 1], None, 4), (1, 8, 3, [50, 47, 3], 8, 2)])
+def test_kernel_mla_decode_sixteen_warps(emu, monkeypatch, B, H, T, appends, bits, splits):
+    """KIMI_MLX_MLA_DECODE_NW=16: each warp takes half of a tile's keys in S, 16 threads a softmax row."""
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_NW", "16")
+    out, ref = decode_case(monkeypatch, B, H, T, appends, bits, splits, "1", "32")
+    assert float(mx.abs(out - ref).max()) < 2e-5
+    assert {t["NW"] for k, t in emu if k == "mla_decode"} == {16}
+
+
 def test_kernel_mla_decode_bf16(emu):
     rng = np.random.default_rng(5)
     rows = mx.array(rng.standard_normal((1, 77, D)).astype(np.float32)).astype(mx.bfloat16)
@@ -216,7 +225,8 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
         q8 = kind.endswith("q8")
         kind = "mla_decode"
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 64 if q8 else 32), ("Q8", q8),
-                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2), ("G", 1 if q8 else 2)]
+                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2), ("G", 1 if q8 else 2),
+                ("QREG", q8)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
@@ -232,3 +242,29 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", str(tmp_path / "k.o"), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("probe", ["loads", "math"])
+def test_decode_probe_builds_run(emu, monkeypatch, probe):
+    """scripts/mla_decode_parts.py --probe cuts the math or the streamed loads out of DECODE_BODY by
+    its text: the cut must still find its marks in the kernel and run (its results are garbage)."""
+    import importlib.util
+    from pathlib import Path
+
+    from metal_kernels import mla_template
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "mla_decode_parts.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_parts", path)
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    body = parts.probe_body(mla_template.DECODE_BODY, probe)
+    assert body != mla_template.DECODE_BODY and ("S = Q K^T" in body) == (probe == "math")
+    monkeypatch.setitem(mla_template._BODIES, "mla_decode", body)
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BK", "64")
+    rng = np.random.default_rng(3)
+    rows = mx.array(rng.standard_normal((1, 200, D)).astype(np.float32))
+    q = mx.array(rng.standard_normal((1, 4, D)).astype(np.float32))
+    o, lse = K.mla_decode_partial(q, rows, 200, 0, 199, 4, 0.3, DL)
+    assert o.shape[-1] == DL and [k for k, _ in emu] == ["mla_decode"]
+    # no scores (loads): every split is empty; the math on the tiles as loaded: finite sums
+    assert bool(mx.all(mx.isinf(lse)).item()) == (probe == "loads")
