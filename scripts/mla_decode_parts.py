@@ -10,6 +10,11 @@ cache read rate as a share of it.
 garbage): `loads` keeps the key tile loads and drops the math, `math` keeps the math on whatever the
 tiles hold and drops every load after the first tile. Which of the two is close to the real kernel's
 time says what bounds it.
+
+--launches N runs no timing: N launches each of the partials, the combine and the copy, one at a
+time, for a profiler to time on the device (what the tenth session reported):
+
+    ncu --clock-control none --section SpeedOfLight python scripts/mla_decode_parts.py --depths 128K --launches 3
 """
 from __future__ import annotations
 
@@ -63,12 +68,18 @@ def main():
     ap.add_argument("--depths", default="32K,128K")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--per", type=int, default=16, help="calls an evaluation")
+    ap.add_argument("--launches", type=int, default=0,
+                    help="no timing: this many launches of each kernel and of the copy, for a profiler")
     ap.add_argument("--probe", choices=("loads", "math"), default=None,
                     help="time a diagnostic build of the partials kernel (see the module doc)")
     a = ap.parse_args()
     if a.probe:
         mla_template._BODIES["mla_decode"] = probe_body(mla_template.DECODE_BODY, a.probe)
+    if K.backend() is None:
+        raise SystemExit("no MLA kernel on this device (it needs Metal or CUDA; KIMI_MLX_MLA=reference turns them off)")
     H, D, DV = 32, 576, 512
+    if a.launches:
+        return launches(a.depths, a.launches, H, D, DV)
     copy = copy_bandwidth(2048, mx.bfloat16, reps=10)
     copy_gbps = copy["GBps_median"]
     print(f"copy: {copy['op']}: {copy_gbps:.0f} GB/s (median), {copy['GBps_best']:.0f} best", flush=True)
@@ -97,6 +108,23 @@ def main():
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+def launches(depths: str, count: int, H: int, D: int, DV: int) -> None:
+    """`count` rounds of one partials, one combine and one copy (x + 1 over 2 GiB of bf16, as
+    copy_bandwidth), each evaluated alone, after a round that compiles them."""
+    x = mx.zeros((1 << 30,), dtype=mx.bfloat16)
+    for d in depths.split(","):
+        n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
+        rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
+        q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
+        mx.eval(rows, q, x)
+        for _ in range(count + 1):
+            o, lse = K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)
+            mx.eval(o, lse)
+            mx.eval(K.mla_combine([(o, lse)], mx.bfloat16))
+            mx.eval(x + 1)
+        print(f"depth {d}: {count} launches of each after one round of warm-up", flush=True)
 
 
 if __name__ == "__main__":
