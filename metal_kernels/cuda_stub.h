@@ -173,6 +173,16 @@ struct Warp {
   explicit Warp(int n) : bar(n), nlanes(n) {}
 };
 
+struct BulkCopy { void* dst; const void* src; size_t bytes; };
+// an mbarrier: a phase completes when `count` threads have arrived and every expected byte has
+// come; the bulk copies of a completed phase land at the first wait that sees it
+struct MBar {
+  int count = 0, arrivals = 0;
+  long tx = 0;
+  unsigned phase = 0;
+  std::vector<BulkCopy> issued, done;
+};
+
 struct Block {
   int nt;
   std::barrier<> bar;
@@ -183,6 +193,7 @@ struct Block {
   std::map<std::pair<std::string, int>, std::unique_ptr<unsigned char[]>> statics;
   size_t static_bytes = 0, dyn_bytes = 0;
   std::vector<std::atomic<int>> where;
+  std::map<const void*, MBar> mbars;  // by shared address (guarded by mu)
   std::mutex done_mu;
   std::condition_variable done_cv;
   int done = 0;
@@ -342,13 +353,13 @@ inline void* static_shared(const char* name, int line, size_t bytes) {
 }
 
 // Offset of p in the dynamic shared memory of the launch; ldmatrix / cp.async operands must be
-// there (the kernels put every tile in it), `bytes` of them, on a 16-byte boundary.
-inline size_t smem_offset(const void* p, size_t bytes, const char* what) {
+// there (the kernels put every tile in it), `bytes` of them, on an `align`-byte boundary (mbarriers: 8).
+inline size_t smem_offset(const void* p, size_t bytes, const char* what, size_t align = 16) {
   const auto* c = static_cast<const unsigned char*>(p);
   if (c < smem_base() || c + bytes > smem_base() + ctx.blk->dyn_bytes)
     fail("%s: address %p is not in the %zu bytes of dynamic shared memory (thread %d)", what, p, ctx.blk->dyn_bytes, ctx.tid);
   const size_t off = (size_t)(c - smem_base());
-  if (off % 16) fail("%s: shared address %zu is not 16-byte aligned (thread %d)", what, off, ctx.tid);
+  if (off % align) fail("%s: shared address %zu is not %zu-byte aligned (thread %d)", what, off, align, ctx.tid);
   return off;
 }
 
@@ -427,6 +438,59 @@ inline void cp_async_wait(int n) {  // every committed group but the newest n la
   ctx.pending.erase(ctx.pending.begin(), ctx.pending.begin() + upto);
   ge.erase(ge.begin(), ge.begin() + k);
   for (auto& e : ge) e -= upto;
+}
+// mbarrier.init / arrive.expect_tx / try_wait.parity and cp.async.bulk global -> shared (sm_90).
+// A bulk copy's destination holds NaN bytes until a wait sees its phase complete.
+inline MBar& mbar_of(const void* bar, const char* what) {
+  auto it = ctx.blk->mbars.find(bar);
+  if (it == ctx.blk->mbars.end()) fail("%s: no mbarrier was initialised at %p (thread %d)", what, bar, ctx.tid);
+  return it->second;
+}
+inline void mbar_complete_if(MBar& m) {
+  if (m.arrivals < m.count || m.tx != 0) return;
+  m.done.insert(m.done.end(), m.issued.begin(), m.issued.end());
+  m.issued.clear();
+  m.arrivals = 0;
+  ++m.phase;
+}
+inline void mbar_init(void* bar, int count) {
+  smem_offset(bar, 8, "mbarrier.init", 8);
+  std::lock_guard<std::mutex> lk(ctx.blk->mu);
+  MBar& m = ctx.blk->mbars[bar];
+  m = MBar();
+  m.count = count;
+}
+inline void mbar_expect(void* bar, int bytes) {
+  std::lock_guard<std::mutex> lk(ctx.blk->mu);
+  MBar& m = mbar_of(bar, "mbarrier.arrive.expect_tx");
+  if (++m.arrivals > m.count) fail("mbarrier.arrive: more than %d arrivals in a phase (thread %d)", m.count, ctx.tid);
+  m.tx += bytes;
+  mbar_complete_if(m);
+}
+inline void bulk_copy(void* dst, const void* src, int bytes, void* bar) {
+  if (bytes <= 0 || bytes % 16) fail("cp.async.bulk: %d bytes is not a positive multiple of 16", bytes);
+  if (reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async.bulk: source %p is not 16-byte aligned", src);
+  smem_offset(dst, bytes, "cp.async.bulk destination");
+  std::memset(dst, 0xff, bytes);
+  std::lock_guard<std::mutex> lk(ctx.blk->mu);
+  MBar& m = mbar_of(bar, "cp.async.bulk");
+  m.issued.push_back({dst, src, (size_t)bytes});
+  m.tx -= bytes;
+  mbar_complete_if(m);
+}
+inline void mbar_wait(void* bar, int parity) {  // until the phase of this parity has completed
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lk(ctx.blk->mu);
+      MBar& m = mbar_of(bar, "mbarrier.try_wait");
+      if ((int)(m.phase & 1) != parity) {
+        for (const BulkCopy& c : m.done) std::memcpy(c.dst, c.src, c.bytes);
+        m.done.clear();
+        return;
+      }
+    }
+    std::this_thread::yield();
+  }
 }
 inline int ld_acquire(const int* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline void st_release(int* p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }

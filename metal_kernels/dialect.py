@@ -185,6 +185,11 @@ DFN void st8(PT p, thread const float* x) {
 #define ASYNC_COMMIT() do { } while (0)
 #define ASYNC_WAIT1() do { } while (0)
 #define ASYNC_WAIT0() do { } while (0)
+#define BULK_COPIES 0
+#define MBAR_INIT(bar, count) do { } while (0)
+#define MBAR_EXPECT(bar, bytes) do { } while (0)
+#define BULK_COPY(dst, src, bytes, bar) do { } while (0)
+#define MBAR_WAIT(bar, parity) do { } while (0)
 
 // Counters and flags shared by threadgroups (device atomics; fences at device scope, MSL 3.2)
 #define SYNC_PTR(p) ((device atomic_int*)(p))
@@ -450,6 +455,41 @@ DFN void kda_cp_async16(void* dst, const void* src, bool valid) {
 #define ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
 #define ASYNC_WAIT1() asm volatile("cp.async.wait_group 1;\n" ::: "memory")
 #define ASYNC_WAIT0() asm volatile("cp.async.wait_group 0;\n" ::: "memory")
+#endif
+// Bulk copies (sm_90): cp.async.bulk moves `bytes` (a multiple of 16) global -> shared and counts
+// them on an mbarrier in shared memory. A phase of the barrier completes when `count` threads
+// have arrived (MBAR_EXPECT arrives and adds the bytes to expect) and those bytes have landed;
+// MBAR_WAIT(bar, parity) waits for the phase of that parity (0 for the first use, then 1, 0, ...).
+#define BULK_COPIES 1
+#ifdef KDA_CUDA_STUB
+#define MBAR_INIT(bar, count) kda_cuda::mbar_init((void*)(bar), (count))
+#define MBAR_EXPECT(bar, bytes) kda_cuda::mbar_expect((void*)(bar), (bytes))
+#define BULK_COPY(dst, src, bytes, bar) kda_cuda::bulk_copy((void*)(dst), (const void*)(src), (bytes), (void*)(bar))
+#define MBAR_WAIT(bar, parity) kda_cuda::mbar_wait((void*)(bar), (parity))
+#else
+DFN unsigned int kda_sa(const void* p) { return (unsigned int)__cvta_generic_to_shared(p); }
+DFN void kda_mbar_init(void* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(kda_sa(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+DFN void kda_mbar_expect(void* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(kda_sa(bar)), "r"(bytes) : "memory");
+}
+DFN void kda_bulk_copy(void* dst, const void* src, int bytes, void* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               :: "r"(kda_sa(dst)), "l"(src), "r"(bytes), "r"(kda_sa(bar)) : "memory");
+}
+DFN void kda_mbar_wait(void* bar, int parity) {
+  unsigned int ok = 0;
+  do {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(ok) : "r"(kda_sa(bar)), "r"(parity) : "memory");
+  } while (!ok);
+}
+#define MBAR_INIT(bar, count) kda_mbar_init((void*)(bar), (count))
+#define MBAR_EXPECT(bar, bytes) kda_mbar_expect((void*)(bar), (bytes))
+#define BULK_COPY(dst, src, bytes, bar) kda_bulk_copy((void*)(dst), (const void*)(src), (bytes), (void*)(bar))
+#define MBAR_WAIT(bar, parity) kda_mbar_wait((void*)(bar), (parity))
 #endif
 
 template <int P>

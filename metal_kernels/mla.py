@@ -218,7 +218,7 @@ def combine_fits(splits: int, d_v: int) -> bool:
 
 # the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
 _DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS",
-                    "KIMI_MLX_MLA_DECODE_NW")
+                    "KIMI_MLX_MLA_DECODE_NW", "KIMI_MLX_MLA_DECODE_BULK")
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,7 +238,10 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg)  # noqa: E731
     bk = _decode_bk(be, most, smem_bytes)
     nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
-    smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg)
+    # key tiles by bulk copies: CUDA, two buffers of rows as stored, one group, when asked for
+    bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1
+            and (_choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) or 0) == 1)
+    smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
     nw = _decode_warps(be, g)
@@ -247,7 +250,8 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
     template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", nw), ("BK", bk),
-                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("QREG", qreg), ("SMEM_FLOATS", smem))
+                ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("QREG", qreg), ("BULK", bulk),
+                ("SMEM_FLOATS", smem))
     return nt, g, two, smem, template
 
 

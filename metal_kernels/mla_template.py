@@ -113,6 +113,21 @@ DFN void mla_decode_tile(PK sK, PT rows, long rbase, int k0, int k_hi, int tid) 
   const int r = tid / CH, c = (tid - r * CH) * 8;
   mla_chunk_rows<ST, T, BK, RS>(sK + r * (D + 8) + c, D + 8, rows + (rbase + k0) * DQ + c, DQ, r, k_hi - k0 - r);
 }
+// The same tile by bulk copies (CUDA, sm_90): warp 0 copies each existing row (D elements, as
+// stored) into its padded tile row and counts the bytes on `bar`; every thread zeroes the rows past
+// k_hi. Wait with MBAR_WAIT on bar, then a barrier (for the zeros).
+template <typename ST, int D, int DQ, int BK, int NT, typename PK, typename PT, typename PB>
+DFN void mla_decode_tile_bulk(PK sK, PT rows, long rbase, int k0, int k_hi, int tid, PB bar) {
+  const int nr = min(BK, k_hi - k0);
+  if (tid < 32) {
+    if (tid == 0) MBAR_EXPECT(bar, nr * D * (int)sizeof(ST));
+    for (int r = tid; r < nr; r += 32) BULK_COPY(sK + r * (D + 8), rows + (rbase + k0 + r) * DQ, D * (int)sizeof(ST), bar);
+  }
+  float z[8];
+  PRAGMA_UNROLL
+  for (int e = 0; e < 8; ++e) z[e] = 0.0f;
+  for (int i = tid; i < (BK - nr) * (D / 8); i += NT) st8<ST>(sK + (nr + i / (D / 8)) * (D + 8) + (i % (D / 8)) * 8, z);
+}
 // One prefill key/value tile: keys k0 (< n) .. of head h, [k_nope | k_pe] into sK, v into sV (zeros
 // past n). Each thread keeps one 8-column chunk, so its source and tile row pitches are fixed.
 template <typename ST, typename T, int NOPE, int DR, int DV, int D, int DL, int BKN, int NT, typename PK, typename PR_, typename PT>
@@ -135,7 +150,8 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # tiles: 2 streams the next one in with async copies; plain rows only), G (warp groups: each works
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
-# staged where the score tiles go).
+# staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
+# not cp.async by every thread; two buffers, plain rows, one group).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
@@ -154,6 +170,7 @@ DECODE_BODY = r"""
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
+  static_assert(!BULK || (BULK_COPIES && NBUF == 2 && !Q8 && G == 1), "bulk key tiles: CUDA, two buffers, plain rows, one group");
   // the group's own thread and warp, as if it were the whole threadgroup
   const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
 #define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
@@ -166,6 +183,7 @@ DECODE_BODY = r"""
   DEVP float* sKb = sS + SQF;
   DEVP ST* sP = TILE_PTR(ST, sKb, NBUF * KF);
   DEVP float* sStat = sKb + NBUF * KF + mla_floats<ST>(BM * LDP);  // m, l, corr per row
+  DEVP float* sBar = sStat + 3 * BM;  // BULK: an 8-byte mbarrier a key buffer
 
   const int n = info[0], key_start = info[1], q_offset = info[2], Hq = info[3], kps = info[4];
   const int M = (int)q_shape[1];
@@ -178,9 +196,20 @@ DECODE_BODY = r"""
   const int r_last = min(M, r0 + BM) - 1;
   k_hi = min(k_hi, q_offset + r_last / Hq - key_start + 1);  // causal: nothing past the last row
 
+  if (BULK) {
+    if (gt == 0) {
+      MBAR_INIT(sBar, 1);
+      MBAR_INIT(sBar + 2, 1);
+    }
+    BARRIER();
+  }
   if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
-    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
-    ASYNC_COMMIT();
+    if (BULK) {
+      mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt, sBar);
+    } else {
+      mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
+      ASYNC_COMMIT();
+    }
   }
   for (int i = _tid; i < BM * (D / 8); i += G * NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
@@ -213,8 +242,13 @@ DECODE_BODY = r"""
 
   for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
-    if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait, so
-      if (k0 + BK < k_hi)  // that two tiles are in flight while it waits: decode is bound by the reads)
+    if (NBUF > 1 && BULK) {
+      if (k0 + BK < k_hi)
+        mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt,
+                                                sBar + 2 * ((it + 1) % NBUF));
+      MBAR_WAIT(sBar + 2 * (it % NBUF), (it / NBUF) & 1);
+    } else if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait,
+      if (k0 + BK < k_hi)  // so that two tiles are in flight while it waits: decode is bound by the reads)
         mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
       ASYNC_COMMIT();
       ASYNC_WAIT1();
@@ -707,13 +741,13 @@ MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
 def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1,
-                       qreg: bool = False) -> int:
+                       qreg: bool = False, bulk: bool = False) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM, BK = 32, bk
     q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 4)
     sq = max(q, s4) if qreg else s4
-    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM)
+    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM + (4 if bulk else 0))
 
 
 def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:

@@ -76,6 +76,21 @@ def test_cuda_mla_decode(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, 
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("B,H,T,appends,bits,splits",
+                         _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
+@pytest.mark.parametrize("bk", ["32", "64"])
+@pytest.mark.parametrize("dt", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_mla_decode_bulk(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, bk, dt):
+    """KIMI_MLX_MLA_DECODE_BULK=1: key tiles by bulk copies counted on an mbarrier (8-bit segments
+    keep the synchronous loads)."""
+    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BULK", "1")
+    monkeypatch.delenv("KIMI_MLX_MLA_DECODE_GROUPS", raising=False)
+    out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, "2", bk, dt)
+    decodes = [t for k, t in cuda_emu if k == "mla_decode"]
+    assert decodes and all(t["BULK"] == (not t["Q8"]) for t in decodes)
+    assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
+
+
 @pytest.mark.parametrize("splits,cuts", [(1, ()), (5, ()), (5, (3,)), (6, (1, 4))])
 def test_cuda_mla_combine(cuda_emu, splits, cuts):
     """Partials of several splits (one of them empty: lse -inf) merged, against numpy; cuts: the
