@@ -51,8 +51,9 @@ def probe_body(body: str, probe: str) -> str:
 
 
 def timed(f, reps=20, per=16):
-    """Median, min and max microseconds a call, `per` calls an evaluation (MLX encodes them all and
-    runs them as graphs: with few calls an evaluation, the host's encoding is not hidden)."""
+    """Median, min and max microseconds a call, `per` calls an evaluation. The wall clock includes
+    what each call costs outside the kernel (about 20 us at 128K on an H100 / H200 in the tenth
+    session, against the kernel's device time): --launches under a profiler gives the latter."""
     for _ in range(3):
         mx.eval(f())
     ts = []
