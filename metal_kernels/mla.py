@@ -92,7 +92,7 @@ def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
     return 64 if be == "cuda" and two and smem_bytes(2, 64) <= _CUDA_SMEM_LIMIT else 32
 
 
-def _decode_warps(be: str, groups: int) -> int:
+def _decode_warps(groups: int) -> int:
     """Warps a decode warp group: KIMI_MLX_MLA_DECODE_NW (16: one group only, each warp on half of a
     tile's keys in S), else 8."""
     nw = _choice("KIMI_MLX_MLA_DECODE_NW", (8, 16)) or 8
@@ -240,11 +240,11 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
     # key tiles by bulk copies: CUDA, two buffers of rows as stored, one group, when asked for
     bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1
-            and (_choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) or 0) == 1)
+            and _choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) == 1)
     smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
-    nw = _decode_warps(be, g)
+    nw = _decode_warps(g)
     nt = 32 * nw * g
     # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)

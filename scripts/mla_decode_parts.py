@@ -50,6 +50,15 @@ def probe_body(body: str, probe: str) -> str:
     raise ValueError(probe)
 
 
+def _case(depth: str, H: int, D: int):
+    """(n, cached rows [1, n, D], queries [1, H, D]) in bf16 for a depth such as 128K."""
+    n = int(depth.rstrip("K")) * 1024 if depth.endswith("K") else int(depth)
+    rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
+    q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
+    mx.eval(rows, q)
+    return n, rows, q
+
+
 def timed(f, reps=20, per=16):
     """Median, min and max microseconds a call, `per` calls an evaluation. The wall clock includes
     what each call costs outside the kernel (about 20 us at 128K on an H100 / H200 in the tenth
@@ -87,10 +96,7 @@ def main():
     out = [{"device": str(mx.default_device()), "mlx": mx.__version__, "copy": copy, "probe": a.probe, "per": a.per,
             "settings": {k: v for k, v in os.environ.items() if k.startswith("KIMI_MLX_")}}]
     for d in a.depths.split(","):
-        n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
-        rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
-        q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
-        mx.eval(rows, q)
+        n, rows, q = _case(d, H, D)
         part = lambda: K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)  # noqa: E731
         o, lse = part()
         mx.eval(o, lse)
@@ -115,11 +121,9 @@ def launches(depths: str, count: int, H: int, D: int, DV: int) -> None:
     """`count` rounds of one partials, one combine and one copy (x + 1 over 2 GiB of bf16, as
     copy_bandwidth), each evaluated alone, after a round that compiles them."""
     x = mx.zeros((1 << 30,), dtype=mx.bfloat16)
+    mx.eval(x)
     for d in depths.split(","):
-        n = int(d.rstrip("K")) * 1024 if d.endswith("K") else int(d)
-        rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
-        q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
-        mx.eval(rows, q, x)
+        n, rows, q = _case(d, H, D)
         for _ in range(count + 1):
             o, lse = K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)
             mx.eval(o, lse)
