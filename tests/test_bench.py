@@ -307,3 +307,14 @@ def test_mla_bench_json(tmp_path, monkeypatch, fallback):
         assert r["flops"] == 2 * 4 * (32 + 16 + 32) * (600 * 601 // 2)
         assert r["TFLOPs_with_expand"] > r["TFLOPs"]
         assert r["torch"].get("skipped") or r["torch"]["default"]["TFLOPs"] > 0
+
+
+def test_step_bench_refuses_a_slice_that_does_not_fit(monkeypatch, capsys):
+    """The default step slice (256 experts at the real widths) needs ~30 GB of fp32 weights: on a
+    smaller machine the bench says so in one line instead of being killed by the OOM killer."""
+    from kimi_mlx import planner
+
+    monkeypatch.setattr(planner, "machine_memory_bytes", lambda usable=True: 8 << 30)
+    assert bench_main(["step", "--depth", "1K"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the slice's random fp32 weights alone need about") and "--experts 16" in err

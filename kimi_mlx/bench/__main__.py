@@ -37,7 +37,11 @@ def main(argv=None) -> int:
             raise  # a real missing dependency inside the module
         print(f"benchmark {name!r} is not available yet ({modname} is missing)", file=sys.stderr)
         return 2
-    return int(mod.main(rest) or 0)
+    try:
+        return int(mod.main(rest) or 0)
+    except MemoryError as e:  # a benchmark that would not fit this machine says so and stops
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

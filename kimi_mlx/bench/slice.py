@@ -58,6 +58,13 @@ def random_weights(c: dict, seed: int = 0) -> dict[str, mx.array]:
     ~7e9 weights: a minute of numpy, a second on the GPU)."""
     import numpy as np
 
+    from .. import planner
+
+    need, have = 4 * planner.param_count(c), planner.machine_memory_bytes()
+    if have is not None and need > have:  # refuse here rather than be killed by the OOM killer later
+        raise MemoryError(f"the slice's random fp32 weights alone need about {planner.format_bytes(need)}, but "
+                          f"{planner.format_bytes(have)} is usable here: use fewer experts (--experts 16), "
+                          "fewer layers or --tiny")
     rng = np.random.default_rng(seed)
     mx.random.seed(seed)
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
