@@ -238,12 +238,9 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg)  # noqa: E731
     bk = _decode_bk(be, most, smem_bytes)
     nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
-    # key tiles by bulk copies: CUDA, buffers of rows as stored, one group, when asked for; then
-    # KIMI_MLX_MLA_NBUF may ask for up to 4 buffers (3 tiles ahead)
+    # key tiles by bulk copies: CUDA, two buffers of rows as stored, one group, when asked for
     bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1
             and _choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) == 1)
-    if bulk:
-        nbuf = _nbuf(be, 4, lambda nb: smem_bytes(nb, bk))
     smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None

@@ -96,6 +96,16 @@ DFN void mla_copy8(PD dst, PS src, bool valid) { mla_tile8<ST, T>(dst, src, vali
 // loaders below give each thread one chunk, so every step is a constant.
 template <typename ST, typename T, int BK, int RS, typename PD, typename PS>
 DFN void mla_chunk_rows(PD dst, int ldd, PS first, int kstep, int r, int left) {
+  if (left + r >= BK) {  // a whole tile (the common case): two pointers stepped, no predicates
+    PS src = first + r * kstep;
+    PD d = dst;
+    const long sstep = (long)RS * kstep;
+    const int dstep = RS * ldd;
+    PRAGMA_UNROLL
+    for (int p = 0; p < (BK + RS - 1) / RS; ++p, src += sstep, d += dstep)
+      if (p * RS + r < BK) mla_copy8<ST, T>(d, src, true);
+    return;
+  }
   PRAGMA_UNROLL
   for (int p = 0; p < (BK + RS - 1) / RS; ++p) {
     if (p * RS + r < BK) {
@@ -147,11 +157,11 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # Template: T (input dtype), ST (tile type), PR (product precision), D, DV, NW (warps a group: 8, or 16
 # with one group: then each warp takes half of a tile's keys in S), BK
 # (keys a tile: 32 or 64), Q8, QG (quantization group), DQ (row width as stored: D, or D padded to QG when Q8), NBUF (key
-# tiles: 2 streams the next one in with async copies; plain rows only; BULK: 2-4, NBUF - 1 tiles ahead), G (warp groups: each works
+# tiles: 2 streams the next one in with async copies; plain rows only), G (warp groups: each works
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
 # staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
-# not cp.async by every thread; plain rows, one group).
+# not cp.async by every thread; two buffers, plain rows, one group).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
@@ -161,7 +171,7 @@ DECODE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int BM = 32, NT = 32 * NW, TPR = NT / BM, KPT = BK / TPR;  // softmax: threads a row, keys each
   constexpr int NCH = NW / 8, NST = BK / 8 / NCH;  // score column groups; a warp's column tiles
-  constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 4, LDP = BK + 8;
+  constexpr int LDQ = D + 8, LDK = D + 8, LDS = BK + 8, LDP = BK + 8;  // (fp32 score rows of BK + 8: no bank conflicts)
   constexpr int NPW = 2 * ((DV / 8 + 2 * NW - 1) / (2 * NW));  // output column tiles a warp (pairs)
   constexpr bool FULLCT = DV / 8 == NW * NPW;  // every warp's every tile exists
   constexpr int NKS = D / KSTEP(PR), NKQ = (NKS + 3) / 4;  // contraction steps: all, a quarter's
@@ -170,7 +180,7 @@ DECODE_BODY = r"""
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
-  static_assert(!BULK || (BULK_COPIES && NBUF >= 2 && NBUF <= 4 && !Q8 && G == 1), "bulk key tiles: CUDA, 2-4 buffers, plain rows, one group");
+  static_assert(!BULK || (BULK_COPIES && NBUF == 2 && !Q8 && G == 1), "bulk key tiles: CUDA, two buffers, plain rows, one group");
   // the group's own thread and warp, as if it were the whole threadgroup
   const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
 #define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
@@ -198,15 +208,18 @@ DECODE_BODY = r"""
 
   if (BULK) {
     if (gt == 0) {
-      for (int b = 0; b < NBUF; ++b) MBAR_INIT(sBar + 2 * b, 1);
+      MBAR_INIT(sBar, 1);
+      MBAR_INIT(sBar + 2, 1);
     }
     BARRIER();
-    // the first NBUF - 1 key tiles stream in while the queries load
-    for (int b = 0; b < NBUF - 1 && k_lo + b * BK < k_hi; ++b)
-      mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, b * KF), rows, rbase, k_lo + b * BK, k_hi, gt, sBar + 2 * b);
-  } else if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
-    mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
-    ASYNC_COMMIT();
+  }
+  if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
+    if (BULK) {
+      mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt, sBar);
+    } else {
+      mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt);
+      ASYNC_COMMIT();
+    }
   }
   for (int i = _tid; i < BM * (D / 8); i += G * NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
@@ -239,10 +252,10 @@ DECODE_BODY = r"""
 
   for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
-    if (NBUF > 1 && BULK) {  // NBUF - 1 tiles ahead; the buffer refilled was the last iteration's
-      const int ahead = k0 + (NBUF - 1) * BK, nb = (it + NBUF - 1) % NBUF;
-      if (ahead < k_hi)
-        mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, nb * KF), rows, rbase, ahead, k_hi, gt, sBar + 2 * nb);
+    if (NBUF > 1 && BULK) {
+      if (k0 + BK < k_hi)
+        mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt,
+                                                sBar + 2 * ((it + 1) % NBUF));
       MBAR_WAIT(sBar + 2 * (it % NBUF), (it / NBUF) & 1);
     } else if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait,
       if (k0 + BK < k_hi)  // so that two tiles are in flight while it waits: decode is bound by the reads)
@@ -308,14 +321,14 @@ DECODE_BODY = r"""
       for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
     }
     MLA_GBAR();
-    {  // online softmax in base 2 (row maxima too): TPR threads a row, KPT keys each
-      const int r = gt / TPR, c0 = (gt % TPR) * KPT;
+    {  // online softmax in base 2 (row maxima too): TPR threads a row, KPT keys each, TPR apart (a
+      const int r = gt / TPR, c0 = gt % TPR;  // warp's reads and writes fall in distinct banks)
       float sv[KPT];
       float mx = MLA_NEG_INF;
       PRAGMA_UNROLL
       for (int e = 0; e < KPT; ++e) {
-        const int k = k0 + c0 + e;
-        const int o = r * LDS + c0 + e;
+        const int k = k0 + c0 + e * TPR;
+        const int o = r * LDS + c0 + e * TPR;
         sv[e] = (k < k_hi && k <= lim)
                     ? ((sS[o] + sS[BM * LDS + o]) + (sS[2 * BM * LDS + o] + sS[3 * BM * LDS + o])) * sl2
                     : MLA_NEG_INF;
@@ -336,7 +349,7 @@ DECODE_BODY = r"""
       PRAGMA_UNROLL
       for (int o = 1; o < TPR; o *= 2) sum += SHFL_XOR(sum, o);
       PRAGMA_UNROLL
-      for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e] = static_cast<ST>(ps[e]);
+      for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e * TPR] = static_cast<ST>(ps[e]);
       WARP_SYNC();
       if (gt % TPR == 0) {
         const float corr = EXP2F(m_old - m_use);
@@ -742,9 +755,9 @@ def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, group
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM, BK = 32, bk
-    q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 4)
+    q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 8)
     sq = max(q, s4) if qreg else s4
-    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM + (2 * nbuf if bulk else 0))
+    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM + (4 if bulk else 0))
 
 
 def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:

@@ -91,19 +91,6 @@ def test_cuda_mla_decode_bulk(cuda_emu, monkeypatch, B, H, T, appends, bits, spl
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("B,H,T,appends,bits,splits",
-                         _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
-@pytest.mark.parametrize("nbuf", ["3", "4"])
-def test_cuda_mla_decode_bulk_deep(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, nbuf):
-    """Bulk key tiles 2-3 tiles ahead (KIMI_MLX_MLA_NBUF 3 / 4, 32-key bf16 tiles: what fits)."""
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_BULK", "1")
-    monkeypatch.delenv("KIMI_MLX_MLA_DECODE_GROUPS", raising=False)
-    out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, "32", mx.bfloat16)
-    decodes = [t for k, t in cuda_emu if k == "mla_decode"]
-    assert decodes and all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) for t in decodes)
-    assert _rel(out, ref) < 2e-2
-
-
 @pytest.mark.parametrize("splits,cuts", [(1, ()), (5, ()), (5, (3,)), (6, (1, 4))])
 def test_cuda_mla_combine(cuda_emu, splits, cuts):
     """Partials of several splits (one of them empty: lse -inf) merged, against numpy; cuts: the

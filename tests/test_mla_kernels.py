@@ -73,6 +73,7 @@ def decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, dt=mx.flo
     (2, 4, 1, [100, 29], 8, 3),            # 8-bit segments, dequantized in the kernel
     (1, 40, 1, [45], None, 1),             # 40 heads: two row blocks, the second part-empty
     (1, 4, 1, [1300], None, 41),           # 41 splits: the combine's split groups, several rounds each
+    (1, 4, 2, [700], None, 1),             # one split of many tiles: the streamed buffers wrap around
 ])
 # nbuf 2: the next key tile is loaded during this one's math; bk: keys a tile
 @pytest.mark.parametrize("nbuf,bk", [("1", "32"), ("2", "32"), ("2", "64")])
