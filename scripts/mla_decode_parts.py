@@ -32,6 +32,7 @@ import kimi_mlx  # noqa: F401,E402
 import mlx.core as mx  # noqa: E402
 
 from kimi_mlx.bench.roofline import copy_bandwidth  # noqa: E402
+from kimi_mlx.settings import held_kernel_settings  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
 from metal_kernels import mla_template  # noqa: E402
 
@@ -60,16 +61,23 @@ def _case(depth: str, H: int, D: int):
 
 
 def timed(f, reps=20, per=16):
-    """Median, min and max microseconds a call, `per` calls an evaluation. The wall clock includes
-    what each call costs outside the kernel (about 20 us at 128K on an H100 / H200 in the tenth
-    session, against the kernel's device time): --launches under a profiler gives the latter."""
-    for _ in range(3):
-        mx.eval(f())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval([f() for _ in range(per)])
-        ts.append((time.perf_counter() - t) / per * 1e6)
+    """Median, min and max microseconds a call, `per` calls an evaluation. Each call is queued as
+    soon as it is built (async_eval), so its host work overlaps the previous call's kernel, and the
+    kernel settings are read once, as in a forward pass: before the eleventh session every call was
+    built first and then run, which added the host side of a call (26 us on a 2-core EPYC, 12 with
+    the settings held) to every timing. --launches under a profiler gives the device time."""
+    with held_kernel_settings():
+        for _ in range(3):
+            mx.eval(f())
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            outs = []
+            for _ in range(per):
+                outs.append(f())
+                mx.async_eval(outs[-1])
+            mx.eval(outs)
+            ts.append((time.perf_counter() - t) / per * 1e6)
     return statistics.median(ts), min(ts), max(ts)
 
 
