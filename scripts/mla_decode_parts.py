@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kimi_mlx  # noqa: F401,E402
 import mlx.core as mx  # noqa: E402
 
+from kimi_mlx.bench.common import fmt_len, parse_lengths  # noqa: E402
 from kimi_mlx.bench.roofline import copy_bandwidth  # noqa: E402
 from kimi_mlx.settings import held_kernel_settings  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
@@ -51,21 +52,19 @@ def probe_body(body: str, probe: str) -> str:
     raise ValueError(probe)
 
 
-def _case(depth: str, H: int, D: int):
-    """(n, cached rows [1, n, D], queries [1, H, D]) in bf16 for a depth such as 128K."""
-    n = int(depth.rstrip("K")) * 1024 if depth.endswith("K") else int(depth)
+def _case(n: int, H: int, D: int):
+    """(cached rows [1, n, D], queries [1, H, D]) in bf16."""
     rows = mx.random.normal((1, n, D)).astype(mx.bfloat16)
     q = mx.random.normal((1, H, D)).astype(mx.bfloat16)
     mx.eval(rows, q)
-    return n, rows, q
+    return rows, q
 
 
 def timed(f, reps=20, per=16):
     """Median, min and max microseconds a call, `per` calls an evaluation. Each call is queued as
-    soon as it is built (async_eval), so its host work overlaps the previous call's kernel, and the
-    kernel settings are read once, as in a forward pass: before the eleventh session every call was
-    built first and then run, which added the host side of a call (26 us on a 2-core EPYC, 12 with
-    the settings held) to every timing. --launches under a profiler gives the device time."""
+    soon as it is built (async_eval) and the kernel settings are read once, as in a forward pass,
+    so the host side of a call (26 us on a 2-core EPYC, 12 with the settings held) overlaps the
+    previous call's kernel instead of adding to it. --launches under a profiler gives the device time."""
     with held_kernel_settings():
         for _ in range(3):
             mx.eval(f())
@@ -103,8 +102,9 @@ def main():
     print(f"copy: {copy['op']}: {copy_gbps:.0f} GB/s (median), {copy['GBps_best']:.0f} best", flush=True)
     out = [{"device": str(mx.default_device()), "mlx": mx.__version__, "copy": copy, "probe": a.probe, "per": a.per,
             "settings": {k: v for k, v in os.environ.items() if k.startswith("KIMI_MLX_")}}]
-    for d in a.depths.split(","):
-        n, rows, q = _case(d, H, D)
+    for n in parse_lengths(a.depths):
+        d = fmt_len(n)
+        rows, q = _case(n, H, D)
         part = lambda: K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)  # noqa: E731
         o, lse = part()
         mx.eval(o, lse)
@@ -130,14 +130,14 @@ def launches(depths: str, count: int, H: int, D: int, DV: int) -> None:
     copy_bandwidth), each evaluated alone, after a round that compiles them."""
     x = mx.zeros((1 << 30,), dtype=mx.bfloat16)
     mx.eval(x)
-    for d in depths.split(","):
-        n, rows, q = _case(d, H, D)
+    for n in parse_lengths(depths):
+        rows, q = _case(n, H, D)
         for _ in range(count + 1):
             o, lse = K.mla_decode_partial(q, rows, n, 0, n - 1, H, 0.07, DV)
             mx.eval(o, lse)
             mx.eval(K.mla_combine([(o, lse)], mx.bfloat16))
             mx.eval(x + 1)
-        print(f"depth {d}: {count} launches of each after one round of warm-up", flush=True)
+        print(f"depth {fmt_len(n)}: {count} launches of each after one round of warm-up", flush=True)
 
 
 if __name__ == "__main__":

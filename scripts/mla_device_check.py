@@ -24,6 +24,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kimi_mlx.bench import roofline  # noqa: E402
+from kimi_mlx.bench.common import parse_lengths  # noqa: E402
 from kimi_mlx.cache import MLACache  # noqa: E402
 from kimi_mlx.ops import attention as A  # noqa: E402
 from metal_kernels import mla as K  # noqa: E402
@@ -36,11 +37,6 @@ ROWS = []
 def row(**kw):
     ROWS.append(kw)
     print(json.dumps(kw), flush=True)
-
-
-def k2n(s: str) -> int:
-    s = s.strip().upper()
-    return int(float(s[:-1]) * 1024) if s.endswith("K") else int(s)
 
 
 def timeit(fn, reps=10, warm=2):
@@ -244,11 +240,11 @@ def main():
                 check_decode(dt)
                 check_prefill(dt)
         if "decode" not in skip:
-            bench_decode([k2n(s) for s in a.depths.split(",")], copy_bandwidth())
+            bench_decode(parse_lengths(a.depths), copy_bandwidth())
         if "prefill" not in skip:
-            bench_prefill([k2n(s) for s in a.prefill.split(",")], a.prefill_reps)
+            bench_prefill(parse_lengths(a.prefill), a.prefill_reps)
         if "chunk" not in skip:
-            bench_chunk_at_depth([k2n(s) for s in a.chunk_depths.split(",")])
+            bench_chunk_at_depth(parse_lengths(a.chunk_depths))
     finally:
         Path(a.json).write_text(json.dumps(ROWS, indent=1))
 

@@ -55,6 +55,7 @@ from kimi_mlx.ops.kda_cpu import available as kda_cpu_available, kda_cpu, kda_cp
 from kimi_mlx.ops.kda_reference import kda_recurrent, kda_step
 
 from . import time_runs, time_torch_cuda
+from .common import parse_lengths
 
 OURS = "ours-chunked"
 OURS_CPU = "ours-cpu"
@@ -62,17 +63,6 @@ KERNEL = "ours-kernel"
 KERNEL_STEP = "ours-kernel-step"
 OURS_NAMES = (OURS_CPU, OURS, "ours-step", KERNEL, KERNEL_STEP)  # "ours ÷ this" uses the fastest of these
 GPU_DEFAULT_T = "1K,4K,16K,64K"
-
-
-def parse_lengths(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        if not part:
-            continue
-        mult = 1024 if part.endswith("K") else 1
-        out.append(int(float(part.rstrip("K")) * mult))
-    return out
 
 
 def tune_malloc() -> bool:
