@@ -161,7 +161,9 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
 # staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
-# not cp.async by every thread; two buffers, plain rows, one group).
+# not cp.async by every thread; two buffers, plain rows, one group), PF (CUDA, streamed plain rows:
+# while a tile streams in, the one PF tiles after it is fetched into L2 by one bulk prefetch; 0: none),
+# RO (streamed tiles: the next tile is issued after the wait for this one, so one barrier serves both).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
@@ -181,6 +183,7 @@ DECODE_BODY = r"""
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
   static_assert(!BULK || (BULK_COPIES && NBUF == 2 && !Q8 && G == 1), "bulk key tiles: CUDA, two buffers, plain rows, one group");
+  static_assert((PF == 0 && !RO) || (NBUF > 1 && !Q8 && !BULK), "L2 prefetch, reordered issue: streamed plain rows");
   // the group's own thread and warp, as if it were the whole threadgroup
   const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
 #define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
@@ -213,6 +216,11 @@ DECODE_BODY = r"""
     }
     BARRIER();
   }
+  // L2 prefetch of the rows of tile t (thread 0 of the group; a hint, nothing waits for it)
+#define MLA_PF_TILE(t) do { const int kp_ = k_lo + (t) * BK; \
+    if (PF > 0 && gt == 0 && kp_ < k_hi) PREFETCH_L2_BULK(rows + (rbase + kp_) * DQ, min(BK, k_hi - kp_) * DQ * (int)sizeof(T)); } while (0)
+  PRAGMA_UNROLL
+  for (int t = 1; t <= PF; ++t) MLA_PF_TILE(t);
   if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
     if (BULK) {
       mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt, sBar);
@@ -257,10 +265,18 @@ DECODE_BODY = r"""
         mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt,
                                                 sBar + 2 * ((it + 1) % NBUF));
       MBAR_WAIT(sBar + 2 * (it % NBUF), (it / NBUF) & 1);
+    } else if (NBUF > 1 && RO) {  // this tile has landed and every warp has left the other buffer: one
+      ASYNC_WAIT0();               // barrier for both, then the next tile streams into that buffer
+      MLA_GBAR();
+      if (k0 + BK < k_hi)
+        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
+      ASYNC_COMMIT();
+      MLA_PF_TILE(it + 1 + PF);
     } else if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait,
       if (k0 + BK < k_hi)  // so that two tiles are in flight while it waits: decode is bound by the reads)
         mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
       ASYNC_COMMIT();
+      MLA_PF_TILE(it + 1 + PF);
       ASYNC_WAIT1();
     } else if (Q8) {
       MLA_GBAR();
@@ -296,7 +312,7 @@ DECODE_BODY = r"""
         }
       }
     }
-    MLA_GBAR();
+    if (!(NBUF > 1 && RO)) MLA_GBAR();
     {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
       FragC sc[NST];
       PRAGMA_UNROLL
@@ -399,7 +415,7 @@ DECODE_BODY = r"""
         }
       }
     }
-    if (NBUF > 1) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
+    if (NBUF > 1 && !RO) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
   }
   MLA_GBAR();
   const long obase = ((long)bb * NS + split) * M;
@@ -427,6 +443,7 @@ DECODE_BODY = r"""
     lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * MLA_LN2 + LOGF(l) : MLA_NEG_INF;
   }
 #undef MLA_GBAR
+#undef MLA_PF_TILE
 """
 
 # Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a
@@ -438,7 +455,7 @@ DECODE_BODY = r"""
 # both the columns (4 each) and the splits (NTC / (CW / 4) groups), so that many loads are in flight.
 COMBINE_BODY = r"""
 /*@PROLOGUE@*/
-  constexpr int MAXS = MLA_MAX_SPLITS, CPT = 4, LPS = CW / CPT, SG = NTC / LPS, U = 4;
+  constexpr int MAXS = MLA_MAX_SPLITS, CPT = 4, LPS = CW / CPT, SG = NTC / LPS, U = 8;
   static_assert(CW % CPT == 0 && NTC % LPS == 0 && NTC % 32 == 0 && DV % CPT == 0, "mla combine shape");
   SHARED_ARR(float, sw, MAXS);
   SHARED_ARR(float, sred, NTC / 32);
@@ -449,6 +466,14 @@ COMBINE_BODY = r"""
   const int row = _gy, bb = _gz, c0 = _gx * CW;
   const long lbase = (long)bb * NS1 * M + row, lbase2 = (long)bb * NS2 * M + row;
 #define MLA_LSE(s) ((s) < NS1 ? lse_part[lbase + (long)(s) * M] : lse_tail[lbase2 + (long)((s) - NS1) * M])
+  const int sg = _tid / LPS, cl = (_tid % LPS) * CPT, c = c0 + cl;
+  const long obase = ((long)bb * NS1 * M + row) * DV + c, obase2 = ((long)bb * NS2 * M + row) * DV + c;
+  // U splits' values of this thread (split group sg: splits s0, s0 + SG, ...), all loads in flight at once
+#define MLA_LOAD_BATCH(v, s0) do { PRAGMA_UNROLL for (int u = 0; u < U; ++u) { const int s_ = (s0) + u * SG; \
+    PRAGMA_UNROLL for (int i = 0; i < CPT; ++i) (v)[u][i] = c >= DV || s_ >= NS ? 0.0f \
+        : s_ < NS1 ? o_part[obase + (long)s_ * M * DV + i] : o_tail[obase2 + (long)(s_ - NS1) * M * DV + i]; } } while (0)
+  float v[U][CPT];
+  MLA_LOAD_BATCH(v, sg);  // the first batch loads while the weights are worked out
   float mx = MLA_NEG_INF;
   for (int s = _tid; s < NS; s += NTC) mx = max(mx, MLA_LSE(s));
   mx = max(mx, SHFL_XOR(mx, 16));
@@ -472,29 +497,18 @@ COMBINE_BODY = r"""
   BARRIER();
   den = 0.0f;
   for (int w = 0; w < NTC / 32; ++w) den += sden[w];
-  const int sg = _tid / LPS, cl = (_tid % LPS) * CPT, c = c0 + cl;
   float acc[CPT];
   PRAGMA_UNROLL
   for (int i = 0; i < CPT; ++i) acc[i] = 0.0f;
-  if (c < DV) {
-    const long obase = ((long)bb * NS1 * M + row) * DV + c, obase2 = ((long)bb * NS2 * M + row) * DV + c;
-    for (int s0 = sg; s0 < NS; s0 += U * SG) {  // U splits' loads in flight before the sums
-      float v[U][CPT], w[U];
+  for (int s0 = sg; s0 < NS; s0 += U * SG) {
+    PRAGMA_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * SG;
+      const float w = s < NS ? sw[s] : 0.0f;
       PRAGMA_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const int s = s0 + u * SG;
-        w[u] = s < NS ? sw[s] : 0.0f;
-        PRAGMA_UNROLL
-        for (int i = 0; i < CPT; ++i)
-          v[u][i] = !(w[u] > 0.0f) ? 0.0f
-                    : s < NS1 ? o_part[obase + (long)s * M * DV + i] : o_tail[obase2 + (long)(s - NS1) * M * DV + i];
-      }
-      PRAGMA_UNROLL
-      for (int u = 0; u < U; ++u) {
-        PRAGMA_UNROLL
-        for (int i = 0; i < CPT; ++i) acc[i] += w[u] * v[u][i];
-      }
+      for (int i = 0; i < CPT; ++i) acc[i] += w > 0.0f ? w * v[u][i] : 0.0f;  // (an empty split adds 0, whatever it holds)
     }
+    if (s0 + U * SG < NS) MLA_LOAD_BATCH(v, s0 + U * SG);
   }
   PRAGMA_UNROLL
   for (int i = 0; i < CPT; ++i) sacc[sg * CW + cl + i] = acc[i];
@@ -505,6 +519,7 @@ COMBINE_BODY = r"""
     o[((long)bb * M + row) * DV + c0 + _tid] = static_cast<T>(den > 0.0f ? t / den : 0.0f);
   }
 #undef MLA_LSE
+#undef MLA_LOAD_BATCH
 """
 
 # Template: T, ST, PR, NOPE, DR, DV, DL (column of k_pe in a cached row), D (row width), NW, RW
@@ -536,14 +551,14 @@ PREFILL_BODY = r"""
   const int q0 = ((Tq + BQ - 1) / BQ - 1 - _gy) * BQ, h = _gx, bb = _gz;
   const int rw = q0 + 16 * RW * _warp;  // first query row of this warp
   const int lim_w = q_offset + rw - key_start;  // the last key every row of the warp sees
-  // row tile i of the warp: rows r_lo[i] and r_hi[i] = r_lo[i] + 8 of this lane, their last visible key
+  // row tile i of the warp: rows r_lo[i] and r_hi[i] = r_lo[i] + 8 of this lane, their last visible key (< n)
   int r_lo[RW], r_hi[RW], lim_lo[RW], lim_hi[RW];
   PRAGMA_UNROLL
   for (int i = 0; i < RW; ++i) {
     r_lo[i] = rw + 16 * i + frag_row(_lane);
     r_hi[i] = r_lo[i] + 8;
-    lim_lo[i] = q_offset + r_lo[i] - key_start;
-    lim_hi[i] = q_offset + r_hi[i] - key_start;
+    lim_lo[i] = min(n - 1, q_offset + r_lo[i] - key_start);
+    lim_hi[i] = min(n - 1, q_offset + r_hi[i] - key_start);
   }
   const int k_end = min(n, q_offset + min(Tq, q0 + BQ) - 1 - key_start + 1);
 
@@ -631,8 +646,21 @@ PREFILL_BODY = r"""
           }
         }
       }
-      // tiles below the diagonal and inside n need no mask (warp-uniform)
-      const bool masked = k0 + BKN > n || k0 + BKN - 1 > lim_w;
+      // only the tiles across the diagonal or past n need a mask (warp-uniform). A branch, not
+      // predication: predicated, the mask cost every tile ~450 instructions a warp (320 mma)
+      if (k0 + BKN > n || k0 + BKN - 1 > lim_w) {
+        KEEP_BRANCH();
+        PRAGMA_UNROLL
+        for (int i = 0; i < RW; ++i) {
+          PRAGMA_UNROLL
+          for (int j = 0; j < BKN / 8; ++j) {
+            PRAGMA_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              if (k0 + 8 * j + frag_col(_lane) + (e & 1) > ((e >> 1) ? lim_hi[i] : lim_lo[i])) frag_set(s[i][j], e, MLA_NEG_INF);
+            }
+          }
+        }
+      }
       PRAGMA_UNROLL
       for (int i = 0; i < RW; ++i) {  // online softmax of row tile i, in raw scores (scale > 0)
         float mx_lo = MLA_NEG_INF, mx_hi = MLA_NEG_INF;
@@ -640,12 +668,7 @@ PREFILL_BODY = r"""
         for (int j = 0; j < BKN / 8; ++j) {
           PRAGMA_UNROLL
           for (int e = 0; e < 4; ++e) {
-            float v = frag_get(s[i][j], e);
-            if (masked) {
-              const int k = k0 + 8 * j + frag_col(_lane) + (e & 1);
-              v = (k < n && k <= ((e >> 1) ? lim_hi[i] : lim_lo[i])) ? v : MLA_NEG_INF;
-              frag_set(s[i][j], e, v);
-            }
+            const float v = frag_get(s[i][j], e);
             if (e >> 1) mx_hi = max(mx_hi, v); else mx_lo = max(mx_lo, v);
           }
         }
