@@ -19,6 +19,7 @@ shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-r rounds] [-n launches] [-d depth] SPEC..." >&2; exit 2; }
 NCU=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 OUT_DIR=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT_DIR"
 i=0
 for r in $(seq "$ROUNDS"); do
   for spec in "$@"; do
