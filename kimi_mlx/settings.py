@@ -53,8 +53,6 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_MLA_DECODE_GROUPS": ("1", "MLA decode kernel: warp groups a threadgroup, each on its own split (1, or 2 on CUDA)"),
     "KIMI_MLX_MLA_DECODE_NW": ("8", "MLA decode kernel: warps a threadgroup (8, or 16 with one warp group)"),
     "KIMI_MLX_MLA_DECODE_BULK": ("0", "MLA decode kernel on CUDA: key tiles by bulk copies on an mbarrier (1) instead of cp.async (0); experimental: slower on an H100, 103 against 84 us at 128K"),
-    "KIMI_MLX_MLA_DECODE_PF": ("0", "MLA decode kernel on CUDA: key tiles fetched into L2 ahead of the streamed ones (0-4 tiles); experimental"),
-    "KIMI_MLX_MLA_DECODE_RO": ("0", "MLA decode kernel on CUDA: the next key tile issued after the wait for this one, one barrier a tile fewer (1); experimental"),
     "KIMI_MLX_MOE_ROUTE": ("", "reference: the MLX-ops MoE routing instead of the one-launch routing kernel"),
 }
 

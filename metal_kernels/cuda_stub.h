@@ -478,10 +478,6 @@ inline void bulk_copy(void* dst, const void* src, int bytes, void* bar) {
   m.tx -= bytes;
   mbar_complete_if(m);
 }
-inline void bulk_prefetch_check(const void* src, int bytes) {  // a hint: only its operands are checked
-  if (bytes <= 0 || bytes % 16) fail("cp.async.bulk.prefetch: %d bytes is not a positive multiple of 16", bytes);
-  if (reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async.bulk.prefetch: source %p is not 16-byte aligned", src);
-}
 inline void mbar_wait(void* bar, int parity) {  // until the phase of this parity has completed
   for (;;) {
     {

@@ -15,8 +15,6 @@ The KDA kernels (kda_template.py) are written once against the names defined her
   WARP_SUM(x)         sum over the 32 lanes
   PRAGMA_UNROLL       full unroll of a constant-trip loop (PRAGMA_UNROLL2: by two)
   PREFETCH_L2(p)      hint: fetch the line at p into L2 ahead of use (CUDA; nothing on Metal)
-  PREFETCH_L2_BULK(p, bytes)  hint: fetch `bytes` (a multiple of 16) from p (16-byte aligned) into L2
-                      in one operation (CUDA sm_90 cp.async.bulk.prefetch; nothing on Metal)
   KEEP_BRANCH()       first statement of a rarely taken block: keeps the compiler from predicating
                       the block into every pass (CUDA: an empty volatile asm; nothing on Metal)
   SHARED_ARR(T, n, N) a small per-threadgroup array
@@ -184,7 +182,6 @@ DFN void st8(PT p, thread const float* x) {
 }
 #define KDA_CLOCK() 0L
 #define PREFETCH_L2(p) do { } while (0)
-#define PREFETCH_L2_BULK(p, bytes) do { } while (0)
 #define KEEP_BRANCH() do { } while (0)
 #define ASYNC_COPIES 0
 #define ASYNC_COPY16(dst, src, valid) do { } while (0)
@@ -442,14 +439,6 @@ DFN void kda_prefetch_l2(const void*) {}
 DFN void kda_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 #endif
 #define PREFETCH_L2(p) kda_prefetch_l2((const void*)(p))
-#ifdef KDA_CUDA_STUB
-DFN void kda_prefetch_l2_bulk(const void* p, int bytes) { kda_cuda::bulk_prefetch_check(p, bytes); }
-#else
-DFN void kda_prefetch_l2_bulk(const void* p, int bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-}
-#endif
-#define PREFETCH_L2_BULK(p, bytes) kda_prefetch_l2_bulk((const void*)(p), (bytes))
 // an empty volatile asm cannot be speculated, so the block that holds it stays a branch
 #define KEEP_BRANCH() asm volatile("")
 // cp.async (sm_80+): 16 bytes global -> shared, bypassing L1 and registers; src-size 0 writes zeros

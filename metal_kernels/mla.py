@@ -218,8 +218,7 @@ def combine_fits(splits: int, d_v: int) -> bool:
 
 # the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
 _DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS",
-                    "KIMI_MLX_MLA_DECODE_NW", "KIMI_MLX_MLA_DECODE_BULK", "KIMI_MLX_MLA_DECODE_PF",
-                    "KIMI_MLX_MLA_DECODE_RO")
+                    "KIMI_MLX_MLA_DECODE_NW", "KIMI_MLX_MLA_DECODE_BULK")
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,11 +241,6 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     # key tiles by bulk copies: CUDA, two buffers of rows as stored, one group, when asked for
     bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1
             and _choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) == 1)
-    # L2 prefetch a few tiles ahead of the streamed ones, and the next tile issued after the wait (one
-    # barrier a tile less): CUDA, plain rows streamed in by cp.async
-    streamed = be == "cuda" and most == 2 and nbuf == 2 and not bulk
-    pf = (_choice("KIMI_MLX_MLA_DECODE_PF", (0, 1, 2, 3, 4)) or 0) if streamed else 0
-    ro = streamed and _choice("KIMI_MLX_MLA_DECODE_RO", (0, 1)) == 1
     smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
@@ -257,7 +251,7 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
     template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", nw), ("BK", bk),
                 ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("QREG", qreg), ("BULK", bulk),
-                ("PF", pf), ("RO", ro), ("SMEM_FLOATS", smem))
+                ("SMEM_FLOATS", smem))
     return nt, g, two, smem, template
 
 

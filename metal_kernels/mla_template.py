@@ -161,9 +161,7 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
 # staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
-# not cp.async by every thread; two buffers, plain rows, one group), PF (CUDA, streamed plain rows:
-# while a tile streams in, the one PF tiles after it is fetched into L2 by one bulk prefetch; 0: none),
-# RO (streamed tiles: the next tile is issued after the wait for this one, so one barrier serves both).
+# not cp.async by every thread; two buffers, plain rows, one group).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
 # Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
@@ -183,7 +181,6 @@ DECODE_BODY = r"""
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
   static_assert(!BULK || (BULK_COPIES && NBUF == 2 && !Q8 && G == 1), "bulk key tiles: CUDA, two buffers, plain rows, one group");
-  static_assert((PF == 0 && !RO) || (NBUF > 1 && !Q8 && !BULK), "L2 prefetch, reordered issue: streamed plain rows");
   // the group's own thread and warp, as if it were the whole threadgroup
   const int grp = _warp / NW, gt = _tid - grp * NT, gw = _warp - grp * NW;
 #define MLA_GBAR() do { if (G == 1) BARRIER(); else GROUP_BARRIER(1 + grp, NT); } while (0)
@@ -216,11 +213,6 @@ DECODE_BODY = r"""
     }
     BARRIER();
   }
-  // L2 prefetch of the rows of tile t (thread 0 of the group; a hint, nothing waits for it)
-#define MLA_PF_TILE(t) do { const int kp_ = k_lo + (t) * BK; \
-    if (PF > 0 && gt == 0 && kp_ < k_hi) PREFETCH_L2_BULK(rows + (rbase + kp_) * DQ, min(BK, k_hi - kp_) * DQ * (int)sizeof(T)); } while (0)
-  PRAGMA_UNROLL
-  for (int t = 1; t <= PF; ++t) MLA_PF_TILE(t);
   if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
     if (BULK) {
       mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt, sBar);
@@ -265,18 +257,10 @@ DECODE_BODY = r"""
         mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt,
                                                 sBar + 2 * ((it + 1) % NBUF));
       MBAR_WAIT(sBar + 2 * (it % NBUF), (it / NBUF) & 1);
-    } else if (NBUF > 1 && RO) {  // this tile has landed and every warp has left the other buffer: one
-      ASYNC_WAIT0();               // barrier for both, then the next tile streams into that buffer
-      MLA_GBAR();
-      if (k0 + BK < k_hi)
-        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
-      ASYNC_COMMIT();
-      MLA_PF_TILE(it + 1 + PF);
     } else if (NBUF > 1) {  // the next tile streams in during this one's math (issued before the wait,
       if (k0 + BK < k_hi)  // so that two tiles are in flight while it waits: decode is bound by the reads)
         mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt);
       ASYNC_COMMIT();
-      MLA_PF_TILE(it + 1 + PF);
       ASYNC_WAIT1();
     } else if (Q8) {
       MLA_GBAR();
@@ -312,7 +296,7 @@ DECODE_BODY = r"""
         }
       }
     }
-    if (!(NBUF > 1 && RO)) MLA_GBAR();
+    MLA_GBAR();
     {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
       FragC sc[NST];
       PRAGMA_UNROLL
@@ -415,7 +399,7 @@ DECODE_BODY = r"""
         }
       }
     }
-    if (NBUF > 1 && !RO) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
+    if (NBUF > 1) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
   }
   MLA_GBAR();
   const long obase = ((long)bb * NS + split) * M;
@@ -443,7 +427,6 @@ DECODE_BODY = r"""
     lse_part[obase + r0 + gt] = l > 0.0f ? sStat[gt] * MLA_LN2 + LOGF(l) : MLA_NEG_INF;
   }
 #undef MLA_GBAR
-#undef MLA_PF_TILE
 """
 
 # Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a

@@ -5,7 +5,7 @@
 #     git archive <rev> kimi_mlx metal_kernels scripts pyproject.toml | (mkdir -p .oldhead && tar -x -C .oldhead)
 #     bash scripts/mla_decode_ab.sh [-r rounds] [-n launches] [-d depth] SPEC...
 #
-# SPEC is a tree, optionally with settings: `.oldhead`, `.`, `.:KIMI_MLX_MLA_DECODE_PF=2` or
+# SPEC is a tree, optionally with settings: `.oldhead`, `.`, `.:KIMI_MLX_MLA_DECODE_BK=32` or
 # `.:A=1,B=2`. Each round runs every SPEC once (`launches` launches of each kernel after a warm-up
 # round, scripts/mla_decode_parts.py --launches) and prints the sorted durations (us); the end gives
 # each SPEC's medians over all rounds and the cache read rate as a share of the copy's (x + 1 over

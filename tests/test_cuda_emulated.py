@@ -91,24 +91,6 @@ def test_cuda_mla_decode_bulk(cuda_emu, monkeypatch, B, H, T, appends, bits, spl
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("B,H,T,appends,bits,splits",
-                         _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
-@pytest.mark.parametrize("pf,ro,groups", [("1", "0", "1"), ("3", "0", "2"), ("2", "1", "1"), ("0", "1", "2")])
-@pytest.mark.parametrize("dt", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_mla_decode_prefetch_reorder(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, pf, ro, groups, dt):
-    """KIMI_MLX_MLA_DECODE_PF: bulk L2 prefetches ahead of the streamed tiles (the emulator checks each
-    one's size and alignment); KIMI_MLX_MLA_DECODE_RO: the next tile issued after the wait, one barrier
-    a tile fewer. 8-bit segments take neither."""
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_PF", pf)
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_RO", ro)
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_GROUPS", groups)
-    out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, "2", "64", dt)
-    decodes = [t for k, t in cuda_emu if k == "mla_decode"]
-    assert decodes and all(t["PF"] == (0 if t["Q8"] else int(pf)) and t["RO"] == (ro == "1" and not t["Q8"])
-                           and t["G"] == int(groups) for t in decodes)
-    assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
-
-
 @pytest.mark.parametrize("splits,cuts", [(1, ()), (5, ()), (5, (3,)), (6, (1, 4))])
 def test_cuda_mla_combine(cuda_emu, splits, cuts):
     """Partials of several splits (one of them empty: lse -inf) merged, against numpy; cuts: the

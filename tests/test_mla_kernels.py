@@ -227,7 +227,7 @@ def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
         kind = "mla_decode"
         tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 64 if q8 else 32), ("Q8", q8),
                 ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2), ("G", 1 if q8 else 2),
-                ("QREG", q8), ("BULK", False), ("PF", 0 if q8 else 2), ("RO", not q8)]
+                ("QREG", q8), ("BULK", False)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
