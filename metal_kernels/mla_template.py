@@ -630,7 +630,7 @@ PREFILL_BODY = r"""
         }
       }
       // only the tiles across the diagonal or past n need a mask (warp-uniform). A branch, not
-      // predication: predicated, the mask cost every tile ~450 instructions a warp (320 mma)
+      // predication: predicated, the mask cost every tile ~250 instructions a warp (320 mma)
       if (k0 + BKN > n || k0 + BKN - 1 > lim_w) {
         KEEP_BRANCH();
         PRAGMA_UNROLL
