@@ -33,8 +33,10 @@ for r in $(seq "$ROUNDS"); do
 done
 python3 - "$LAUNCHES" "$DEPTH" "$OUT_DIR"/ab_*.txt <<'PY' | tee "$OUT_DIR/ab.txt"
 import re, statistics, sys
+sys.path.insert(0, ".")
+from kimi_mlx.bench.common import parse_lengths  # the harness reads --depths with it too
 n = int(sys.argv[1])
-depth = int(sys.argv[2].upper().replace("K", "")) * 1024 if sys.argv[2].upper().endswith("K") else int(sys.argv[2])
+depth = parse_lengths(sys.argv[2])[0]
 pooled = {}
 for path in sorted(sys.argv[3:], key=lambda p: int(re.search(r"ab_(\d+)", p).group(1))):
     lines = open(path).read().splitlines()
