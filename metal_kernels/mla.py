@@ -241,12 +241,13 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     # query fragments in registers: bf16 products on CUDA, one warp group (two take a 128-register cap)
     qreg = be == "cuda" and prec == _dialect.PREC_BF16 and g == 1
     nw = _decode_warps(g)
-    # software pipelined (each tile's softmax beside the previous tile's P V): rows as stored, one
-    # group of 8 warps, when asked for; 3 key buffers (or KIMI_MLX_MLA_NBUF=4) of 48 keys where they fit
-    sp = most == 2 and g == 1 and nw == 8 and _choice("KIMI_MLX_MLA_DECODE_SP", (0, 1)) == 1
+    # software pipelined (SP 1: each tile's softmax beside the previous tile's P V; 2: S, the softmax
+    # and P V of three tiles together): rows as stored, one group of 8 warps, when asked for. Key
+    # buffers: 1 + SP resident and one streaming (KIMI_MLX_MLA_NBUF one more: two), of 48 keys where they fit
+    sp = (_choice("KIMI_MLX_MLA_DECODE_SP", (0, 1, 2)) or 0) if most == 2 and g == 1 and nw == 8 else 0
     smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg, sp=sp)  # noqa: E731
     if sp:
-        nbuf = 4 if kernel_setting("KIMI_MLX_MLA_NBUF") == "4" else 3
+        nbuf = 3 + sp if kernel_setting("KIMI_MLX_MLA_NBUF") == str(3 + sp) else 2 + sp
         bk = _choice("KIMI_MLX_MLA_DECODE_BK", (32, 48, 64))
         bk = bk or (48 if be != "cuda" or smem_bytes(nbuf, 48) <= _CUDA_SMEM_LIMIT else 32)
     else:

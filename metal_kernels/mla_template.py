@@ -161,11 +161,12 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
 # staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
-# not cp.async by every thread; two buffers, plain rows, one group), SP (software pipelined: each
-# tile's softmax runs beside the previous tile's P V between the same two barriers, so a scheduler's
-# warps mix mma with the softmax's latencies, two barriers a tile instead of four; the tile a P V
-# reads is still resident, so NBUF 3 or 4 key tiles, NBUF - 2 streaming ahead; plain rows, one group
-# of 8 warps, not BULK), OT (the partial outputs' type: float, or T: half the bytes to write and
+# not cp.async by every thread; two buffers, plain rows, one group), SP (software pipelined, so that
+# a scheduler's warps mix mma with the softmax's latencies. 1: each tile's softmax runs beside the
+# previous tile's P V, two barriers a tile instead of four; 2: S of tile i, the softmax of i - 1 and
+# P V of i - 2 between the same two barriers, one barrier a tile, two score tiles. The tiles a P V
+# reads stay resident: NBUF - 1 - SP key tiles stream ahead (0 or 1); plain rows, one group of 8
+# warps, not BULK), OT (the partial outputs' type: float, or T: half the bytes to write and
 # for the combine to read).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
@@ -181,10 +182,11 @@ DECODE_BODY = r"""
   constexpr bool FULLCT = DV / 8 == NW * NPW;  // every warp's every tile exists
   constexpr int NKS = D / KSTEP(PR), NKQ = (NKS + 3) / 4;  // contraction steps: all, a quarter's
   constexpr int S4 = 4 * BM * LDS;  // the four quarters' score tiles
-  constexpr int NPS = SP ? 2 : 1;  // P tiles (SP: this tile's, and the previous one's for its P V)
+  constexpr int NPS = SP ? 2 : 1, NSS = SP == 2 ? 2 : 1;  // P tiles (SP: by tile parity), score tile sets
+  constexpr int AHEAD = NBUF - 2 - SP;  // SP: key tiles in flight past the next one
   static_assert((NW == 8 || (NW == 16 && G == 1)) && (BK == 32 || BK == 64 || (BK == 48 && NW == 8)) && D % KSTEP(PR) == 0 &&
                 DV % 8 == 0 && DV <= D, "mla decode shape");
-  static_assert(!SP || ((NBUF == 3 || NBUF == 4) && !Q8 && G == 1 && NW == 8 && !BULK), "pipelined decode: 3 or 4 buffers of plain rows, 8 warps");
+  static_assert(!SP || ((AHEAD == 0 || AHEAD == 1) && !Q8 && G == 1 && NW == 8 && !BULK), "pipelined decode: NBUF - 2 - SP is 0 or 1, plain rows, 8 warps");
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
@@ -195,7 +197,7 @@ DECODE_BODY = r"""
   // per group: score tiles (QREG: group 0's hold the query tile until it is in registers), key
   // tiles, P, row statistics; without QREG the query tile comes first and stays
   const int KF = mla_floats<ST>(BK * LDK), QF = mla_floats<ST>(BM * LDQ);
-  const int SQF = QREG ? max(S4, QF) : S4;
+  const int SQF = QREG ? max(NSS * S4, QF) : NSS * S4;
   DEVP float* sS = smem + (QREG ? 0 : QF) + grp * (SQF + NBUF * KF + mla_floats<ST>(NPS * BM * LDP) + (2 + NPS) * BM);
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
   DEVP float* sKb = sS + SQF;
@@ -221,8 +223,8 @@ DECODE_BODY = r"""
     }
     BARRIER();
   }
-  if (SP) {  // the first NBUF - 2 key tiles stream in while the queries load (a group each, maybe empty)
-    for (int j = 0; j < NBUF - 2; ++j) {
+  if (SP) {  // the first NBUF - 1 - SP key tiles stream in while the queries load (a group each, maybe empty)
+    for (int j = 0; j < NBUF - 1 - SP; ++j) {
       if (k_lo + j * BK < k_hi) mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, j * KF), rows, rbase, k_lo + j * BK, k_hi, gt);
       ASYNC_COMMIT();
     }
@@ -254,7 +256,7 @@ DECODE_BODY = r"""
       if (kq0 + i < NKS) frag_load_a<false>(qf[QREG ? i : 0], sQ, LDQ, m0, (kq0 + i) * KSTEP(PR));
   }
   if (SP) {  // the first tile has landed
-    if (NBUF == 3) ASYNC_WAIT0();
+    if (AHEAD == 0) ASYNC_WAIT0();
     else ASYNC_WAIT1();
   }
   if (G > 1 || QREG || SP) BARRIER();  // the query tile is every group's, and (QREG) group 0's score tiles
@@ -267,14 +269,15 @@ DECODE_BODY = r"""
     for (int j = 0; j < NPW; ++j) frag_zero(acc[rb][j]);
   }
 
-  // SP: one pass more than tiles, the last only for the last tile's P V
+  // pass it: S of tile it, the softmax of tile it - (SP == 2), P V of tile it - SP (SP passes more than tiles)
   const int ntl = k_hi > k_lo ? (k_hi - k_lo + BK - 1) / BK : 0;
-  for (int it = 0; it < ntl + (SP ? 1 : 0); ++it) {
+  for (int it = 0; it < ntl + SP; ++it) {
     const int k0 = k_lo + it * BK;
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
-    if (SP) {  // this tile has landed (the previous pass's end); the buffer of tile it - 2 is free
-      if (k0 + (NBUF - 2) * BK < k_hi)
-        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + NBUF - 2) % NBUF) * KF), rows, rbase, k0 + (NBUF - 2) * BK, k_hi, gt);
+    if (SP) {  // this tile has landed (the previous pass's end); the buffer of tile it - 1 - SP is free
+      if (k0 + (NBUF - 1 - SP) * BK < k_hi)
+        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + NBUF - 1 - SP) % NBUF) * KF), rows, rbase,
+                                              k0 + (NBUF - 1 - SP) * BK, k_hi, gt);
       ASYNC_COMMIT();
     } else if (NBUF > 1 && BULK) {
       if (k0 + BK < k_hi)
@@ -321,46 +324,48 @@ DECODE_BODY = r"""
       }
     }
     if (!SP) MLA_GBAR();
-    if (!SP || it < ntl) {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
-      FragC sc[NST];
-      PRAGMA_UNROLL
-      for (int t = 0; t < NST; ++t) frag_zero(sc[t]);
-      PRAGMA_UNROLL
-      for (int i = 0; i < NKQ; ++i) {
-        const int ks = kq0 + i;
-        if (ks < NKS) {
-          FragA<PR> a;
-          if (QREG) a = qf[QREG ? i : 0];
-          else frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
-          PRAGMA_UNROLL
-          for (int t = 0; t < NST; t += 2) {
-            FragB<PR> b0, b1;
-            frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), n0 + 8 * t);
-            frag_mma(sc[t], a, b0);
-            frag_mma(sc[t + 1], a, b1);
+    // three items a pass: S = Q K^T of tile it, then its softmax (SP 2: tile it - 1's), then P V (of tile
+    // it - SP); SP 2 takes them between the same two barriers, w and w + 4 (a scheduler's two warps)
+    // in different orders; SP 1 puts a barrier after S, SP 0 one after each item
+    const int ts = it - (SP == 2 ? 1 : 0), tp = it - SP;  // the tiles of the softmax and of P V
+    PRAGMA_UNROLL
+    for (int item = 0; item < 3; ++item) {
+      const int what = SP == 2 ? (item + ((gw >> 2) & 1)) % 3 : SP == 1 && item > 0 ? 1 + ((item - 1) ^ ((gw >> 2) & 1)) : item;
+      if (what == 0 && it < ntl) {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
+        FragC sc[NST];
+        PRAGMA_UNROLL
+        for (int t = 0; t < NST; ++t) frag_zero(sc[t]);
+        PRAGMA_UNROLL
+        for (int i = 0; i < NKQ; ++i) {
+          const int ks = kq0 + i;
+          if (ks < NKS) {
+            FragA<PR> a;
+            if (QREG) a = qf[QREG ? i : 0];
+            else frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
+            PRAGMA_UNROLL
+            for (int t = 0; t < NST; t += 2) {
+              FragB<PR> b0, b1;
+              frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), n0 + 8 * t);
+              frag_mma(sc[t], a, b0);
+              frag_mma(sc[t + 1], a, b1);
+            }
           }
         }
-      }
-      PRAGMA_UNROLL
-      for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
-    }
-    MLA_GBAR();
-    // the softmax of this tile, then P V (SP: of the previous tile, beside this softmax; the two warps
-    // of a scheduler, w and w + 4, take them in opposite orders)
-    PRAGMA_UNROLL
-    for (int pass = 0; pass < 2; ++pass) {
-      const bool sm_pass = SP ? pass == ((gw >> 2) & 1) : pass == 0;
-      if (sm_pass && (!SP || it < ntl)) {  // online softmax in base 2 (row maxima too): TPR threads a row,
+        PRAGMA_UNROLL
+        for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + (SP == 2 ? (it & 1) * S4 : 0) + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
+      } else if (what == 1 && ts >= 0 && ts < ntl) {  // online softmax in base 2 (row maxima too): TPR threads a row,
         const int r = gt / TPR, c0 = gt % TPR;  // KPT keys each, TPR apart (a warp's reads and writes fall in distinct banks)
-        DEVP ST* sP = sP0 + (SP ? (it & 1) * BM * LDP : 0);
+        const int ks0 = k_lo + ts * BK;
+        DEVP ST* sP = sP0 + (SP ? (ts & 1) * BM * LDP : 0);
+        DEVP float* sSt = sS + (SP == 2 ? (ts & 1) * S4 : 0);
         float sv[KPT];
         float mx = MLA_NEG_INF;
         PRAGMA_UNROLL
         for (int e = 0; e < KPT; ++e) {
-          const int k = k0 + c0 + e * TPR;
+          const int k = ks0 + c0 + e * TPR;
           const int o = r * LDS + c0 + e * TPR;
           sv[e] = (k < k_hi && k <= lim)
-                      ? ((sS[o] + sS[BM * LDS + o]) + (sS[2 * BM * LDS + o] + sS[3 * BM * LDS + o])) * sl2
+                      ? ((sSt[o] + sSt[BM * LDS + o]) + (sSt[2 * BM * LDS + o] + sSt[3 * BM * LDS + o])) * sl2
                       : MLA_NEG_INF;
           mx = max(mx, sv[e]);
         }
@@ -385,10 +390,10 @@ DECODE_BODY = r"""
           const float corr = EXP2F(m_old - m_use);
           sStat[r] = m_new;
           sStat[BM + r] = sStat[BM + r] * corr + sum;
-          sStat[(2 + (SP ? (it & 1) : 0)) * BM + r] = corr;
+          sStat[(2 + (SP ? (ts & 1) : 0)) * BM + r] = corr;
         }
-      } else if (!sm_pass && (!SP || it > 0)) {  // O = corr * O + P V: warp w owns column tiles ct0.. of all 32 rows
-        const int pt = SP ? it - 1 : it;  // the tile of this P V
+      } else if (what == 2 && tp >= 0 && tp < ntl) {  // O = corr * O + P V: warp w owns column tiles ct0.. of all 32 rows
+        const int pt = tp;
         DEVP ST* sV = TILE_PTR(ST, sKb, (pt % NBUF) * KF);
         DEVP ST* sP = sP0 + (SP ? (pt & 1) * BM * LDP : 0);
         DEVP float* sCorr = sStat + (2 + (SP ? (pt & 1) : 0)) * BM;
@@ -431,11 +436,11 @@ DECODE_BODY = r"""
           }
         }
       }
-      if (!SP && pass == 0) MLA_GBAR();
+      if (SP < 2 && item < (SP ? 1 : 2)) MLA_GBAR();  // SP 0: after S and after the softmax; SP 1: after S
     }
     // (the end of a tile's math)
-    if (SP) {  // the next tile has landed (NBUF - 3 later ones may still stream) before the barrier
-      if (NBUF == 3) ASYNC_WAIT0();
+    if (SP) {  // the next tile has landed (AHEAD later ones may still stream) before the barrier
+      if (AHEAD == 0) ASYNC_WAIT0();
       else ASYNC_WAIT1();
     }
     if (NBUF > 1) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
@@ -797,11 +802,11 @@ MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
 def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1,
-                       qreg: bool = False, bulk: bool = False, sp: bool = False) -> int:
+                       qreg: bool = False, bulk: bool = False, sp: int = 0) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
     BM, BK, nps = 32, bk, 2 if sp else 1
-    q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 8)
+    q, s4 = f(BM * (D + 8)), (2 if sp == 2 else 1) * 4 * BM * (BK + 8)
     sq = max(q, s4) if qreg else s4
     return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(nps * BM * (BK + 8)) + (2 + nps) * BM
                                           + (4 if bulk else 0))
