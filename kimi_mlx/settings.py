@@ -49,11 +49,9 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_MLA_PREFILL_NW": ("8 CUDA, 4 Metal", "MLA prefill kernel: warps per threadgroup"),
     "KIMI_MLX_MLA_PREFILL_RW": ("2 CUDA where it fits, else 1", "MLA prefill kernel: 16-row query tiles a warp (1 or 2: each key fragment used twice)"),
     "KIMI_MLX_MLA_TGS": ("132 per fitting threadgroup CUDA, 80 Metal", "MLA decode kernel: threadgroups one call aims for (split-K)"),
-    "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32, 48 or 64)"),
+    "KIMI_MLX_MLA_DECODE_BK": ("64 CUDA with two key buffers, else 32", "MLA decode kernel: keys a tile (32 or 64)"),
     "KIMI_MLX_MLA_DECODE_GROUPS": ("1", "MLA decode kernel: warp groups a threadgroup, each on its own split (1, or 2 on CUDA)"),
     "KIMI_MLX_MLA_DECODE_NW": ("8", "MLA decode kernel: warps a threadgroup (8, or 16 with one warp group)"),
-    "KIMI_MLX_MLA_DECODE_SP": ("0", "MLA decode kernel: software pipelined: 1, each key tile's softmax beside the previous tile's P V (3 buffers of 48 keys; KIMI_MLX_MLA_NBUF=4: 4); 2, S, softmax and P V of three tiles between the same barriers (4 buffers of 32 keys; KIMI_MLX_MLA_NBUF=5: 5); experimental"),
-    "KIMI_MLX_MLA_DECODE_PB": ("0", "MLA decode kernel: split partials in bf16 for a bf16 model (1): half the bytes written and combined; experimental"),
     "KIMI_MLX_MLA_DECODE_BULK": ("0", "MLA decode kernel on CUDA: key tiles by bulk copies on an mbarrier (1) instead of cp.async (0); experimental: slower on an H100, 103 against 84 us at 128K"),
     "KIMI_MLX_MOE_ROUTE": ("", "reference: the MLX-ops MoE routing instead of the one-launch routing kernel"),
 }

@@ -85,7 +85,7 @@ def _decode_bk(be: str, most_bufs: int, smem_bytes) -> int:
     """Keys a decode tile: KIMI_MLX_MLA_DECODE_BK, else 64 on CUDA where two such tiles stream
     (_nbuf gives them two buffers and smem_bytes(nbuf, 64) fits; H100 at 128K: 169 us a call
     against 193 with 32; with one buffer 64 was slower, 226 against 207), else 32."""
-    bk = _choice("KIMI_MLX_MLA_DECODE_BK", (32, 48, 64))
+    bk = _choice("KIMI_MLX_MLA_DECODE_BK", (32, 64))
     if bk:
         return bk
     two = _nbuf(be, most_bufs, lambda nb: smem_bytes(nb, 64)) == 2
@@ -121,14 +121,12 @@ def _target_threadgroups(be: str, per_sm: int = 2) -> int:
     return int(env) if env else (132 * per_sm if be == "cuda" else 80)
 
 
-def _keys_per_split(be: str, n: int, row_blocks: int, max_splits: int, per_sm: int = 2, bk: int = 32) -> int:
+def _keys_per_split(be: str, n: int, row_blocks: int, max_splits: int, per_sm: int = 2) -> int:
     """Keys per split: enough splits to fill the GPU, no fewer than _MIN_KEYS_PER_SPLIT keys
-    each (every split loads the query tile), at most max_splits (one combine takes them all); a
-    multiple of 32, or of the tile where tiles are not (48 keys)."""
+    each (every split loads the query tile), at most max_splits (one combine takes them all)."""
     ns = max(1, -(-_target_threadgroups(be, per_sm) // max(1, row_blocks)))
     kps = max(_MIN_KEYS_PER_SPLIT, -(-n // ns), -(-n // max(1, max_splits)))
-    step = 32 if bk % 32 == 0 else bk
-    return -(-kps // step) * step
+    return -(-kps // 32) * 32
 
 
 def mla_decode_partial(q, seg, n: int, key_start: int, q_offset: int, heads: int, scale: float,
@@ -179,7 +177,7 @@ def mla_decode_launch(seg, B: int, M: int, D: int, d_v: int, n: int, max_splits:
         return None
     nt, g, two, smem, template = plan
     row_blocks = -(-M // 32) * B
-    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1, dict(template)["BK"])
+    kps = _keys_per_split(be, n, row_blocks, max_splits, 2 if two else 1)
     ns = -(-n // kps)
     ns = -(-ns // g) * g  # a multiple of the groups (an empty last split writes lse -inf)
     return DecodeLaunch(be, dt, q8, nt, g, two, smem, template, ns, B, M, d_v), kps
@@ -197,7 +195,7 @@ def mla_decode_run(launch, q, seg, info, scale: float):
     dummy = _dummy(str(dt).split(".")[-1])
     rows, wq, sc, bi = (dummy, seg["wq"], seg["scales"], seg["biases"]) if q8 else (seg, _dummy("uint32"), dummy, dummy)
     shapes = [(B, ns, M, d_v), (B, ns, M)]
-    dtypes = [dict(template)["OT"], mx.float32]
+    dtypes = [mx.float32, mx.float32]
     if be == "metal":
         shapes.append((ns * -(-M // 32) * B * smem,))
         dtypes.append(mx.float32)
@@ -220,8 +218,7 @@ def combine_fits(splits: int, d_v: int) -> bool:
 
 # the settings a decode launch plan depends on (read every call, or once a forward pass: held_kernel_settings)
 _DECODE_SETTINGS = ("KIMI_MLX_MLA_NBUF", "KIMI_MLX_MLA_DECODE_BK", "KIMI_MLX_MLA_DECODE_GROUPS",
-                    "KIMI_MLX_MLA_DECODE_NW", "KIMI_MLX_MLA_DECODE_BULK", "KIMI_MLX_MLA_DECODE_SP",
-                    "KIMI_MLX_MLA_DECODE_PB")
+                    "KIMI_MLX_MLA_DECODE_NW", "KIMI_MLX_MLA_DECODE_BULK")
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,8 +227,6 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     launches this for every segment of every MLA layer): (threads, warp groups, two
     threadgroups a multiprocessor, tile floats, template), or None when no kernel takes it.
     settings: the values of _DECODE_SETTINGS, which the helpers below read themselves."""
-    import mlx.core as mx
-
     st, prec = _tiles(be, dt)
     if D % _kstep(be, prec) or d_v % 8 or d_v > D or (q8 and (qg % 8 or dq < D)):
         return None
@@ -240,34 +235,23 @@ def _decode_plan(be: str, dt, q8: bool, D: int, d_v: int, dq: int, qg: int, *set
     g = _decode_groups(be)
     # query fragments in registers: bf16 products on CUDA, one warp group (two take a 128-register cap)
     qreg = be == "cuda" and prec == _dialect.PREC_BF16 and g == 1
-    nw = _decode_warps(g)
-    # software pipelined (SP 1: each tile's softmax beside the previous tile's P V; 2: S, the softmax
-    # and P V of three tiles together): rows as stored, one group of 8 warps, when asked for. Key
-    # buffers: 1 + SP resident and one streaming (KIMI_MLX_MLA_NBUF one more: two), of 48 keys where they fit
-    sp = (_choice("KIMI_MLX_MLA_DECODE_SP", (0, 1, 2)) or 0) if most == 2 and g == 1 and nw == 8 else 0
-    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg, sp=sp)  # noqa: E731
-    if sp:
-        nbuf = 3 + sp if kernel_setting("KIMI_MLX_MLA_NBUF") == str(3 + sp) else 2 + sp
-        bk = _choice("KIMI_MLX_MLA_DECODE_BK", (32, 48, 64))
-        bk = bk or (48 if be != "cuda" or smem_bytes(nbuf, 48) <= _CUDA_SMEM_LIMIT else 32)
-    else:
-        bk = _decode_bk(be, most, smem_bytes)
-        nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
+    smem_bytes = lambda nb, b: 4 * decode_smem_floats(D, st.size, nb, b, g, qreg)  # noqa: E731
+    bk = _decode_bk(be, most, smem_bytes)
+    nbuf = _nbuf(be, most, lambda nb: smem_bytes(nb, bk))
     # key tiles by bulk copies: CUDA, two buffers of rows as stored, one group, when asked for
-    bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1 and not sp
+    bulk = (be == "cuda" and most == 2 and nbuf == 2 and g == 1
             and _choice("KIMI_MLX_MLA_DECODE_BULK", (0, 1)) == 1)
-    smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk, sp)
+    smem = decode_smem_floats(D, st.size, nbuf, bk, g, qreg, bulk)
     if be == "cuda" and 4 * smem > _CUDA_SMEM_LIMIT:
         return None
+    nw = _decode_warps(g)
     nt = 32 * nw * g
     # two 8-warp groups a multiprocessor: two threadgroups where their tiles fit beside each other,
     # or one of two groups; either way a register cap (_kernel: 128 registers a thread)
     two = be == "cuda" and (g > 1 or 2 * (4 * smem + 1024) <= _CUDA_SM_SMEM)
-    # partial outputs in the input's type (bf16) when asked for: half the bytes written and combined
-    ot = dt if dt == mx.bfloat16 and _choice("KIMI_MLX_MLA_DECODE_PB", (0, 1)) == 1 else mx.float32
     template = (("T", dt), ("ST", st), ("PR", prec), ("D", D), ("DV", d_v), ("NW", nw), ("BK", bk),
                 ("Q8", q8), ("QG", qg), ("DQ", dq), ("NBUF", nbuf), ("G", g), ("QREG", qreg), ("BULK", bulk),
-                ("SP", sp), ("OT", ot), ("SMEM_FLOATS", smem))
+                ("SMEM_FLOATS", smem))
     return nt, g, two, smem, template
 
 

@@ -161,16 +161,10 @@ DFN void mla_prefill_tile(PK sK, PK sV, PR_ kv, PT rows, int bb, int n, int Hn, 
 # on its own split with its own key tiles and barriers, sharing the query tile; 2 needs named
 # barriers, CUDA only), QREG (each warp keeps its query fragments in registers; the query tile is
 # staged where the score tiles go), BULK (CUDA: key tiles by bulk copies counted on an mbarrier,
-# not cp.async by every thread; two buffers, plain rows, one group), SP (software pipelined, so that
-# a scheduler's warps mix mma with the softmax's latencies. 1: each tile's softmax runs beside the
-# previous tile's P V, two barriers a tile instead of four; 2: S of tile i, the softmax of i - 1 and
-# P V of i - 2 between the same two barriers, one barrier a tile, two score tiles. The tiles a P V
-# reads stay resident: NBUF - 1 - SP key tiles stream ahead (0 or 1); plain rows, one group of 8
-# warps, not BULK), OT (the partial outputs' type: float, or T: half the bytes to write and
-# for the combine to read).
+# not cp.async by every thread; two buffers, plain rows, one group).
 # Inputs: q [B, M, D] (T); rows [B, cap, D] (T) or a 1-element dummy; wq [B, cap, DQ/4] uint32,
 # scales, biases [B, cap, DQ/QG] (T) or dummies; info int32 [n, key_start, q_offset, H, kps].
-# Outputs: o_part [B, NS, M, DV] (OT), lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
+# Outputs: o_part [B, NS, M, DV] fp32, lse_part [B, NS, M] fp32 (+ scratch on Metal), NS = G * threadgroups.
 # Grid: (NS * 32 * NW, ceil(M / 32), B): NS / G threadgroups of G * 32 * NW threads; query row r is
 # token r / H, head r % H.
 DECODE_BODY = r"""
@@ -182,11 +176,7 @@ DECODE_BODY = r"""
   constexpr bool FULLCT = DV / 8 == NW * NPW;  // every warp's every tile exists
   constexpr int NKS = D / KSTEP(PR), NKQ = (NKS + 3) / 4;  // contraction steps: all, a quarter's
   constexpr int S4 = 4 * BM * LDS;  // the four quarters' score tiles
-  constexpr int NPS = SP ? 2 : 1, NSS = SP == 2 ? 2 : 1;  // P tiles (SP: by tile parity), score tile sets
-  constexpr int AHEAD = NBUF - 2 - SP;  // SP: key tiles in flight past the next one
-  static_assert((NW == 8 || (NW == 16 && G == 1)) && (BK == 32 || BK == 64 || (BK == 48 && NW == 8)) && D % KSTEP(PR) == 0 &&
-                DV % 8 == 0 && DV <= D, "mla decode shape");
-  static_assert(!SP || ((AHEAD == 0 || AHEAD == 1) && !Q8 && G == 1 && NW == 8 && !BULK), "pipelined decode: NBUF - 2 - SP is 0 or 1, plain rows, 8 warps");
+  static_assert((NW == 8 || (NW == 16 && G == 1)) && (BK == 32 || BK == 64) && D % KSTEP(PR) == 0 && DV % 8 == 0 && DV <= D, "mla decode shape");
   static_assert(G == 1 || (G == 2 && NAMED_BARRIERS), "warp groups need named barriers");
 /*@SMEM@*/
   static_assert(NBUF == 1 || !Q8, "async key tiles hold plain rows");
@@ -197,13 +187,13 @@ DECODE_BODY = r"""
   // per group: score tiles (QREG: group 0's hold the query tile until it is in registers), key
   // tiles, P, row statistics; without QREG the query tile comes first and stays
   const int KF = mla_floats<ST>(BK * LDK), QF = mla_floats<ST>(BM * LDQ);
-  const int SQF = QREG ? max(NSS * S4, QF) : NSS * S4;
-  DEVP float* sS = smem + (QREG ? 0 : QF) + grp * (SQF + NBUF * KF + mla_floats<ST>(NPS * BM * LDP) + (2 + NPS) * BM);
+  const int SQF = QREG ? max(S4, QF) : S4;
+  DEVP float* sS = smem + (QREG ? 0 : QF) + grp * (SQF + NBUF * KF + mla_floats<ST>(BM * LDP) + 3 * BM);
   DEVP ST* sQ = TILE_PTR(ST, smem, 0);
   DEVP float* sKb = sS + SQF;
-  DEVP ST* sP0 = TILE_PTR(ST, sKb, NBUF * KF);
-  DEVP float* sStat = sKb + NBUF * KF + mla_floats<ST>(NPS * BM * LDP);  // m, l, corr (SP: two, by tile parity) per row
-  DEVP float* sBar = sStat + (2 + NPS) * BM;  // BULK: an 8-byte mbarrier a key buffer
+  DEVP ST* sP = TILE_PTR(ST, sKb, NBUF * KF);
+  DEVP float* sStat = sKb + NBUF * KF + mla_floats<ST>(BM * LDP);  // m, l, corr per row
+  DEVP float* sBar = sStat + 3 * BM;  // BULK: an 8-byte mbarrier a key buffer
 
   const int n = info[0], key_start = info[1], q_offset = info[2], Hq = info[3], kps = info[4];
   const int M = (int)q_shape[1];
@@ -223,12 +213,7 @@ DECODE_BODY = r"""
     }
     BARRIER();
   }
-  if (SP) {  // the first NBUF - 1 - SP key tiles stream in while the queries load (a group each, maybe empty)
-    for (int j = 0; j < NBUF - 1 - SP; ++j) {
-      if (k_lo + j * BK < k_hi) mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, j * KF), rows, rbase, k_lo + j * BK, k_hi, gt);
-      ASYNC_COMMIT();
-    }
-  } else if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
+  if (NBUF > 1 && k_lo < k_hi) {  // the first key tile streams in while the queries load
     if (BULK) {
       mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, 0), rows, rbase, k_lo, k_hi, gt, sBar);
     } else {
@@ -255,11 +240,7 @@ DECODE_BODY = r"""
     for (int i = 0; i < NKQ; ++i)
       if (kq0 + i < NKS) frag_load_a<false>(qf[QREG ? i : 0], sQ, LDQ, m0, (kq0 + i) * KSTEP(PR));
   }
-  if (SP) {  // the first tile has landed
-    if (AHEAD == 0) ASYNC_WAIT0();
-    else ASYNC_WAIT1();
-  }
-  if (G > 1 || QREG || SP) BARRIER();  // the query tile is every group's, and (QREG) group 0's score tiles
+  if (G > 1 || QREG) BARRIER();  // the query tile is every group's, and (QREG) group 0's score tiles
   // output column tiles ct0 .. ct0 + NPW - 1 of both row blocks (adjacent pairs: one load, two tiles)
   const int ct0 = gw * NPW;
   FragC acc[2][NPW];
@@ -269,17 +250,9 @@ DECODE_BODY = r"""
     for (int j = 0; j < NPW; ++j) frag_zero(acc[rb][j]);
   }
 
-  // pass it: S of tile it, the softmax of tile it - (SP == 2), P V of tile it - SP (SP passes more than tiles)
-  const int ntl = k_hi > k_lo ? (k_hi - k_lo + BK - 1) / BK : 0;
-  for (int it = 0; it < ntl + SP; ++it) {
-    const int k0 = k_lo + it * BK;
+  for (int k0 = k_lo, it = 0; k0 < k_hi; k0 += BK, ++it) {
     DEVP ST* sK = TILE_PTR(ST, sKb, (it % NBUF) * KF);
-    if (SP) {  // this tile has landed (the previous pass's end); the buffer of tile it - 1 - SP is free
-      if (k0 + (NBUF - 1 - SP) * BK < k_hi)
-        mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + NBUF - 1 - SP) % NBUF) * KF), rows, rbase,
-                                              k0 + (NBUF - 1 - SP) * BK, k_hi, gt);
-      ASYNC_COMMIT();
-    } else if (NBUF > 1 && BULK) {
+    if (NBUF > 1 && BULK) {
       if (k0 + BK < k_hi)
         mla_decode_tile_bulk<ST, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, k0 + BK, k_hi, gt,
                                                 sBar + 2 * ((it + 1) % NBUF));
@@ -323,125 +296,108 @@ DECODE_BODY = r"""
         }
       }
     }
-    if (!SP) MLA_GBAR();
-    // three items a pass: S = Q K^T of tile it, then its softmax (SP 2: tile it - 1's), then P V (of tile
-    // it - SP); SP 2 takes them between the same two barriers, w and w + 4 (a scheduler's two warps)
-    // in different orders; SP 1 puts a barrier after S, SP 0 one after each item
-    const int ts = it - (SP == 2 ? 1 : 0), tp = it - SP;  // the tiles of the softmax and of P V
-    PRAGMA_UNROLL
-    for (int item = 0; item < 3; ++item) {
-      const int what = SP == 2 ? (item + ((gw >> 2) & 1)) % 3 : SP == 1 && item > 0 ? 1 + ((item - 1) ^ ((gw >> 2) & 1)) : item;
-      if (what == 0 && it < ntl) {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
-        FragC sc[NST];
-        PRAGMA_UNROLL
-        for (int t = 0; t < NST; ++t) frag_zero(sc[t]);
-        PRAGMA_UNROLL
-        for (int i = 0; i < NKQ; ++i) {
-          const int ks = kq0 + i;
-          if (ks < NKS) {
-            FragA<PR> a;
-            if (QREG) a = qf[QREG ? i : 0];
-            else frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
-            PRAGMA_UNROLL
-            for (int t = 0; t < NST; t += 2) {
-              FragB<PR> b0, b1;
-              frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), n0 + 8 * t);
-              frag_mma(sc[t], a, b0);
-              frag_mma(sc[t + 1], a, b1);
-            }
-          }
-        }
-        PRAGMA_UNROLL
-        for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + (SP == 2 ? (it & 1) * S4 : 0) + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
-      } else if (what == 1 && ts >= 0 && ts < ntl) {  // online softmax in base 2 (row maxima too): TPR threads a row,
-        const int r = gt / TPR, c0 = gt % TPR;  // KPT keys each, TPR apart (a warp's reads and writes fall in distinct banks)
-        const int ks0 = k_lo + ts * BK;
-        DEVP ST* sP = sP0 + (SP ? (ts & 1) * BM * LDP : 0);
-        DEVP float* sSt = sS + (SP == 2 ? (ts & 1) * S4 : 0);
-        float sv[KPT];
-        float mx = MLA_NEG_INF;
-        PRAGMA_UNROLL
-        for (int e = 0; e < KPT; ++e) {
-          const int k = ks0 + c0 + e * TPR;
-          const int o = r * LDS + c0 + e * TPR;
-          sv[e] = (k < k_hi && k <= lim)
-                      ? ((sSt[o] + sSt[BM * LDS + o]) + (sSt[2 * BM * LDS + o] + sSt[3 * BM * LDS + o])) * sl2
-                      : MLA_NEG_INF;
-          mx = max(mx, sv[e]);
-        }
-        PRAGMA_UNROLL
-        for (int o = 1; o < TPR; o *= 2) mx = max(mx, SHFL_XOR(mx, o));
-        const float m_old = sStat[r];
-        const float m_new = max(m_old, mx);
-        const float m_use = m_new == MLA_NEG_INF ? 0.0f : m_new;
-        float ps[KPT];
-        float sum = 0.0f;
-        PRAGMA_UNROLL
-        for (int e = 0; e < KPT; ++e) {
-          ps[e] = EXP2F(sv[e] - m_use);
-          sum += ps[e];
-        }
-        PRAGMA_UNROLL
-        for (int o = 1; o < TPR; o *= 2) sum += SHFL_XOR(sum, o);
-        PRAGMA_UNROLL
-        for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e * TPR] = static_cast<ST>(ps[e]);
-        WARP_SYNC();
-        if (gt % TPR == 0) {
-          const float corr = EXP2F(m_old - m_use);
-          sStat[r] = m_new;
-          sStat[BM + r] = sStat[BM + r] * corr + sum;
-          sStat[(2 + (SP ? (ts & 1) : 0)) * BM + r] = corr;
-        }
-      } else if (what == 2 && tp >= 0 && tp < ntl) {  // O = corr * O + P V: warp w owns column tiles ct0.. of all 32 rows
-        const int pt = tp;
-        DEVP ST* sV = TILE_PTR(ST, sKb, (pt % NBUF) * KF);
-        DEVP ST* sP = sP0 + (SP ? (pt & 1) * BM * LDP : 0);
-        DEVP float* sCorr = sStat + (2 + (SP ? (pt & 1) : 0)) * BM;
-        const int rl = frag_row(_lane);
-        float cr[2][2];
-        PRAGMA_UNROLL
-        for (int rb = 0; rb < 2; ++rb) {
-          cr[rb][0] = sCorr[16 * rb + rl];
-          cr[rb][1] = sCorr[16 * rb + rl + 8];
-        }
-        if (!WARP_ALL(cr[0][0] == 1.0f && cr[0][1] == 1.0f && cr[1][0] == 1.0f && cr[1][1] == 1.0f)) {
+    MLA_GBAR();
+    {  // S = Q K^T: warp w multiplies row block w & 1 by quarter (w >> 1) & 3 of the row width (NW 16: half the keys)
+      FragC sc[NST];
+      PRAGMA_UNROLL
+      for (int t = 0; t < NST; ++t) frag_zero(sc[t]);
+      PRAGMA_UNROLL
+      for (int i = 0; i < NKQ; ++i) {
+        const int ks = kq0 + i;
+        if (ks < NKS) {
+          FragA<PR> a;
+          if (QREG) a = qf[QREG ? i : 0];
+          else frag_load_a<false>(a, sQ, LDQ, m0, ks * KSTEP(PR));
           PRAGMA_UNROLL
-          for (int rb = 0; rb < 2; ++rb) {  // a row's maximum moved: rescale
-            PRAGMA_UNROLL
-            for (int j = 0; j < NPW; ++j) frag_scale2(acc[rb][j], cr[rb][0], cr[rb][1]);
-          }
-        }
-        PRAGMA_UNROLL
-        for (int kk = 0; kk < BK; kk += KSTEP(PR)) {
-          FragA<PR> pa[2];
-          frag_load_a<false>(pa[0], sP, LDP, 0, kk);
-          frag_load_a<false>(pa[1], sP, LDP, 16, kk);
-          PRAGMA_UNROLL
-          for (int j = 0; j < NPW; j += 2) {
-            const int ct = ct0 + j;
-            if (FULLCT || ct + 1 < DV / 8) {
-              FragB<PR> b0, b1;
-              frag_load_b2<false>(b0, b1, sV, LDK, kk, 8 * ct);
-              PRAGMA_UNROLL
-              for (int rb = 0; rb < 2; ++rb) {
-                frag_mma(acc[rb][j], pa[rb], b0);
-                frag_mma(acc[rb][j + 1], pa[rb], b1);
-              }
-            } else if (ct < DV / 8) {
-              FragB<PR> b;
-              frag_load_b<false>(b, sV, LDK, kk, 8 * ct);
-              PRAGMA_UNROLL
-              for (int rb = 0; rb < 2; ++rb) frag_mma(acc[rb][j], pa[rb], b);
-            }
+          for (int t = 0; t < NST; t += 2) {
+            FragB<PR> b0, b1;
+            frag_load_b2<true>(b0, b1, sK, LDK, ks * KSTEP(PR), n0 + 8 * t);
+            frag_mma(sc[t], a, b0);
+            frag_mma(sc[t + 1], a, b1);
           }
         }
       }
-      if (SP < 2 && item < (SP ? 1 : 2)) MLA_GBAR();  // SP 0: after S and after the softmax; SP 1: after S
+      PRAGMA_UNROLL
+      for (int t = 0; t < NST; ++t) frag_store_c(sc[t], sS + kq * (BM * LDS), LDS, m0, n0 + 8 * t);
     }
-    // (the end of a tile's math)
-    if (SP) {  // the next tile has landed (AHEAD later ones may still stream) before the barrier
-      if (AHEAD == 0) ASYNC_WAIT0();
-      else ASYNC_WAIT1();
+    MLA_GBAR();
+    {  // online softmax in base 2 (row maxima too): TPR threads a row, KPT keys each, TPR apart (a
+      const int r = gt / TPR, c0 = gt % TPR;  // warp's reads and writes fall in distinct banks)
+      float sv[KPT];
+      float mx = MLA_NEG_INF;
+      PRAGMA_UNROLL
+      for (int e = 0; e < KPT; ++e) {
+        const int k = k0 + c0 + e * TPR;
+        const int o = r * LDS + c0 + e * TPR;
+        sv[e] = (k < k_hi && k <= lim)
+                    ? ((sS[o] + sS[BM * LDS + o]) + (sS[2 * BM * LDS + o] + sS[3 * BM * LDS + o])) * sl2
+                    : MLA_NEG_INF;
+        mx = max(mx, sv[e]);
+      }
+      PRAGMA_UNROLL
+      for (int o = 1; o < TPR; o *= 2) mx = max(mx, SHFL_XOR(mx, o));
+      const float m_old = sStat[r];
+      const float m_new = max(m_old, mx);
+      const float m_use = m_new == MLA_NEG_INF ? 0.0f : m_new;
+      float ps[KPT];
+      float sum = 0.0f;
+      PRAGMA_UNROLL
+      for (int e = 0; e < KPT; ++e) {
+        ps[e] = EXP2F(sv[e] - m_use);
+        sum += ps[e];
+      }
+      PRAGMA_UNROLL
+      for (int o = 1; o < TPR; o *= 2) sum += SHFL_XOR(sum, o);
+      PRAGMA_UNROLL
+      for (int e = 0; e < KPT; ++e) sP[r * LDP + c0 + e * TPR] = static_cast<ST>(ps[e]);
+      WARP_SYNC();
+      if (gt % TPR == 0) {
+        const float corr = EXP2F(m_old - m_use);
+        sStat[r] = m_new;
+        sStat[BM + r] = sStat[BM + r] * corr + sum;
+        sStat[2 * BM + r] = corr;
+      }
+    }
+    MLA_GBAR();
+    {  // O = corr * O + P V: warp w owns column tiles ct0.. of all 32 rows
+      const int rl = frag_row(_lane);
+      float cr[2][2];
+      PRAGMA_UNROLL
+      for (int rb = 0; rb < 2; ++rb) {
+        cr[rb][0] = sStat[2 * BM + 16 * rb + rl];
+        cr[rb][1] = sStat[2 * BM + 16 * rb + rl + 8];
+      }
+      if (!WARP_ALL(cr[0][0] == 1.0f && cr[0][1] == 1.0f && cr[1][0] == 1.0f && cr[1][1] == 1.0f)) {
+        PRAGMA_UNROLL
+        for (int rb = 0; rb < 2; ++rb) {  // a row's maximum moved: rescale
+          PRAGMA_UNROLL
+          for (int j = 0; j < NPW; ++j) frag_scale2(acc[rb][j], cr[rb][0], cr[rb][1]);
+        }
+      }
+      PRAGMA_UNROLL
+      for (int kk = 0; kk < BK; kk += KSTEP(PR)) {
+        FragA<PR> pa[2];
+        frag_load_a<false>(pa[0], sP, LDP, 0, kk);
+        frag_load_a<false>(pa[1], sP, LDP, 16, kk);
+        PRAGMA_UNROLL
+        for (int j = 0; j < NPW; j += 2) {
+          const int ct = ct0 + j;
+          if (FULLCT || ct + 1 < DV / 8) {
+            FragB<PR> b0, b1;
+            frag_load_b2<false>(b0, b1, sK, LDK, kk, 8 * ct);
+            PRAGMA_UNROLL
+            for (int rb = 0; rb < 2; ++rb) {
+              frag_mma(acc[rb][j], pa[rb], b0);
+              frag_mma(acc[rb][j + 1], pa[rb], b1);
+            }
+          } else if (ct < DV / 8) {
+            FragB<PR> b;
+            frag_load_b<false>(b, sK, LDK, kk, 8 * ct);
+            PRAGMA_UNROLL
+            for (int rb = 0; rb < 2; ++rb) frag_mma(acc[rb][j], pa[rb], b);
+          }
+        }
+      }
     }
     if (NBUF > 1) MLA_GBAR();  // every warp is done with this tile before the next iteration refills it
   }
@@ -461,7 +417,7 @@ DECODE_BODY = r"""
           const int row = r0 + rl + 8 * (e >> 1);
           if (row < M)
             o_part[(obase + row) * DV + 8 * ct + frag_col(_lane) + (e & 1)] =
-                static_cast<OT>(frag_get(acc[rb][j], e) * ((e >> 1) ? i_hi : i_lo));
+                frag_get(acc[rb][j], e) * ((e >> 1) ? i_hi : i_lo);
         }
       }
     }
@@ -475,7 +431,7 @@ DECODE_BODY = r"""
 
 # Template: T (output dtype), DV (a multiple of 4), NTC (threads, a multiple of 32), CW (columns a
 # threadgroup, a multiple of 4), TWO (a second set of partials). Inputs: o_part [B, NS1, M, DV]
-# fp32 or T, lse_part [B, NS1, M] fp32, and o_tail [B, NS2, M, DV], lse_tail [B, NS2, M] (dummies unless
+# fp32, lse_part [B, NS1, M] fp32, and o_tail [B, NS2, M, DV], lse_tail [B, NS2, M] (dummies unless
 # TWO: the tail segment's partials, read where they are instead of concatenated first; NS1 + NS2 <=
 # MLA_MAX_SPLITS). Output: o [B, M, DV] (T).
 # Grid: (NTC * ceil(DV / CW), M, B): a threadgroup takes CW columns of one row; its threads split
@@ -498,8 +454,7 @@ COMBINE_BODY = r"""
   // U splits' values of this thread (split group sg: splits s0, s0 + SG, ...), all loads in flight at once
 #define MLA_LOAD_BATCH(v, s0) do { PRAGMA_UNROLL for (int u = 0; u < U; ++u) { const int s_ = (s0) + u * SG; \
     PRAGMA_UNROLL for (int i = 0; i < CPT; ++i) (v)[u][i] = c >= DV || s_ >= NS ? 0.0f \
-        : s_ < NS1 ? static_cast<float>(o_part[obase + (long)s_ * M * DV + i]) \
-        : static_cast<float>(o_tail[obase2 + (long)(s_ - NS1) * M * DV + i]); } } while (0)
+        : s_ < NS1 ? o_part[obase + (long)s_ * M * DV + i] : o_tail[obase2 + (long)(s_ - NS1) * M * DV + i]; } } while (0)
   float v[U][CPT];
   MLA_LOAD_BATCH(v, sg);  // the first batch loads while the weights are worked out
   float mx = MLA_NEG_INF;
@@ -802,14 +757,13 @@ MAX_SPLITS = 1024  # partials one combine takes (MLA_MAX_SPLITS)
 
 
 def decode_smem_floats(D: int, st_bytes: int, nbuf: int = 1, bk: int = 32, groups: int = 1,
-                       qreg: bool = False, bulk: bool = False, sp: int = 0) -> int:
+                       qreg: bool = False, bulk: bool = False) -> int:
     """Tile memory of one decode threadgroup, in floats (mirrors DECODE_BODY)."""
     f = lambda n: (n * st_bytes + 3) // 4  # noqa: E731
-    BM, BK, nps = 32, bk, 2 if sp else 1
-    q, s4 = f(BM * (D + 8)), (2 if sp == 2 else 1) * 4 * BM * (BK + 8)
+    BM, BK = 32, bk
+    q, s4 = f(BM * (D + 8)), 4 * BM * (BK + 8)
     sq = max(q, s4) if qreg else s4
-    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(nps * BM * (BK + 8)) + (2 + nps) * BM
-                                          + (4 if bulk else 0))
+    return (0 if qreg else q) + groups * (sq + nbuf * f(BK * (D + 8)) + f(BM * (BK + 8)) + 3 * BM + (4 if bulk else 0))
 
 
 def prefill_smem_floats(DK: int, DV: int, NW: int, st_bytes: int, nbuf: int = 1, rw: int = 1) -> int:

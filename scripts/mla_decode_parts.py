@@ -41,18 +41,14 @@ from metal_kernels import mla_template  # noqa: E402
 def probe_body(body: str, probe: str) -> str:
     """DECODE_BODY with the math (`loads`) or the streamed tile loads (`math`) cut out."""
     if probe == "loads":
-        a = body.index("    // three items a pass: S = Q K^T")
-        b = body.index("    // (the end of a tile's math)")  # the waits and the barrier that end a tile stay
+        a = body.index("    {  // S = Q K^T")
+        b = body.index("  }\n  MLA_GBAR();\n  const long obase")  # the end of the key loop
         return body[:a] + body[b:]
     if probe == "math":
-        loads = ["mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, "
-                 "k0 + BK, k_hi, gt);",
-                 "mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + NBUF - 1 - SP) % NBUF) * KF), rows, rbase,\n"
-                 "                                              k0 + (NBUF - 1 - SP) * BK, k_hi, gt);"]  # SP
-        for load in loads:
-            assert load in body
-            body = body.replace(load, "{}")
-        return body
+        load = ("mla_decode_tile<ST, T, D, DQ, BK, NT>(TILE_PTR(ST, sKb, ((it + 1) % NBUF) * KF), rows, rbase, "
+                "k0 + BK, k_hi, gt);")
+        assert load in body
+        return body.replace(load, "{}")
     raise ValueError(probe)
 
 

@@ -91,40 +91,6 @@ def test_cuda_mla_decode_bulk(cuda_emu, monkeypatch, B, H, T, appends, bits, spl
     assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("B,H,T,appends,bits,splits",
-                         _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
-@pytest.mark.parametrize("sp,nbuf,bk", [("1", "3", "48"), ("1", "4", "32"), ("2", "4", "32"), ("2", "5", "32")])
-@pytest.mark.parametrize("dt", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_mla_decode_pipelined(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, sp, nbuf, bk, dt):
-    """KIMI_MLX_MLA_DECODE_SP (1: each tile's softmax beside the previous tile's P V; 2: S, softmax and
-    P V of three tiles together) with cp.async tiles, nbuf - 1 - sp streaming (8-bit segments keep
-    the plain schedule)."""
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_SP", sp)
-    monkeypatch.delenv("KIMI_MLX_MLA_DECODE_GROUPS", raising=False)
-    monkeypatch.delenv("KIMI_MLX_MLA_DECODE_NW", raising=False)
-    out, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk, dt)
-    decodes = [t for k, t in cuda_emu if k == "mla_decode"]
-    assert decodes and all(t["SP"] == (0 if t["Q8"] else int(sp)) and (t["Q8"] or (t["NBUF"], t["BK"]) == (int(nbuf), int(bk)))
-                           for t in decodes)
-    assert _rel(out, ref) < (2e-2 if dt == mx.bfloat16 else 1e-5)
-
-
-@pytest.mark.parametrize("B,H,T,appends,bits,splits",
-                         _params_of(MT.test_kernel_mla_decode_matches_reference, "B,H,T,appends,bits,splits"))
-@pytest.mark.parametrize("sp", ["0", "1", "2"])
-def test_cuda_mla_decode_bf16_partials(cuda_emu, monkeypatch, B, H, T, appends, bits, splits, sp):
-    """KIMI_MLX_MLA_DECODE_PB=1: a bf16 model's split partials in bf16 (the combine reads them so);
-    as accurate as the fp32 partials to the bf16 output's rounding."""
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_SP", sp)
-    out32, ref = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, "2", "64", mx.bfloat16)
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_PB", "1")
-    out16, _ = MT.decode_case(monkeypatch, B, H, T, appends, bits, splits, "2", "64", mx.bfloat16)
-    decodes = [t for k, t in cuda_emu if k == "mla_decode"]
-    half = len(decodes) // 2
-    assert half and all(t["OT"] == "float32" for t in decodes[:half]) and all(t["OT"] == "bfloat16" for t in decodes[half:])
-    assert _rel(out16, ref) < 2e-2 and _rel(out16, out32) < 1e-2
-
-
 @pytest.mark.parametrize("splits,cuts", [(1, ()), (5, ()), (5, (3,)), (6, (1, 4))])
 def test_cuda_mla_combine(cuda_emu, splits, cuts):
     """Partials of several splits (one of them empty: lse -inf) merged, against numpy; cuts: the

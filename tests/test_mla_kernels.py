@@ -85,22 +85,6 @@ def test_kernel_mla_decode_matches_reference(emu, monkeypatch, B, H, T, appends,
     assert all(t["NBUF"] == (1 if t["Q8"] else int(nbuf)) and t["BK"] == int(bk) for k, t in emu if k == "mla_decode")
 
 
-@pytest.mark.parametrize("B,H,T,appends,bits,splits",
-                         [(2, 4, 1, [70, 30, 1], None, 4), (1, 8, 3, [50, 47, 3], 8, 2), (1, 40, 1, [45], None, 1),
-                          (1, 4, 1, [1300], None, 41), (1, 4, 2, [700], None, 1), (1, 4, 1, [37], None, 1)])
-@pytest.mark.parametrize("sp,nbuf,bk", [("1", "3", "48"), ("1", "4", "64"), ("2", "4", "32"), ("2", "5", "48")])
-def test_kernel_mla_decode_pipelined(emu, monkeypatch, B, H, T, appends, bits, splits, sp, nbuf, bk):
-    """KIMI_MLX_MLA_DECODE_SP: 1, each tile's softmax beside the previous tile's P V; 2, S, softmax and
-    P V of three tiles together; nbuf key buffers (1 + sp resident, the rest streaming); 8-bit
-    segments keep the plain schedule."""
-    monkeypatch.setenv("KIMI_MLX_MLA_DECODE_SP", sp)
-    out, ref = decode_case(monkeypatch, B, H, T, appends, bits, splits, nbuf, bk)
-    assert float(mx.abs(out - ref).max()) < 2e-5
-    decodes = [t for k, t in emu if k == "mla_decode"]
-    assert decodes and all(t["SP"] == (0 if t["Q8"] else int(sp)) and (t["Q8"] or (t["NBUF"], t["BK"]) == (int(nbuf), int(bk)))
-                           for t in decodes)
-
-
 @pytest.mark.parametrize("B,H,T,appends,bits,splits", [(2, 4, 1, [70, 30, 1], None, 4), (1, 8, 3, [50, 47, 3], 8, 2)])
 def test_kernel_mla_decode_sixteen_warps(emu, monkeypatch, B, H, T, appends, bits, splits):
     """KIMI_MLX_MLA_DECODE_NW=16: each warp takes half of a tile's keys in S, 16 threads a softmax row."""
@@ -234,16 +218,16 @@ def test_kernel_mla_reference_env_and_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
-@pytest.mark.parametrize("kind", ["mla_decode", "mla_decode_q8", "mla_decode_sp", "mla_decode_sp2", "mla_combine", "mla_prefill"])
+@pytest.mark.parametrize("kind", ["mla_decode", "mla_decode_q8", "mla_combine", "mla_prefill"])
 def test_kernel_mla_cuda_text_compiles_for_sm90(tmp_path, kind):
     """The CUDA twin at the real widths, bf16, as MLX's JIT would lay it out (nvcc, no GPU)."""
     bf = "bfloat16"
     if kind.startswith("mla_decode"):
-        q8, sp = kind.endswith("q8"), {"sp": 1, "sp2": 2}.get(kind.rsplit("_", 1)[-1], 0)
+        q8 = kind.endswith("q8")
         kind = "mla_decode"
-        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 48 if sp == 1 else 64 if q8 else 32),
-                ("Q8", q8), ("QG", 64), ("DQ", 576), ("NBUF", 2 + sp if sp else 1 if q8 else 2), ("G", 1 if q8 or sp else 2),
-                ("QREG", q8 or sp > 0), ("BULK", False), ("SP", sp), ("OT", bf if sp else "float32")]
+        tmpl = [("T", bf), ("ST", bf), ("PR", 0), ("D", 576), ("DV", 512), ("NW", 8), ("BK", 64 if q8 else 32), ("Q8", q8),
+                ("QG", 64), ("DQ", 576), ("NBUF", 1 if q8 else 2), ("G", 1 if q8 else 2),
+                ("QREG", q8), ("BULK", False)]
         ins = dict(q=bf, rows=bf, wq="uint32", scales=bf, biases=bf, info="int32", info_f="float32")
         outs = dict(o_part="float32", lse_part="float32")
     elif kind == "mla_combine":
