@@ -54,6 +54,15 @@ def emulated_metal(monkeypatch):
     return log
 
 
+def test_kernel_info_arrays_leave_the_scalar_pool():
+    """Kernel info arrays hold their values first and take more than the 8 bytes MLX-CUDA keeps
+    host-resident in its scalar pool (metal_kernels.INFO_MIN)."""
+    f, i = metal_kernels.info_floats(0.25), metal_kernels.info_ints(7, -3, 5, 2, 9)
+    assert f.dtype == mx.float32 and f.nbytes > 8 and f.tolist()[:1] == [0.25]
+    assert i.dtype == mx.int32 and i.tolist() == [7, -3, 5, 2, 9]
+    assert metal_kernels.info_ints(1, 2).tolist() == [1, 2, 0, 0]
+
+
 def test_kernel_backend_on_cpu(monkeypatch):
     monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
     assert mx.default_device() == mx.cpu or not mx.metal.is_available()
