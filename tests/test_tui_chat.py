@@ -44,6 +44,11 @@ async def test_unknown_command_keeps_the_input_and_double_slash_sends_it(tmp_pat
                          what="rename and a cleared input")
 
 
+def confirm_shown(app) -> bool:
+    """The confirm dialog is up and composed (pushed is not enough: its widgets mount a moment later)."""
+    return isinstance(app.screen, ConfirmDialog) and bool(app.screen.query("#no"))
+
+
 @aio
 async def test_system_prompt_change_in_a_document_chat_asks_and_cancel_keeps_state(tmp_path, doc=None):
     doc = tmp_path / "notes.md"
@@ -58,7 +63,7 @@ async def test_system_prompt_change_in_a_document_chat_asks_and_cancel_keeps_sta
         original = screen.chat.system_prompt
         # /system asks first; "no" changes nothing
         await send(pilot, "/system Be terse.", wait=False)
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="confirm")
+        await wait_until(pilot, lambda: confirm_shown(app), what="confirm")
         assert "4,000 tokens" in str(app.screen.query_one(".dialog-title").render())
         await pilot.press("n")
         await settle(pilot)
@@ -70,7 +75,7 @@ async def test_system_prompt_change_in_a_document_chat_asks_and_cancel_keeps_sta
         app.screen.query_one("#system-prompt").text = "Be terse."
         app.screen.query_one("#set-temperature").value = "0.3"
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="confirm")
+        await wait_until(pilot, lambda: confirm_shown(app), what="confirm")
         engine.prefill_delay = 0.05  # slow enough to cancel (pilot.press waits for idle)
         await pilot.press("y")
         panel = screen.query_one(PrefillPanel)

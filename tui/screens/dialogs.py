@@ -18,6 +18,9 @@ class ConfirmDialog(ModalScreen[bool]):
         Binding("escape,n", "dismiss(False)", "No"),
         Binding("y", "dismiss(True)", "Yes"),
     ]
+    # focused by Textual when the screen is shown; an on_mount query of "#no" raised when y or n
+    # dismissed the dialog before it had mounted
+    AUTO_FOCUS = "#no"
 
     def __init__(self, question: str, yes: str = "Delete"):
         super().__init__(classes="dialog-screen")
@@ -30,9 +33,6 @@ class ConfirmDialog(ModalScreen[bool]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", variant="error", id="yes")
                 yield Button("Cancel (n)", id="no")
-
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
