@@ -582,6 +582,7 @@ async def test_file_picker_attaches(tmp_path, doc):
         await pilot.press("ctrl+o")
         await settle(pilot)
         assert type(app.screen).__name__ == "FilePickerDialog"
+        await wait_until(pilot, lambda: getattr(app.focused, "id", None) == "picker-path", what="the path input focused")
         app.screen.query_one("#picker-path").value = "notes.md"  # relative to the start directory
         await pilot.press("enter")
         await wait_until(pilot, lambda: chat(app).docs is not None, what="attach")

@@ -49,6 +49,10 @@ def confirm_shown(app) -> bool:
     return isinstance(app.screen, ConfirmDialog) and bool(app.screen.query("#no"))
 
 
+def focused_id(app):
+    return getattr(app.focused, "id", None)
+
+
 @aio
 async def test_system_prompt_change_in_a_document_chat_asks_and_cancel_keeps_state(tmp_path, doc=None):
     doc = tmp_path / "notes.md"
@@ -192,6 +196,7 @@ async def test_f4_returns_to_the_no_model_screen_and_switches_models(tmp_path):
         assert messages(app)[-1].status == "ok" and made[1].reply_count == 1
         await pilot.press("f4")
         await wait_until(pilot, lambda: isinstance(app.screen, ModelDialog), what="model dialog")
+        await wait_until(pilot, lambda: focused_id(app) == "model-path", what="the path input focused")
         assert [i.name for i in app.screen.query("ListItem")] == ["model-a"]
         await pilot.press("escape")
 
@@ -283,6 +288,21 @@ async def test_search_finds_titles_and_messages_and_opens_the_chat(tmp_path):
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, ChatScreen) and chat(app).chat.id == target.id, what="opened")
         assert messages(app)[0].content == "Recipe for pancakes"
+
+
+@aio
+async def test_search_dialog_focuses_its_query_and_a_search_after_esc_is_harmless(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Recipe for pancakes")
+        await pilot.press("ctrl+f")
+        await wait_until(pilot, lambda: focused_id(app) == "search-query", what="the query focused")
+        dialog = app.screen
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatScreen), what="dismissed")
+        # a search still running when Esc removed the widgets finds nothing to draw into
+        await dialog._search("pancake")
 
 
 @aio

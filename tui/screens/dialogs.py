@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, ListItem, ListView, TextArea
@@ -134,6 +135,7 @@ class FilePickerDialog(ModalScreen[Optional[list]]):
         Binding("escape", "dismiss(None)", "Cancel"),
         Binding("ctrl+a", "attach_highlighted", "Attach highlighted", priority=True),
     ]
+    AUTO_FOCUS = "#picker-path"  # (as ConfirmDialog: no on_mount query that Esc can outrun)
 
     def __init__(self, start: Optional[str] = None):
         super().__init__(classes="dialog-screen")
@@ -149,9 +151,6 @@ class FilePickerDialog(ModalScreen[Optional[list]]):
                 "Enter on a file attaches it · Ctrl+A attaches the highlighted file or directory · Esc cancels",
                 classes="dialog-hint",
             )
-
-    def on_mount(self) -> None:
-        self.query_one("#picker-path", Input).focus()
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
         self.dismiss([str(event.path)])
@@ -180,6 +179,7 @@ class SearchDialog(ModalScreen[Optional[int]]):
     """Search chat titles and messages; Enter opens the chosen chat."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    AUTO_FOCUS = "#search-query"
 
     def __init__(self, store, query: str = ""):
         super().__init__(classes="dialog-screen")
@@ -195,7 +195,6 @@ class SearchDialog(ModalScreen[Optional[int]]):
             yield Label("Type to search · Down/Enter opens a chat · Esc cancels", classes="dialog-hint")
 
     async def on_mount(self) -> None:
-        self.query_one("#search-query", Input).focus()
         await self._search(self.query_text)
 
     async def on_input_changed(self, event: Input.Changed) -> None:
@@ -203,6 +202,12 @@ class SearchDialog(ModalScreen[Optional[int]]):
 
     async def _search(self, query: str) -> None:
         hits = self.store.search(query) if query.strip() else []
+        try:
+            await self._show(query, hits)
+        except NoMatches:  # dismissed (Esc) while the results were being drawn
+            pass
+
+    async def _show(self, query: str, hits) -> None:
         results = self.query_one("#search-results", ListView)
         await results.clear()
         items = []
@@ -237,6 +242,7 @@ class ModelDialog(ModalScreen[Optional[str]]):
     """Switch the model: type a path or repo id, or pick a recent one."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    AUTO_FOCUS = "#model-path"
 
     def __init__(self, current: str, recent: list):
         super().__init__(classes="dialog-screen")
@@ -252,9 +258,6 @@ class ModelDialog(ModalScreen[Optional[str]]):
                 yield Label("Recent models")
                 yield ListView(*[ListItem(Label(m, markup=False), name=m) for m in self.recent], id="model-recent")
             yield Label("Enter loads it · Esc cancels", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.query_one("#model-path", Input).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         value = event.value.strip()
