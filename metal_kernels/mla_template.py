@@ -221,10 +221,15 @@ DECODE_BODY = r"""
       ASYNC_COMMIT();
     }
   }
+  // the query tile: async copies where they exist (all in flight at once, not one round trip each)
   for (int i = _tid; i < BM * (D / 8); i += G * NT) {
     const int r = i / (D / 8), d = (i % (D / 8)) * 8;
-    mla_tile8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + r0 + r) * D + d, r0 + r < M);
+    const bool ok = r0 + r < M;
+    mla_copy8<ST, T>(sQ + r * LDQ + d, q + ((long)bb * M + (ok ? r0 + r : 0)) * D + d, ok);
   }
+  ASYNC_COMMIT();
+  // landed before the barrier that publishes it; else the key loop's first wait covers it
+  if (QREG || G > 1 || NBUF == 1 || BULK) ASYNC_WAIT0();
   // the last key visible to this thread's softmax row
   const int lim = r0 + gt / TPR < M ? q_offset + (r0 + gt / TPR) / Hq - key_start : -1;
   if (gt < BM) {

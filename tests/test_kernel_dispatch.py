@@ -63,6 +63,35 @@ def test_kernel_info_arrays_leave_the_scalar_pool():
     assert metal_kernels.info_ints(1, 2).tolist() == [1, 2, 0, 0]
 
 
+def test_step_info_serves_successive_decode_steps_from_one_table():
+    """A decode step's info values (cache row, then per segment n, start, q_offset, heads, keys per
+    split) come back exact whatever the sequence, and a run of steps makes about one table per
+    StepInfo.RING steps, not one array a step; two interleaved streams keep a table each."""
+    info = metal_kernels.StepInfo()
+    made = []
+    new_table = info._new_table
+    info._new_table = lambda vals: made.append(vals) or new_table(vals)
+
+    def step(r, old_n, q, kps):  # a closed segment of old_n rows and the tail, at cache row r
+        return (r, old_n, 0, q, 32, kps, r + 1, old_n, q, 32, 64)
+
+    asked = [step(r, 4096, 4096 + r, 512 if r < 300 else 544) for r in range(600)]
+    asked += [step(r, 8192, 8192 + r, 544) for r in range(5)]  # the tail closed: a new segment layout
+    for vals in asked:
+        a = info(*vals)
+        assert a.dtype == mx.int32 and a.tolist() == list(vals)
+        assert info(*vals) is a  # the step's other MLA layers share the array
+    # first call, step learned, ring exhausted at 256 and 512 rows, keys per split changed at 300, new layout
+    assert len(made) <= 8, made
+    made.clear()
+    for r in range(600, 700):  # two streams stepping in turn
+        for old_n in (4096, 70000):
+            vals = step(r, old_n, old_n + r, 544)
+            assert info(*vals).tolist() == list(vals)
+    assert len(made) <= 4, made
+    assert info(1, 2).tolist() == [1, 2, 0, 0]  # padded as info_ints (the scalar pool)
+
+
 def test_kernel_backend_on_cpu(monkeypatch):
     monkeypatch.delenv("KIMI_MLX_KDA", raising=False)
     assert mx.default_device() == mx.cpu or not mx.metal.is_available()

@@ -324,11 +324,12 @@ def decode_kernel_plan(q_shape, segs, q_offset: int, d_v: int):
 
 
 def decode_info(*vals) -> mx.array:
-    """The int32 info array of decode kernel launches; the same values give the same array, so a
-    step's MLA layers share one."""
-    from metal_kernels import info_ints
+    """The int32 info array of decode kernel launches: the same values give the same array, so a
+    step's MLA layers share one, and successive steps read rows of one GPU-resident table
+    (metal_kernels.StepInfo)."""
+    from metal_kernels import step_info
 
-    return info_ints(*vals)
+    return step_info(*vals)
 
 
 def decode_kernel_attention(q: mx.array, datas, infos, launches, scale: float) -> mx.array:
