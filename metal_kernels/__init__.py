@@ -63,10 +63,16 @@ def available() -> bool:
 INFO_MIN = 4
 
 
+def _padded(vals) -> list:
+    """vals, then zeros up to INFO_MIN values."""
+    vals = list(vals)
+    return vals + [0] * (INFO_MIN - len(vals))
+
+
 def _info(vals, dtype):
     import mlx.core as mx
 
-    a = mx.array(list(vals) + [0] * (INFO_MIN - len(vals)), dtype=dtype)
+    a = mx.array(_padded(vals), dtype=dtype)
     mx.eval(a)
     return a
 
@@ -134,9 +140,7 @@ class StepInfo:
                 step = d
                 break
         rows = self.RING if any(step) else 1
-        width = max(len(vals), INFO_MIN)
-        table = mx.array([[v + j * u for v, u in zip(vals, step)] + [0] * (width - len(vals))
-                          for j in range(rows)], dtype=mx.int32)
+        table = mx.array([_padded(v + j * u for v, u in zip(vals, step)) for j in range(rows)], dtype=mx.int32)
         mx.eval(table)
         self._tables = self._tables[-(self.TABLES - 1):] + [(vals, step, table)]
         return table[0]
