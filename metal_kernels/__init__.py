@@ -6,8 +6,8 @@ The KDA kernels are launched from here; the MLA attention kernels from metal_ker
     kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None)
         -> (o [B,T,H,V] in q_raw's dtype, state [B,H,K,V] fp32)   or None
     kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
-                          o_norm_weight=None, gate=None, eps=1e-5)
-        -> (o, state)   or None
+                          o_norm_weight=None, gate=None, eps=1e-5, conv=None)
+        -> (o, state), with conv (o, state, conv state)   or None
 
 Inputs are the raw projections: q_raw, k_raw [B,T,H,K] (after the short conv, before the L2
 norm), f [B,T,H,K] (f_b(f_a(x)), before dt_bias and softplus), b_raw [B,T,H] (before the
@@ -339,27 +339,43 @@ def _decode_consts(dt, eps: float):
 
 
 def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
-                          o_norm_weight=None, gate=None, eps=1e-5):
+                          o_norm_weight=None, gate=None, eps=1e-5, conv=None):
     """One token. q_raw, k_raw, f [B,1,H,K] or [B,H,K]; v [B,(1,)H,V]; b_raw [B,(1,)H];
     state [B,H,K,V] fp32 or None. With o_norm_weight [V] and gate [B,(1,)H,V] (raw logits),
-    o is RMSNorm(o) * o_norm_weight * sigmoid(gate), fused. Returns o shaped like v."""
+    o is RMSNorm(o) * o_norm_weight * sigmoid(gate), fused. Returns (o shaped like v, state).
+    conv = (conv_state [B, KC-1, C], conv_w [C, KC]): the kernel runs the short convs (silu'd)
+    too. q_raw is then the token's projections before them, [B,(1,)C] = [q | k | v], k_raw and
+    v are None, and it returns (o [B,(1,)H,V], state, new conv state)."""
     be = backend()
     if be is None:
         return None
     import mlx.core as mx
 
-    out_shape = v.shape
-    K = q_raw.shape[-1]
-    V = v.shape[-1]
-    H = q_raw.shape[-2]
-    B = q_raw.size // (H * K)
+    H, K = f.shape[-2:]
+    B = f.size // (H * K)
+    dt = q_raw.dtype
+    if conv is not None:
+        conv_state, conv_w = conv
+        C, kc = conv_w.shape
+        V = (C - 2 * H * K) // H
+        if kc < 2 or conv_state.shape != (B, kc - 1, C) or q_raw.size != B * C or H * V + 2 * H * K != C:
+            return None
+        out_shape = (*f.shape[:-2], H, V)
+        q_raw = q_raw.reshape(B, C)
+        k_raw = v = _decode_consts(dt, float(eps))[1]
+        conv_state, conv_w = conv_state.astype(dt), conv_w.astype(dt)
+    else:
+        kc = 0
+        out_shape = v.shape
+        V = v.shape[-1]
+        q_raw = q_raw.reshape(B, H, K)
+        k_raw = k_raw.astype(dt).reshape(B, H, K)
+        v = v.astype(dt).reshape(B, H, V)
+        conv_state = conv_w = _decode_consts(dt, float(eps))[1]
     if K % 32 or V % 32:
         return None
     gated = o_norm_weight is not None and gate is not None
-    dt = q_raw.dtype
-    q_raw = q_raw.reshape(B, H, K)
-    k_raw, f = (x.astype(dt).reshape(B, H, K) for x in (k_raw, f))
-    v = v.astype(dt).reshape(B, H, V)
+    f = f.astype(dt).reshape(B, H, K)
     b_raw = b_raw.astype(dt).reshape(B, H)
     dt_bias = dt_bias.reshape(-1).astype(mx.float32)
     A_log = A_log.reshape(-1).astype(mx.float32)
@@ -375,14 +391,16 @@ def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
         rg //= 2
     ntd = bvd * rg
     kern = _kernel(be, "decode")
-    o, S = kern(
+    o, S, conv_out = kern(
         inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, S, norm_w, gate,
-                _decode_consts(dt, float(eps))[0]],
-        template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated)],
+                _decode_consts(dt, float(eps))[0], conv_state, conv_w],
+        template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated), ("KC", kc)],
         grid=(ntd * (V // bvd), H, B),
         threadgroup=(ntd, 1, 1),
-        output_shapes=[(B, H, V), (B, H, K, V)],
-        output_dtypes=[dt, mx.float32],
+        output_shapes=[(B, H, V), (B, H, K, V), (B, kc - 1, C) if kc else (1,)],
+        output_dtypes=[dt, mx.float32, dt],
         init_value=_poison(),
     )
+    if kc:
+        return o.reshape(out_shape), S, conv_out
     return o.reshape(out_shape), S

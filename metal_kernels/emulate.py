@@ -163,6 +163,15 @@ def _run(src, stub, kind, names, inputs, in_dtypes, outputs, out_dtypes, args, o
 # ---------------------------------------------------------------------------------------------
 # float64 reference of what the kernels compute, from the raw projections.
 
+def short_conv_np(x, conv_state, w, dtype: str):
+    """A decode token's causal short conv as the fused decode kernel runs it: x [B, C], conv_state
+    [B, KC-1, C], w [C, KC] (values as the kernel sees them) -> (silu(conv) rounded to dtype,
+    the shifted state [B, KC-1, C])."""
+    xs = np.concatenate([conv_state, x[:, None]], axis=1).astype(np.float64)  # [B, KC, C]
+    acc = (xs * np.asarray(w, np.float64).T[None]).sum(axis=1)
+    return round_to(acc / (1.0 + np.exp(-acc)), dtype), xs[:, 1:]
+
+
 def gates_np(q_raw, k_raw, f, dt_bias, A_log, b_raw):
     """(q scaled, k, g, beta) in float64: L2 norm, q * K^-1/2, g = -exp(A_log) softplus(f + dt_bias)."""
     q = np.asarray(q_raw, np.float64)

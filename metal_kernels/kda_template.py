@@ -250,6 +250,23 @@ DFN PT kda_item_tile(PT smem, int g, int offG, int offQ, int offK, int offA, int
 DFN float kda_sigmoid(float x) { return 1.0f / (1.0f + EXPF(-x)); }
 // softplus, linear above 20 (as torch)
 DFN float kda_softplus(float x) { return x > 20.0f ? x : LOGF(1.0f + EXPF(x)); }
+// Channel c of a decode token's causal short conv, silu'd and rounded to T (what the unfused layer
+// hands the kernel): x [B, C] the token's projections, cs [B, KC - 1, C] the previous inputs, w [C, KC].
+// write: also the shifted state into cs_out (the same layout as cs).
+template <typename T, int KC, typename PX, typename PS, typename PW, typename PO>
+DFN float kda_conv_silu(PX x, PS cs, PW w, PO cs_out, long bb, int C, int c, bool write) {
+  const long base = bb * (KC - 1) * (long)C + c;
+  const float xn = static_cast<float>(x[bb * C + c]);
+  float acc = xn * static_cast<float>(w[(long)c * KC + KC - 1]);
+  PRAGMA_UNROLL
+  for (int j = 0; j < KC - 1; ++j) {
+    const float p = static_cast<float>(cs[base + (long)j * C]);
+    acc += p * static_cast<float>(w[(long)c * KC + j]);
+    if (write && j > 0) cs_out[base + (long)(j - 1) * C] = static_cast<T>(p);
+  }
+  if (write) cs_out[base + (long)(KC - 2) * C] = x[bb * C + c];
+  return static_cast<float>(static_cast<T>(acc * kda_sigmoid(acc)));
+}
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -863,10 +880,14 @@ PREFILL_BODY = r"""
 # ---------------------------------------------------------------------------------------------
 # Decode body: one token. Threadgroup = (v-slice of BVD columns, head, batch); NTD threads =
 # BVD columns x RG row groups, each thread keeps K/RG state rows of its column in registers.
-# Template: T, K, V, BVD, NTD, GATED (fused gated RMSNorm of o; needs BVD == V).
+# Template: T, K, V, BVD, NTD, GATED (fused gated RMSNorm of o; needs BVD == V), KC (0, or the
+# short conv's width: the kernel runs the convs too).
 # Inputs: q_raw, k_raw, f [B,H,K]; v [B,H,V]; b_raw [B,H]; dt_bias [H*K]; A_log [H];
 # state [B,H,K,V] fp32; norm_w [V]; gate [B,H,V] (raw logits; 1-element dummies when not GATED);
-# eps [1] fp32. Outputs: o [B,H,V] (T), state_out [B,H,K,V] fp32.
+# eps [1] fp32; conv_state [B,KC-1,C], conv_w [C,KC] (T; dummies when KC is 0). With KC, q_raw is
+# the token's projections before the convs, [B, C] = [q (H*K) | k (H*K) | v (H*V)], and k_raw, v
+# are dummies. Outputs: o [B,H,V] (T), state_out [B,H,K,V] fp32, conv_out [B,KC-1,C] (T; one
+# element when KC is 0).
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int RG = NTD / BVD;
@@ -880,19 +901,28 @@ DECODE_BODY = r"""
   SHARED_ARR(float, red, NTD);
   SHARED_ARR(float, misc, 4 + NWD);
 
-  const int Hn = (int)q_raw_shape[1];
+  const int Hn = (int)A_log_shape[0];
   const int v0 = _gx * BVD;
   const int h = _gy;
   const int bb = _gz;
   const long bh = (long)bb * Hn + h;
   const int col = _tid % BVD;
   const int rg = _tid / BVD;
+  const int C = 2 * Hn * K + Hn * V;  // KC: conv channels, [q | k | v]
 
   for (int d = _tid; d < K; d += NTD) {
-    sq[d] = static_cast<float>(q_raw[bh * K + d]);
-    sk[d] = static_cast<float>(k_raw[bh * K + d]);
+    if (KC > 0) {  // q and k channels of head h: the first v-slice writes their conv state
+      sq[d] = kda_conv_silu<T, KC>(q_raw, conv_state, conv_w, conv_out, bb, C, h * K + d, _gx == 0);
+      sk[d] = kda_conv_silu<T, KC>(q_raw, conv_state, conv_w, conv_out, bb, C, (Hn + h) * K + d, _gx == 0);
+    } else {
+      sq[d] = static_cast<float>(q_raw[bh * K + d]);
+      sk[d] = static_cast<float>(k_raw[bh * K + d]);
+    }
     se[d] = EXPF(-EXPF(A_log[h]) * kda_softplus(static_cast<float>(f[bh * K + d]) + dt_bias[h * K + d]));
   }
+  // this thread's value column (every row group computes it; row group 0 writes its conv state)
+  const float vin = KC > 0 ? kda_conv_silu<T, KC>(q_raw, conv_state, conv_w, conv_out, bb, C, 2 * Hn * K + h * V + v0 + col, rg == 0)
+                           : static_cast<float>(v[bh * V + v0 + col]);
   BARRIER();
   if (_warp < 2) {
     float ss = 0.0f;
@@ -922,7 +952,7 @@ DECODE_BODY = r"""
   float tot = 0.0f;
   PRAGMA_UNROLL
   for (int r = 0; r < RG; ++r) tot += red[r * BVD + col];
-  const float u = beta * (static_cast<float>(v[bh * V + v0 + col]) - tot);
+  const float u = beta * (vin - tot);
   float op = 0.0f;
   const float ukn = u * kn;
   PRAGMA_UNROLL
@@ -978,7 +1008,7 @@ def render(dialect: Dialect, kind: str, prof: bool = False, max_threads: int = 0
 
 PREFILL_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "init_state", "sync"]
 DECODE_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "state",
-                 "norm_w", "gate", "eps"]
+                 "norm_w", "gate", "eps", "conv_state", "conv_w"]
 
 
 def prefill_outputs(dialect: Dialect, prof: bool = False) -> list[str]:
@@ -986,7 +1016,7 @@ def prefill_outputs(dialect: Dialect, prof: bool = False) -> list[str]:
             + (["prof"] if prof else []))
 
 
-DECODE_OUTPUTS = ["o", "state_out"]
+DECODE_OUTPUTS = ["o", "state_out", "conv_out"]
 
 
 def prefill_smem_floats(K: int, BV: int) -> int:

@@ -16,7 +16,7 @@ from kimi_mlx.ops import attention as A
 from metal_kernels import mla as K
 from metal_kernels import sources
 from metal_kernels.dialect import CUDA, PREC_BF16, PREC_TF32, PREC_TF32X3
-from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_cuda_body
+from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_cuda_body, short_conv_np
 from test_kernel_dispatch import _EmulatedKernel, tiny_quant_through_kernels
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
@@ -197,8 +197,11 @@ def test_cuda_kda_prefill(cuda_emu, monkeypatch, L, B, init, dt, split, nt, prec
     assert rel_err(o, o_ref) < tol and rel_err(S, S_ref) < tol
 
 
-@pytest.mark.parametrize("gated,dt", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
-def test_cuda_kda_decode(cuda_emu, gated, dt):
+@pytest.mark.parametrize("gated,dt,conv", [(False, "float32", False), (True, "float32", False),
+                                           (True, "bfloat16", False), (True, "bfloat16", True),
+                                           (False, "float32", True)])
+def test_cuda_kda_decode(cuda_emu, gated, dt, conv):
+    """conv: the launch code's fused short convs (x before them [B, 1, C], the conv state in and out)."""
     rng = np.random.default_rng(3)
     B, H = 2, 3
     ins = {n: a[:, 0].astype(np.float32) for n, a in _kda_inputs(rng, B, 1, H).items()
@@ -209,13 +212,25 @@ def test_cuda_kda_decode(cuda_emu, gated, dt):
     gate = rng.standard_normal((B, H, KV)).astype(np.float32)
     S0 = rng.standard_normal((B, H, KK, KV)).astype(np.float32)
     mt = getattr(mx, dt)
-    o, S = metal_kernels.kda_decode_step_fused(
-        *(mx.array(ins[n]).astype(mt) for n in ("q_raw", "k_raw", "v", "f")), mx.array(dt_bias),
+    r = {n: round_to(ins[n], dt) for n in ("q_raw", "k_raw", "v", "f", "b_raw")}
+    raw = [mx.array(ins[n]).astype(mt) for n in ("q_raw", "k_raw", "v")]
+    kw = {}
+    if conv:
+        C, kc = H * (2 * KK + KV), 4
+        x, cs, w = (round_to(a, dt) for a in (rng.standard_normal((B, C)), rng.standard_normal((B, kc - 1, C)),
+                                              0.5 * rng.standard_normal((C, kc))))
+        y, cs_ref = short_conv_np(x, cs, w, dt)
+        r.update(q_raw=y[:, :H * KK].reshape(B, H, KK), k_raw=y[:, H * KK:2 * H * KK].reshape(B, H, KK),
+                 v=y[:, 2 * H * KK:].reshape(B, H, KV))
+        raw = [mx.array(x[:, None]).astype(mt), None, None]
+        kw["conv"] = (mx.array(cs).astype(mt), mx.array(w).astype(mt))
+    out = metal_kernels.kda_decode_step_fused(
+        *raw, mx.array(ins["f"]).astype(mt), mx.array(dt_bias),
         mx.array(A_log), mx.array(ins["b_raw"]).astype(mt), mx.array(S0),
         o_norm_weight=mx.array(norm_w).astype(mt) if gated else None,
-        gate=mx.array(gate).astype(mt) if gated else None)
-    assert [k for k, _ in cuda_emu] == ["decode"]
-    r = {n: round_to(ins[n], dt) for n in ("q_raw", "k_raw", "v", "f", "b_raw")}
+        gate=mx.array(gate).astype(mt) if gated else None, **kw)
+    assert [k for k, _ in cuda_emu] == ["decode"] and cuda_emu[0][1]["KC"] == (4 if conv else 0)
+    o, S = out[:2]
     q, k, g, beta = gates_np(r["q_raw"][:, None], r["k_raw"][:, None], r["f"][:, None], dt_bias, A_log,
                              r["b_raw"][:, None])
     o_ref, S_ref = kda_np(q, k, r["v"][:, None], g, beta, S0)
@@ -224,7 +239,11 @@ def test_cuda_kda_decode(cuda_emu, gated, dt):
         o_ref = (o_ref / np.sqrt((o_ref ** 2).mean(-1, keepdims=True) + 1e-5) * round_to(norm_w, dt)
                  / (1 + np.exp(-round_to(gate, dt))))
     tol = 2e-2 if dt == "bfloat16" else 1e-5
-    assert rel_err(np.array(o.astype(mx.float32)), o_ref) < tol and rel_err(np.array(S), S_ref) < 1e-5
+    assert o.shape == (B, H, KV)
+    assert rel_err(np.array(o.astype(mx.float32)), o_ref) < tol
+    assert rel_err(np.array(S), S_ref) < (1e-2 if conv and dt == "bfloat16" else 1e-5)
+    if conv:
+        assert np.array_equal(np.array(out[2].astype(mx.float32)), cs_ref)
 
 
 def test_cuda_model_matches_oracle(cuda_emu, monkeypatch):

@@ -160,6 +160,23 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
     assert all(t["GATED"] for _, t in kda)
 
 
+def test_kernel_decode_layers_as_one_piece_through_emulated_metal(emulated_metal, monkeypatch):
+    """The GPU's decode step: each layer one piece with its kernels inside (kernels_traceable;
+    mx.compile left out here, the emulator reads its inputs on the host). A KDA layer's kernel
+    then runs the short convs too (KC): same logits as the MLX-ops path, and the cache's conv
+    state carries from step to step."""
+    import kimi_mlx.model.kimi_linear as kl
+
+    monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
+    monkeypatch.setattr(kl, "kernels_traceable", lambda: True)
+    monkeypatch.setattr(mx, "compile", lambda fn, *a, **k: fn)
+    _, decode = tiny_quant_through_kernels(emulated_metal, lambda: monkeypatch.setattr(mx.metal, "is_available",
+                                                                                       lambda: False))
+    kda = [t for k, t in decode if not k.startswith("mla_")]
+    assert len(kda) == 6 and all(t["KC"] == 4 and t["GATED"] for t in kda)
+    assert [k for k, _ in decode if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
+
+
 def test_kernel_split_dispatch_rules(monkeypatch):
     """SPLIT (slices of a head share the intra-chunk work): on by default on CUDA only, never
     with one slice, and not when one call's scratch would pass the cap."""

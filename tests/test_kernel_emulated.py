@@ -4,7 +4,7 @@ runs (the CUDA twin shares them and is checked on a GPU by scripts/kda_device_ch
 import numpy as np
 import pytest
 
-from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_metal
+from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_metal, short_conv_np
 from metal_kernels.kda_template import prefill_smem_floats, split_item_sizes
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
@@ -95,21 +95,31 @@ def test_kernel_prefill_emulated_strong_decay(split):
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5
 
 
-def _decode(ins, S0, dt, gated):
-    B, H = ins["q_raw"].shape[:2]
-    names = ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate"]
+def _decode(ins, S0, dt, gated, conv=None):
+    """conv: (x [B, C] before the short convs, conv_state [B, KC-1, C], w [C, KC]): the kernel runs
+    the convs (q_raw, k_raw and v of ins are not passed). Returns (o, state, conv_out or None)."""
+    B, H = ins["f"].shape[:2]
+    names = ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate", "conv_state", "conv_w"]
     ind = {n: dt for n in names}
     ind.update(dt_bias="float32", A_log="float32", state="float32", eps="float32")
     bvd, rg = (V, 4) if gated else (32, 2)
-    tmpl = [("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", bvd * rg), ("GATED", gated)]
-    out = run_metal("decode", tmpl, dict(ins, state=S0, eps=np.array([1e-5], np.float32)), ind,
-                    dict(o=(B, H, V), state_out=(B, H, K, V)),
-                    dict(o=dt, state_out="float32"), (V // bvd, H, B), bvd * rg)
-    return out["o"], out["state_out"]
+    kc = conv[2].shape[1] if conv is not None else 0
+    one = np.zeros((1,), np.float32)
+    extra = dict(conv_state=one, conv_w=one)
+    if conv is not None:
+        extra = dict(q_raw=conv[0], k_raw=one, v=one, conv_state=conv[1], conv_w=conv[2])
+    tmpl = [("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", bvd * rg), ("GATED", gated), ("KC", kc)]
+    out = run_metal("decode", tmpl, dict(ins, state=S0, eps=np.array([1e-5], np.float32), **extra), ind,
+                    dict(o=(B, H, V), state_out=(B, H, K, V), conv_out=conv[1].shape if kc else (1,)),
+                    dict(o=dt, state_out="float32", conv_out=dt), (V // bvd, H, B), bvd * rg)
+    return out["o"], out["state_out"], out["conv_out"] if kc else None
 
 
-@pytest.mark.parametrize("gated,dt", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
-def test_kernel_decode_emulated(gated, dt):
+@pytest.mark.parametrize("gated,dt,conv", [(False, "float32", False), (True, "float32", False),
+                                           (False, "bfloat16", False), (True, "bfloat16", True),
+                                           (False, "float32", True)])
+def test_kernel_decode_emulated(gated, dt, conv):
+    """conv: the short convs run in the kernel (x before them, the conv state in and out)."""
     rng = np.random.default_rng(3)
     B, H = 2, 3
     ins = {n: a[:, 0] for n, a in _inputs(rng, B, 1, H).items() if n in RAW}
@@ -118,8 +128,16 @@ def test_kernel_decode_emulated(gated, dt):
                norm_w=rng.uniform(0.5, 1.5, V).astype(np.float32),
                gate=rng.standard_normal((B, H, V)).astype(np.float32))
     S0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    o, S = _decode(ins, S0, dt, gated)
     r = {n: round_to(ins[n], dt) for n in ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate"]}
+    args = None
+    if conv:
+        C, kc = H * (2 * K + V), 4
+        args = tuple(round_to(a, dt) for a in (rng.standard_normal((B, C)), rng.standard_normal((B, kc - 1, C)),
+                                               0.5 * rng.standard_normal((C, kc))))
+        y, cs_ref = short_conv_np(*args, dt)
+        r.update(q_raw=y[:, :H * K].reshape(B, H, K), k_raw=y[:, H * K:2 * H * K].reshape(B, H, K),
+                 v=y[:, 2 * H * K:].reshape(B, H, V))
+    o, S, cs = _decode(ins, S0, dt, gated, args)
     q, k, g, beta = gates_np(r["q_raw"][:, None], r["k_raw"][:, None], r["f"][:, None],
                              ins["dt_bias"], ins["A_log"], r["b_raw"][:, None])
     o_ref, S_ref = kda_np(q, k, r["v"][:, None], g, beta, S0)
@@ -129,4 +147,6 @@ def test_kernel_decode_emulated(gated, dt):
                  / (1 + np.exp(-r["gate"])))
     tol = 1e-5 if dt == "float32" else 1e-2
     assert rel_err(o, o_ref) < tol
-    assert rel_err(S, S_ref) < 1e-5
+    assert rel_err(S, S_ref) < (1e-5 if dt == "float32" or not conv else 1e-2)
+    if conv:
+        assert np.array_equal(cs, cs_ref)  # the shifted inputs, exactly

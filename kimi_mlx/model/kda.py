@@ -1,12 +1,14 @@
 """Kimi Delta Attention layer: projections, causal short convs, gates, gated output norm."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KDACache
 from ..config import ModelConfig
-from ..ops.kda import kda_gated
+from ..ops.kda import kda_gated, kda_gated_conv
 from .common import Linear, derived, joined_linear
 
 
@@ -35,6 +37,16 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None, wei
         for j in range(1, kc):
             out = out + xs[:, j:j + T] * w[:, j]
     return nn.silu(out), xs[:, -(kc - 1):]
+
+
+class DeferredConv(NamedTuple):
+    """A decode token's q|k|v projections [B, 1, C] before the short convs, the conv state
+    [B, KC-1, C] and the joined conv weight [C, KC] (w_t: its transposed view), for a kernel that
+    runs the convs itself (KimiDeltaAttention.gated_delta)."""
+    x: mx.array
+    conv_state: mx.array
+    w: mx.array
+    w_t: mx.array
 
 
 class KimiDeltaAttention(nn.Module):
@@ -67,9 +79,11 @@ class KimiDeltaAttention(nn.Module):
 
     # A layer is project -> attend -> output; a compiled decode step runs project and output
     # compiled (pure functions of their arguments) and attend, the kernel, between them.
-    def project(self, x: mx.array, conv_state: mx.array | None, join: bool = False):
+    def project(self, x: mx.array, conv_state: mx.array | None, join: bool = False, defer_conv: bool = False):
         """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state).
-        join: the projections that read x run as two matmuls (joined_linear) instead of six."""
+        join: the projections that read x run as two matmuls (joined_linear) instead of six.
+        defer_conv: a decode token's short convs are left to the kernel (gated_delta): the first
+        item is then a DeferredConv and k_raw, v and the conv state are None."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         P = H * K
@@ -83,27 +97,38 @@ class KimiDeltaAttention(nn.Module):
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         # joined once, not every token, and transposed for decode (a view: see common.transposed)
         w, w_t = derived(self, "_conv_w_cache", ws, lambda: (w := mx.concatenate(ws, axis=0), w.T))
-        qkv, conv_state = causal_short_conv(qkv, w, conv_state, w_t)
         f = self.f_b_proj(f_a).reshape(B, T, H, K)
         gate = self.g_b_proj(g_a).reshape(B, T, H, K)
+        if defer_conv and T == 1 and conv_state is not None:
+            return DeferredConv(qkv, conv_state, w, w_t), None, None, f, gate, b, None
+        qkv, conv_state = causal_short_conv(qkv, w, conv_state, w_t)
         return (qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
                 qkv[..., 2 * P:].reshape(B, T, H, K), f, gate, b, conv_state)
 
-    def decode_project(self, x: mx.array, conv_state: mx.array | None):
-        """What attend takes, for a compiled decode step (joined projections)."""
-        return self.project(x, conv_state, join=True)
+    def decode_project(self, x: mx.array, conv_state: mx.array | None, defer_conv: bool = False):
+        """What attend takes, for a compiled decode step (joined projections); defer_conv: see project."""
+        return self.project(x, conv_state, join=True, defer_conv=defer_conv)
 
     def attend(self, parts, cache: KDACache | None) -> mx.array:
         """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""
-        o, state = self.gated_delta(parts, cache.state if cache is not None else None)
+        o, state, conv = self.gated_delta(parts, cache.state if cache is not None else None)
         if cache is not None:
-            cache.advance(parts[-1], state, parts[0].shape[1])
+            cache.advance(conv, state, parts[3].shape[1])
         return o
 
     def gated_delta(self, parts, state: mx.array | None):
-        """attend without the cache: (o fp32 [B, T, H, V], new state)."""
-        q, k, v, f, gate, b, _ = parts
-        return kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps, state)
+        """attend without the cache: (o fp32 [B, T, H, V], new state, new conv state)."""
+        q, k, v, f, gate, b, conv = parts
+        if isinstance(q, DeferredConv):
+            r = kda_gated_conv(q.x, q.conv_state, q.w, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate,
+                               self.eps, state)
+            if r is not None:
+                return r
+            qkv, conv = causal_short_conv(q.x, q.w, q.conv_state, q.w_t)  # no kernel took it: the convs here
+            P = self.num_heads * self.head_dim
+            q, k, v = (qkv[..., i * P:(i + 1) * P].reshape(f.shape) for i in range(3))
+        o, state = kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps, state)
+        return o, state, conv
 
     def output(self, o: mx.array, dtype) -> mx.array:
         B, T = o.shape[:2]

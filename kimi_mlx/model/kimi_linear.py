@@ -98,10 +98,11 @@ class DecoderLayer(nn.Module):
         return self._post(x, o), datas[-1]
 
     def _kda_token(self, x: mx.array, conv: mx.array, state: mx.array):
-        """A KDA layer's decode step, kernel included: (output, new conv state, new state)."""
-        parts = self._pre(x, conv)
-        o, state = self.self_attn.gated_delta(parts, state)
-        return self._post(x, o), parts[-1], state
+        """A KDA layer's decode step, kernel included, the short convs inside it: (output, new
+        conv state, new state)."""
+        parts = self.self_attn.decode_project(self.input_layernorm(x), conv, defer_conv=True)
+        o, state, conv = self.self_attn.gated_delta(parts, state)
+        return self._post(x, o), conv, state
 
 
 class KimiLinearModel(nn.Module):

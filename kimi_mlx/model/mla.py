@@ -12,7 +12,7 @@ import mlx.nn as nn
 from ..cache import MLACache
 from ..config import ModelConfig
 from ..ops.attention import expand_min_queries, mla_decode_attention, mla_prefill_attention
-from .common import Linear, derived, linear_weight
+from .common import Linear, derived, joined_linear, linear_weight, one_token
 
 
 class KimiMLA(nn.Module):
@@ -46,17 +46,19 @@ class KimiMLA(nn.Module):
     # The absorbed path is project -> absorb -> attend -> output; a compiled decode step runs
     # project + absorb and output compiled, and attend (cache append + kernel) between them, or,
     # with GPU kernels, all of it as one piece (DecoderLayer._mla_token).
-    def project(self, x: mx.array):
-        """x [B, T, d] -> (q [B, T, H, nope + rope], cache rows [B, T, rank + rope])."""
+    def project(self, x: mx.array, join: bool = False):
+        """x [B, T, d] -> (q [B, T, H, nope + rope], cache rows [B, T, rank + rope]).
+        join: q_proj and kv_a_proj_with_mqa run as one matmul (joined_linear)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.nope + self.rope)
-        ckv = self.kv_a_proj_with_mqa(x)
+        both = joined_linear(self, ("q_proj", "kv_a_proj_with_mqa")) if join else None
+        q, ckv = both(x) if both is not None else (self.q_proj(x), self.kv_a_proj_with_mqa(x))
+        q = q.reshape(B, T, self.num_heads, self.nope + self.rope)
         latent = self.kv_a_layernorm(ckv[..., : self.rank])
         return q, mx.concatenate([latent, ckv[..., self.rank:]], axis=-1)
 
     def decode_project(self, x: mx.array):
         """What attend takes: (absorbed queries, cache rows)."""
-        q, rows = self.project(x)
+        q, rows = self.project(x, join=one_token(x))
         return self.absorb(q), rows
 
     def _absorb_weights(self, dtype):

@@ -5,6 +5,8 @@
     kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state)
         -> (o [B,T,H,V] after the gated RMSNorm, state)
         everything a KDA layer does between its short convolutions and o_proj.
+    kda_gated_conv(x, conv_state, conv_w, f, b_raw, ...) -> (o, state, conv state) or None
+        one decode token, its short convolutions in the kernel too.
 
 Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise the custom
 kernel (package `metal_kernels`: Metal on Apple GPUs, its CUDA twin on NVIDIA) when it takes
@@ -22,7 +24,7 @@ from .kda_chunked import kda_chunked
 from .kda_cpu import kda_cpu
 from .kda_reference import kda_recurrent, kda_step
 
-__all__ = ["kda", "kda_gated", "kda_gates", "kda_chunked", "kda_cpu", "kda_recurrent", "kda_step",
+__all__ = ["kda", "kda_gated", "kda_gated_conv", "kda_gates", "kda_chunked", "kda_cpu", "kda_recurrent", "kda_step",
            "decay_gate", "l2norm", "kernel_backend"]
 
 # Prompts up to this many tokens run the recurrence: cheaper than padding a whole chunk.
@@ -110,6 +112,18 @@ def _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, i
         return None
     o, state = r
     return gated_rms_norm(o, norm_weight, gate, eps), state
+
+
+def kda_gated_conv(x, conv_state, conv_w, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state):
+    """One decode token with its short convs in the kernel too: x [B, 1, C] the token's
+    projections before the convs ([q | k | v]), conv_state [B, KC-1, C], conv_w [C, KC].
+    Returns (o fp32 [B, 1, H, V], state, new conv state), or None where no kernel takes it (the
+    caller runs the convs and kda_gated)."""
+    mk = _kernels()
+    if mk is None or _forced_reference() or initial_state is None:
+        return None
+    return mk.kda_decode_step_fused(x, None, None, f, dt_bias, A_log, b_raw, initial_state, norm_weight,
+                                    gate, eps, conv=(conv_state, conv_w))
 
 
 def kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps,
