@@ -4,6 +4,7 @@ running through the Metal kernels' own launch code with the Metal text executed 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 import metal_kernels
 from helpers import MODELS, golden, max_abs
@@ -175,6 +176,32 @@ def test_kernel_decode_layers_as_one_piece_through_emulated_metal(emulated_metal
     kda = [t for k, t in decode if not k.startswith("mla_")]
     assert len(kda) == 6 and all(t["KC"] == 4 and t["GATED"] for t in kda)
     assert [k for k, _ in decode if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
+
+
+def test_deferred_conv_falls_back_where_no_kernel_takes_it(emulated_metal):
+    """A decode token's short convs left to the kernel (defer_conv) run as MLX ops when the kernel
+    does not take the shape (K = 16): the same output, state and conv state as the plain path."""
+    import json
+
+    from kimi_mlx.config import ModelConfig
+    from kimi_mlx.model.kda import DeferredConv, KimiDeltaAttention
+
+    raw = json.loads((MODELS / "tiny_quant" / "config.json").read_text())
+    raw["linear_attn_config"]["head_dim"] = 16
+    attn = KimiDeltaAttention(ModelConfig.from_dict(raw))
+    mx.random.seed(0)
+    attn.update(tree_map(lambda a: 0.3 * mx.random.normal(a.shape), attn.parameters()))
+    H, K, d = attn.num_heads, attn.head_dim, raw["hidden_size"]
+    x = mx.random.normal((2, 1, d))
+    conv = mx.random.normal((2, 3, 3 * H * K))
+    state = mx.random.normal((2, H, K, K))
+    deferred = attn.decode_project(x, conv, defer_conv=True)
+    assert isinstance(deferred[0], DeferredConv)
+    got = attn.gated_delta(deferred, state)
+    want = attn.gated_delta(attn.decode_project(x, conv), state)
+    assert emulated_metal == []  # no kernel launched: K = 16
+    for a, b in zip(got, want):
+        assert mx.allclose(a, b, atol=1e-6).item()
 
 
 def test_kernel_split_dispatch_rules(monkeypatch):
