@@ -6,7 +6,7 @@ The KDA kernels are launched from here; the MLA attention kernels from metal_ker
     kda_prefill_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, initial_state=None)
         -> (o [B,T,H,V] in q_raw's dtype, state [B,H,K,V] fp32)   or None
     kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
-                          o_norm_weight=None, gate=None, eps=1e-5, conv=None)
+                          o_norm_weight=None, gate=None, eps=1e-5, conv=None, low_rank=None)
         -> (o, state), with conv (o, state, conv state)   or None
 
 Inputs are the raw projections: q_raw, k_raw [B,T,H,K] (after the short conv, before the L2
@@ -339,43 +339,56 @@ def _decode_consts(dt, eps: float):
 
 
 def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
-                          o_norm_weight=None, gate=None, eps=1e-5, conv=None):
+                          o_norm_weight=None, gate=None, eps=1e-5, conv=None, low_rank=None):
     """One token. q_raw, k_raw, f [B,1,H,K] or [B,H,K]; v [B,(1,)H,V]; b_raw [B,(1,)H];
     state [B,H,K,V] fp32 or None. With o_norm_weight [V] and gate [B,(1,)H,V] (raw logits),
     o is RMSNorm(o) * o_norm_weight * sigmoid(gate), fused. Returns (o shaped like v, state).
     conv = (conv_state [B, KC-1, C], conv_w [C, KC]): the kernel runs the short convs (silu'd)
     too. q_raw is then the token's projections before them, [B,(1,)C] = [q | k | v], k_raw and
-    v are None, and it returns (o [B,(1,)H,V], state, new conv state)."""
+    v are None, and it returns (o [B,(1,)H,V], state, new conv state).
+    low_rank = (f_w [H*K, K], g_w [H*V, K]), with the gated norm: f and gate are the first
+    low-rank projections f_a, g_a [B,(1,)K], and the kernel multiplies them by f_w and g_w."""
     be = backend()
     if be is None:
         return None
     import mlx.core as mx
 
-    H, K = f.shape[-2:]
-    B = f.size // (H * K)
+    H = A_log.size
+    K = dt_bias.size // H
+    lead = b_raw.shape[:-1]
+    B = b_raw.size // H
     dt = q_raw.dtype
+    dummy = _decode_consts(dt, float(eps))[1]
+    gated = o_norm_weight is not None and gate is not None
     if conv is not None:
         conv_state, conv_w = conv
         C, kc = conv_w.shape
         V = (C - 2 * H * K) // H
         if kc < 2 or conv_state.shape != (B, kc - 1, C) or q_raw.size != B * C or H * V + 2 * H * K != C:
             return None
-        out_shape = (*f.shape[:-2], H, V)
         q_raw = q_raw.reshape(B, C)
-        k_raw = v = _decode_consts(dt, float(eps))[1]
+        k_raw = v = dummy
         conv_state, conv_w = conv_state.astype(dt), conv_w.astype(dt)
     else:
         kc = 0
-        out_shape = v.shape
         V = v.shape[-1]
         q_raw = q_raw.reshape(B, H, K)
         k_raw = k_raw.astype(dt).reshape(B, H, K)
         v = v.astype(dt).reshape(B, H, V)
-        conv_state = conv_w = _decode_consts(dt, float(eps))[1]
+        conv_state = conv_w = dummy
     if K % 32 or V % 32:
         return None
-    gated = o_norm_weight is not None and gate is not None
-    f = f.astype(dt).reshape(B, H, K)
+    if low_rank is not None:
+        f_w, g_w = low_rank
+        if not gated or f_w.shape != (H * K, K) or g_w.shape != (H * V, K) or f.size != B * K or gate.size != B * K:
+            return None
+        f, gate = f.astype(dt).reshape(B, K), gate.astype(dt).reshape(B, K)
+        f_w, g_w = f_w.astype(dt), g_w.astype(dt)
+    else:
+        f = f.astype(dt).reshape(B, H, K)
+        f_w = g_w = dummy
+        if gated:
+            gate = gate.astype(dt).reshape(B, H, V)
     b_raw = b_raw.astype(dt).reshape(B, H)
     dt_bias = dt_bias.reshape(-1).astype(mx.float32)
     A_log = A_log.reshape(-1).astype(mx.float32)
@@ -383,24 +396,23 @@ def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
     if gated:
         bvd, rg = V, 4
         norm_w = o_norm_weight.reshape(-1).astype(dt)
-        gate = gate.astype(dt).reshape(B, H, V)
     else:
         bvd, rg = 32, 4
-        norm_w = gate = _decode_consts(dt, float(eps))[1]
+        norm_w = gate = dummy
     while K % rg:
         rg //= 2
     ntd = bvd * rg
     kern = _kernel(be, "decode")
     o, S, conv_out = kern(
         inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, S, norm_w, gate,
-                _decode_consts(dt, float(eps))[0], conv_state, conv_w],
-        template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated), ("KC", kc)],
+                _decode_consts(dt, float(eps))[0], conv_state, conv_w, f_w, g_w],
+        template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated), ("KC", kc),
+                  ("LR", low_rank is not None)],
         grid=(ntd * (V // bvd), H, B),
         threadgroup=(ntd, 1, 1),
         output_shapes=[(B, H, V), (B, H, K, V), (B, kc - 1, C) if kc else (1,)],
         output_dtypes=[dt, mx.float32, dt],
         init_value=_poison(),
     )
-    if kc:
-        return o.reshape(out_shape), S, conv_out
-    return o.reshape(out_shape), S
+    o = o.reshape(*lead, H, V)
+    return (o, S, conv_out) if kc else (o, S)

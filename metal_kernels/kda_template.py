@@ -881,13 +881,16 @@ PREFILL_BODY = r"""
 # Decode body: one token. Threadgroup = (v-slice of BVD columns, head, batch); NTD threads =
 # BVD columns x RG row groups, each thread keeps K/RG state rows of its column in registers.
 # Template: T, K, V, BVD, NTD, GATED (fused gated RMSNorm of o; needs BVD == V), KC (0, or the
-# short conv's width: the kernel runs the convs too).
+# short conv's width: the kernel runs the convs too), LR (the kernel runs the low-rank second
+# projections of f and of the gate too; needs GATED).
 # Inputs: q_raw, k_raw, f [B,H,K]; v [B,H,V]; b_raw [B,H]; dt_bias [H*K]; A_log [H];
 # state [B,H,K,V] fp32; norm_w [V]; gate [B,H,V] (raw logits; 1-element dummies when not GATED);
 # eps [1] fp32; conv_state [B,KC-1,C], conv_w [C,KC] (T; dummies when KC is 0). With KC, q_raw is
 # the token's projections before the convs, [B, C] = [q (H*K) | k (H*K) | v (H*V)], and k_raw, v
-# are dummies. Outputs: o [B,H,V] (T), state_out [B,H,K,V] fp32, conv_out [B,KC-1,C] (T; one
-# element when KC is 0).
+# are dummies. f_w [H*K, K], g_w [H*V, K] (T; dummies unless LR): with LR, f is f_a [B, K] and gate
+# is g_a [B, K], the first projections, and f = f_a f_w^T, gate = g_a g_w^T (rounded to T as the
+# unfused layer's matmuls are). Outputs: o [B,H,V] (T), state_out [B,H,K,V] fp32, conv_out
+# [B,KC-1,C] (T; one element when KC is 0).
 DECODE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int RG = NTD / BVD;
@@ -895,7 +898,9 @@ DECODE_BODY = r"""
   constexpr int NWD = NTD / 32;
   static_assert(NTD % BVD == 0 && K % RG == 0 && NWD >= 2 && BVD % 32 == 0, "decode shape");
   static_assert(!GATED || BVD == V, "gated norm needs the whole row");
+  static_assert(!LR || GATED, "low-rank projections in the kernel need the gated norm");
   SHARED_ARR(float, sq, K);
+  SHARED_ARR(float, slr, LR ? 3 * K + V : 1);  // LR: f_a, g_a, then head h's f (K) and gate (V)
   SHARED_ARR(float, sk, K);
   SHARED_ARR(float, se, K);
   SHARED_ARR(float, red, NTD);
@@ -910,6 +915,28 @@ DECODE_BODY = r"""
   const int rg = _tid / BVD;
   const int C = 2 * Hn * K + Hn * V;  // KC: conv channels, [q | k | v]
 
+  if (LR) {
+    for (int j = _tid; j < K; j += NTD) {
+      slr[j] = static_cast<float>(f[(long)bb * K + j]);
+      slr[K + j] = static_cast<float>(gate[(long)bb * K + j]);
+    }
+    BARRIER();
+    // head h's K + V dot products of length K: a warp an output at a time, its lanes over the
+    // inputs (each warp load reads one contiguous piece of a weight row)
+    for (int oi = _warp; oi < K + V; oi += NWD) {
+      const bool isf = oi < K;
+      const long wrow = isf ? ((long)h * K + oi) * K : ((long)h * V + oi - K) * K;
+      float acc = 0.0f;
+      PRAGMA_UNROLL
+      for (int t = 0; t < K / 32; ++t) {
+        const int j = _lane + 32 * t;
+        acc += slr[(isf ? 0 : K) + j] * static_cast<float>(isf ? f_w[wrow + j] : g_w[wrow + j]);
+      }
+      acc = WARP_SUM(acc);
+      if (_lane == 0) slr[2 * K + oi] = static_cast<float>(static_cast<T>(acc));  // (rounded as a matmul's output)
+    }
+    BARRIER();
+  }
   for (int d = _tid; d < K; d += NTD) {
     if (KC > 0) {  // q and k channels of head h: the first v-slice writes their conv state
       sq[d] = kda_conv_silu<T, KC>(q_raw, conv_state, conv_w, conv_out, bb, C, h * K + d, _gx == 0);
@@ -918,7 +945,8 @@ DECODE_BODY = r"""
       sq[d] = static_cast<float>(q_raw[bh * K + d]);
       sk[d] = static_cast<float>(k_raw[bh * K + d]);
     }
-    se[d] = EXPF(-EXPF(A_log[h]) * kda_softplus(static_cast<float>(f[bh * K + d]) + dt_bias[h * K + d]));
+    const float fv = LR ? slr[2 * K + d] : static_cast<float>(f[bh * K + d]);
+    se[d] = EXPF(-EXPF(A_log[h]) * kda_softplus(fv + dt_bias[h * K + d]));
   }
   // this thread's value column (every row group computes it; row group 0 writes its conv state)
   const float vin = KC > 0 ? kda_conv_silu<T, KC>(q_raw, conv_state, conv_w, conv_out, bb, C, 2 * Hn * K + h * V + v0 + col, rg == 0)
@@ -977,7 +1005,7 @@ DECODE_BODY = r"""
     float ms = 0.0f;
     for (int w = 0; w < NWD; ++w) ms += misc[4 + w];
     ov = ov * RSQRTF(ms / (float)V + eps[0]) * static_cast<float>(norm_w[col]) *
-         kda_sigmoid(static_cast<float>(gate[bh * V + col]));
+         kda_sigmoid(LR ? slr[3 * K + col] : static_cast<float>(gate[bh * V + col]));
   }
   if (rg == 0) o[bh * V + v0 + col] = static_cast<T>(ov);
 """
@@ -1008,7 +1036,7 @@ def render(dialect: Dialect, kind: str, prof: bool = False, max_threads: int = 0
 
 PREFILL_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "init_state", "sync"]
 DECODE_INPUTS = ["q_raw", "k_raw", "v", "f", "b_raw", "dt_bias", "A_log", "state",
-                 "norm_w", "gate", "eps", "conv_state", "conv_w"]
+                 "norm_w", "gate", "eps", "conv_state", "conv_w", "f_w", "g_w"]
 
 
 def prefill_outputs(dialect: Dialect, prof: bool = False) -> list[str]:

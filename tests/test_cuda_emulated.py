@@ -197,11 +197,13 @@ def test_cuda_kda_prefill(cuda_emu, monkeypatch, L, B, init, dt, split, nt, prec
     assert rel_err(o, o_ref) < tol and rel_err(S, S_ref) < tol
 
 
-@pytest.mark.parametrize("gated,dt,conv", [(False, "float32", False), (True, "float32", False),
-                                           (True, "bfloat16", False), (True, "bfloat16", True),
-                                           (False, "float32", True)])
-def test_cuda_kda_decode(cuda_emu, gated, dt, conv):
-    """conv: the launch code's fused short convs (x before them [B, 1, C], the conv state in and out)."""
+@pytest.mark.parametrize("gated,dt,conv,low", [(False, "float32", False, False), (True, "float32", False, False),
+                                               (True, "bfloat16", False, False), (True, "bfloat16", True, False),
+                                               (False, "float32", True, False), (True, "bfloat16", True, True),
+                                               (True, "float32", False, True)])
+def test_cuda_kda_decode(cuda_emu, gated, dt, conv, low):
+    """conv: the launch code's fused short convs (x before them [B, 1, C], the conv state in and out);
+    low: the second low-rank projections of f and the gate in the kernel too (f_a, g_a [B, 1, K])."""
     rng = np.random.default_rng(3)
     B, H = 2, 3
     ins = {n: a[:, 0].astype(np.float32) for n, a in _kda_inputs(rng, B, 1, H).items()
@@ -224,12 +226,21 @@ def test_cuda_kda_decode(cuda_emu, gated, dt, conv):
                  v=y[:, 2 * H * KK:].reshape(B, H, KV))
         raw = [mx.array(x[:, None]).astype(mt), None, None]
         kw["conv"] = (mx.array(cs).astype(mt), mx.array(w).astype(mt))
+    f_in, gate_in = mx.array(ins["f"]).astype(mt), mx.array(gate).astype(mt) if gated else None
+    rg = {"gate": round_to(gate, dt)}
+    if low:
+        f_a, g_a = (round_to(rng.standard_normal((B, 1, KK)), dt) for _ in range(2))
+        f_w, g_w = (round_to(0.2 * rng.standard_normal((H * n, KK)), dt) for n in (KK, KV))
+        r["f"] = round_to(f_a[:, 0] @ f_w.T, dt).reshape(B, H, KK)
+        rg["gate"] = round_to(g_a[:, 0] @ g_w.T, dt).reshape(B, H, KV)
+        f_in, gate_in = mx.array(f_a).astype(mt), mx.array(g_a).astype(mt)
+        kw["low_rank"] = (mx.array(f_w).astype(mt), mx.array(g_w).astype(mt))
     out = metal_kernels.kda_decode_step_fused(
-        *raw, mx.array(ins["f"]).astype(mt), mx.array(dt_bias),
+        *raw, f_in, mx.array(dt_bias),
         mx.array(A_log), mx.array(ins["b_raw"]).astype(mt), mx.array(S0),
-        o_norm_weight=mx.array(norm_w).astype(mt) if gated else None,
-        gate=mx.array(gate).astype(mt) if gated else None, **kw)
+        o_norm_weight=mx.array(norm_w).astype(mt) if gated else None, gate=gate_in, **kw)
     assert [k for k, _ in cuda_emu] == ["decode"] and cuda_emu[0][1]["KC"] == (4 if conv else 0)
+    assert cuda_emu[0][1]["LR"] is low
     o, S = out[:2]
     q, k, g, beta = gates_np(r["q_raw"][:, None], r["k_raw"][:, None], r["f"][:, None], dt_bias, A_log,
                              r["b_raw"][:, None])
@@ -237,11 +248,11 @@ def test_cuda_kda_decode(cuda_emu, gated, dt, conv):
     o_ref = o_ref[:, 0]
     if gated:
         o_ref = (o_ref / np.sqrt((o_ref ** 2).mean(-1, keepdims=True) + 1e-5) * round_to(norm_w, dt)
-                 / (1 + np.exp(-round_to(gate, dt))))
+                 / (1 + np.exp(-rg["gate"])))
     tol = 2e-2 if dt == "bfloat16" else 1e-5
     assert o.shape == (B, H, KV)
     assert rel_err(np.array(o.astype(mx.float32)), o_ref) < tol
-    assert rel_err(np.array(S), S_ref) < (1e-2 if conv and dt == "bfloat16" else 1e-5)
+    assert rel_err(np.array(S), S_ref) < (1e-2 if (conv or low) and dt == "bfloat16" else 1e-5)
     if conv:
         assert np.array_equal(np.array(out[2].astype(mx.float32)), cs_ref)
 

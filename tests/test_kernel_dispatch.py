@@ -164,8 +164,8 @@ def test_kernel_model_matches_oracle_through_emulated_metal(emulated_metal, monk
 def test_kernel_decode_layers_as_one_piece_through_emulated_metal(emulated_metal, monkeypatch):
     """The GPU's decode step: each layer one piece with its kernels inside (kernels_traceable;
     mx.compile left out here, the emulator reads its inputs on the host). A KDA layer's kernel
-    then runs the short convs too (KC): same logits as the MLX-ops path, and the cache's conv
-    state carries from step to step."""
+    then runs the short convs (KC) and the second projections of f and the gate (LR) too: same
+    logits as the MLX-ops path, and the cache's conv state carries from step to step."""
     import kimi_mlx.model.kimi_linear as kl
 
     monkeypatch.setenv("KIMI_MLX_COMPILE", "on")
@@ -174,23 +174,31 @@ def test_kernel_decode_layers_as_one_piece_through_emulated_metal(emulated_metal
     _, decode = tiny_quant_through_kernels(emulated_metal, lambda: monkeypatch.setattr(mx.metal, "is_available",
                                                                                        lambda: False))
     kda = [t for k, t in decode if not k.startswith("mla_")]
-    assert len(kda) == 6 and all(t["KC"] == 4 and t["GATED"] for t in kda)
+    assert len(kda) == 6 and all(t["KC"] == 4 and t["LR"] and t["GATED"] for t in kda)
     assert [k for k, _ in decode if k.startswith("mla_")] == ["mla_decode", "mla_combine"] * 2
 
 
-def test_deferred_conv_falls_back_where_no_kernel_takes_it(emulated_metal):
-    """A decode token's short convs left to the kernel (defer_conv) run as MLX ops when the kernel
-    does not take the shape (K = 16): the same output, state and conv state as the plain path."""
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_deferred_conv_matches_the_plain_path(emulated_metal, head_dim):
+    """A decode token's short convs and second projections left to the kernel (defer_conv): with
+    K = 32 the kernel runs them (8-bit f_b / g_b, dequantized once for it); with K = 16 it does
+    not take the shape and they run as MLX ops. Either way the output, state and conv state of
+    the plain path."""
     import json
+
+    import mlx.nn as nn
 
     from kimi_mlx.config import ModelConfig
     from kimi_mlx.model.kda import DeferredConv, KimiDeltaAttention
 
     raw = json.loads((MODELS / "tiny_quant" / "config.json").read_text())
-    raw["linear_attn_config"]["head_dim"] = 16
+    raw["linear_attn_config"]["head_dim"] = head_dim
     attn = KimiDeltaAttention(ModelConfig.from_dict(raw))
     mx.random.seed(0)
     attn.update(tree_map(lambda a: 0.3 * mx.random.normal(a.shape), attn.parameters()))
+    if head_dim % 32 == 0:  # (quantization groups of 32 inputs)
+        nn.quantize(attn, group_size=32, bits=8, class_predicate=lambda p, m: p in ("f_b_proj", "g_b_proj"))
+        assert isinstance(attn.f_b_proj, nn.QuantizedLinear)
     H, K, d = attn.num_heads, attn.head_dim, raw["hidden_size"]
     x = mx.random.normal((2, 1, d))
     conv = mx.random.normal((2, 3, 3 * H * K))
@@ -199,9 +207,14 @@ def test_deferred_conv_falls_back_where_no_kernel_takes_it(emulated_metal):
     assert isinstance(deferred[0], DeferredConv)
     got = attn.gated_delta(deferred, state)
     want = attn.gated_delta(attn.decode_project(x, conv), state)
-    assert emulated_metal == []  # no kernel launched: K = 16
+    launched = [t for k, t in emulated_metal]
+    if K == 16:
+        assert launched == []
+    else:  # the deferred step, then the plain path's own kernel (convs and projections outside)
+        assert [(t["KC"], t["LR"]) for t in launched] == [(4, True), (0, False)]
+    assert [a.shape for a in got] == [a.shape for a in want]
     for a, b in zip(got, want):
-        assert mx.allclose(a, b, atol=1e-6).item()
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-4).item()
 
 
 def test_kernel_split_dispatch_rules(monkeypatch):

@@ -95,31 +95,38 @@ def test_kernel_prefill_emulated_strong_decay(split):
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5
 
 
-def _decode(ins, S0, dt, gated, conv=None):
+def _decode(ins, S0, dt, gated, conv=None, low=None):
     """conv: (x [B, C] before the short convs, conv_state [B, KC-1, C], w [C, KC]): the kernel runs
-    the convs (q_raw, k_raw and v of ins are not passed). Returns (o, state, conv_out or None)."""
-    B, H = ins["f"].shape[:2]
-    names = ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate", "conv_state", "conv_w"]
+    the convs (q_raw, k_raw and v of ins are not passed). low: (f_a, g_a [B, K], f_w [H*K, K],
+    g_w [H*V, K]): the kernel runs the second projections of f and the gate (f and gate of ins are
+    not passed). Returns (o, state, conv_out or None)."""
+    B, H = ins["b_raw"].shape[:2]
+    names = ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate", "conv_state", "conv_w", "f_w", "g_w"]
     ind = {n: dt for n in names}
     ind.update(dt_bias="float32", A_log="float32", state="float32", eps="float32")
     bvd, rg = (V, 4) if gated else (32, 2)
     kc = conv[2].shape[1] if conv is not None else 0
     one = np.zeros((1,), np.float32)
-    extra = dict(conv_state=one, conv_w=one)
+    extra = dict(conv_state=one, conv_w=one, f_w=one, g_w=one)
     if conv is not None:
-        extra = dict(q_raw=conv[0], k_raw=one, v=one, conv_state=conv[1], conv_w=conv[2])
-    tmpl = [("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", bvd * rg), ("GATED", gated), ("KC", kc)]
+        extra.update(q_raw=conv[0], k_raw=one, v=one, conv_state=conv[1], conv_w=conv[2])
+    if low is not None:
+        extra.update(f=low[0], gate=low[1], f_w=low[2], g_w=low[3])
+    tmpl = [("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", bvd * rg), ("GATED", gated), ("KC", kc),
+            ("LR", low is not None)]
     out = run_metal("decode", tmpl, dict(ins, state=S0, eps=np.array([1e-5], np.float32), **extra), ind,
                     dict(o=(B, H, V), state_out=(B, H, K, V), conv_out=conv[1].shape if kc else (1,)),
                     dict(o=dt, state_out="float32", conv_out=dt), (V // bvd, H, B), bvd * rg)
     return out["o"], out["state_out"], out["conv_out"] if kc else None
 
 
-@pytest.mark.parametrize("gated,dt,conv", [(False, "float32", False), (True, "float32", False),
-                                           (False, "bfloat16", False), (True, "bfloat16", True),
-                                           (False, "float32", True)])
-def test_kernel_decode_emulated(gated, dt, conv):
-    """conv: the short convs run in the kernel (x before them, the conv state in and out)."""
+@pytest.mark.parametrize("gated,dt,conv,low", [(False, "float32", False, False), (True, "float32", False, False),
+                                               (False, "bfloat16", False, False), (True, "bfloat16", True, False),
+                                               (False, "float32", True, False), (True, "float32", True, True),
+                                               (True, "bfloat16", False, True)])
+def test_kernel_decode_emulated(gated, dt, conv, low):
+    """conv: the short convs run in the kernel (x before them, the conv state in and out); low:
+    the second low-rank projections of f and the gate too."""
     rng = np.random.default_rng(3)
     B, H = 2, 3
     ins = {n: a[:, 0] for n, a in _inputs(rng, B, 1, H).items() if n in RAW}
@@ -137,7 +144,13 @@ def test_kernel_decode_emulated(gated, dt, conv):
         y, cs_ref = short_conv_np(*args, dt)
         r.update(q_raw=y[:, :H * K].reshape(B, H, K), k_raw=y[:, H * K:2 * H * K].reshape(B, H, K),
                  v=y[:, 2 * H * K:].reshape(B, H, V))
-    o, S, cs = _decode(ins, S0, dt, gated, args)
+    lows = None
+    if low:
+        f_a, g_a = (round_to(rng.standard_normal((B, K)), dt) for _ in range(2))
+        f_w, g_w = (round_to(0.2 * rng.standard_normal((H * n, K)), dt) for n in (K, V))
+        lows = (f_a, g_a, f_w, g_w)
+        r.update(f=round_to(f_a @ f_w.T, dt).reshape(B, H, K), gate=round_to(g_a @ g_w.T, dt).reshape(B, H, V))
+    o, S, cs = _decode(ins, S0, dt, gated, args, lows)
     q, k, g, beta = gates_np(r["q_raw"][:, None], r["k_raw"][:, None], r["f"][:, None],
                              ins["dt_bias"], ins["A_log"], r["b_raw"][:, None])
     o_ref, S_ref = kda_np(q, k, r["v"][:, None], g, beta, S0)
@@ -147,6 +160,6 @@ def test_kernel_decode_emulated(gated, dt, conv):
                  / (1 + np.exp(-r["gate"])))
     tol = 1e-5 if dt == "float32" else 1e-2
     assert rel_err(o, o_ref) < tol
-    assert rel_err(S, S_ref) < (1e-5 if dt == "float32" or not conv else 1e-2)
+    assert rel_err(S, S_ref) < (1e-5 if dt == "float32" or not (conv or low) else 1e-2)
     if conv:
         assert np.array_equal(cs, cs_ref)  # the shifted inputs, exactly

@@ -56,14 +56,14 @@ def test_kernel_metal_prefill_compiles_as_cxx(tmp_path, dt, K, BV, NT, init, pf,
 
 
 @needs_cxx
-@pytest.mark.parametrize("dt,gated,kc", [("float32", True, 0), ("bfloat16", False, 0), ("float16", True, 0),
-                                         ("bfloat16", True, 4)])
-def test_kernel_metal_decode_compiles_as_cxx(tmp_path, dt, gated, kc):
-    names = ("q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate", "conv_state", "conv_w")
+@pytest.mark.parametrize("dt,gated,kc,lr", [("float32", True, 0, False), ("bfloat16", False, 0, False),
+                                            ("float16", True, 0, False), ("bfloat16", True, 4, True)])
+def test_kernel_metal_decode_compiles_as_cxx(tmp_path, dt, gated, kc, lr):
+    names = ("q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate", "conv_state", "conv_w", "f_w", "g_w")
     ind = {n: dt for n in names}
     ind.update(dt_bias="float32", A_log="float32", state="float32", eps="float32")
     bvd = 128 if gated else 32
-    tmpl = [("T", dt), ("K", 128), ("V", 128), ("BVD", bvd), ("NTD", bvd * 4), ("GATED", gated), ("KC", kc)]
+    tmpl = [("T", dt), ("K", 128), ("V", 128), ("BVD", bvd), ("NTD", bvd * 4), ("GATED", gated), ("KC", kc), ("LR", lr)]
     src = metal_unit("decode", tmpl, ind, dict(o=dt, state_out="float32", conv_out=dt))
     compile_unit(src, tmp_path / "decode", syntax_only=True)
 

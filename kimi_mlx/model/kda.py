@@ -9,7 +9,7 @@ import mlx.nn as nn
 from ..cache import KDACache
 from ..config import ModelConfig
 from ..ops.kda import kda_gated, kda_gated_conv
-from .common import Linear, derived, joined_linear
+from .common import Linear, derived, joined_linear, linear_weight
 
 
 class ShortConvWeight(nn.Module):
@@ -41,12 +41,15 @@ def causal_short_conv(x: mx.array, weight: mx.array, state: mx.array | None, wei
 
 class DeferredConv(NamedTuple):
     """A decode token's q|k|v projections [B, 1, C] before the short convs, the conv state
-    [B, KC-1, C] and the joined conv weight [C, KC] (w_t: its transposed view), for a kernel that
-    runs the convs itself (KimiDeltaAttention.gated_delta)."""
+    [B, KC-1, C] and the joined conv weight [C, KC] (w_t: its transposed view), and the first
+    low-rank projections f_a, g_a [B, 1, K], for a kernel that runs the convs and the second
+    projections itself (KimiDeltaAttention.gated_delta)."""
     x: mx.array
     conv_state: mx.array
     w: mx.array
     w_t: mx.array
+    f_a: mx.array
+    g_a: mx.array
 
 
 class KimiDeltaAttention(nn.Module):
@@ -82,11 +85,9 @@ class KimiDeltaAttention(nn.Module):
     def project(self, x: mx.array, conv_state: mx.array | None, join: bool = False, defer_conv: bool = False):
         """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state).
         join: the projections that read x run as two matmuls (joined_linear) instead of six.
-        defer_conv: a decode token's short convs are left to the kernel (gated_delta): the first
-        item is then a DeferredConv and k_raw, v and the conv state are None."""
-        B, T, _ = x.shape
-        H, K = self.num_heads, self.head_dim
-        P = H * K
+        defer_conv: a decode token's short convs and the second projections of f and the gate are
+        left to the kernel (gated_delta): the first item is then a DeferredConv, the rest None but b."""
+        T = x.shape[1]
         qkv_fn = joined_linear(self, ("q_proj", "k_proj", "v_proj"), split=False) if join else None
         low_fn = joined_linear(self, ("f_a_proj", "g_a_proj", "b_proj")) if join else None
         if qkv_fn is not None:
@@ -97,13 +98,23 @@ class KimiDeltaAttention(nn.Module):
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         # joined once, not every token, and transposed for decode (a view: see common.transposed)
         w, w_t = derived(self, "_conv_w_cache", ws, lambda: (w := mx.concatenate(ws, axis=0), w.T))
-        f = self.f_b_proj(f_a).reshape(B, T, H, K)
-        gate = self.g_b_proj(g_a).reshape(B, T, H, K)
+        deferred = DeferredConv(qkv, conv_state, w, w_t, f_a, g_a)
         if defer_conv and T == 1 and conv_state is not None:
-            return DeferredConv(qkv, conv_state, w, w_t), None, None, f, gate, b, None
-        qkv, conv_state = causal_short_conv(qkv, w, conv_state, w_t)
-        return (qkv[..., :P].reshape(B, T, H, K), qkv[..., P:2 * P].reshape(B, T, H, K),
-                qkv[..., 2 * P:].reshape(B, T, H, K), f, gate, b, conv_state)
+            return deferred, None, None, None, None, b, None
+        q, k, v, f, gate, conv_state = self._finish(deferred)
+        return q, k, v, f, gate, b, conv_state
+
+    def _finish(self, d: DeferredConv):
+        """What project leaves to the kernel with defer_conv, in MLX ops: (q_raw, k_raw, v, f,
+        gate [B, T, H, K], new conv state)."""
+        B, T, _ = d.x.shape
+        H, K = self.num_heads, self.head_dim
+        P = H * K
+        f = self.f_b_proj(d.f_a).reshape(B, T, H, K)
+        gate = self.g_b_proj(d.g_a).reshape(B, T, H, K)
+        qkv, conv_state = causal_short_conv(d.x, d.w, d.conv_state, d.w_t)
+        q, k, v = (qkv[..., i * P:(i + 1) * P].reshape(B, T, H, K) for i in range(3))
+        return q, k, v, f, gate, conv_state
 
     def decode_project(self, x: mx.array, conv_state: mx.array | None, defer_conv: bool = False):
         """What attend takes, for a compiled decode step (joined projections); defer_conv: see project."""
@@ -113,20 +124,21 @@ class KimiDeltaAttention(nn.Module):
         """The gated delta rule and the gated norm (the kernel); writes the cache. -> o fp32 [B, T, H, V]."""
         o, state, conv = self.gated_delta(parts, cache.state if cache is not None else None)
         if cache is not None:
-            cache.advance(conv, state, parts[3].shape[1])
+            cache.advance(conv, state, o.shape[1])
         return o
 
     def gated_delta(self, parts, state: mx.array | None):
         """attend without the cache: (o fp32 [B, T, H, V], new state, new conv state)."""
         q, k, v, f, gate, b, conv = parts
         if isinstance(q, DeferredConv):
-            r = kda_gated_conv(q.x, q.conv_state, q.w, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate,
-                               self.eps, state)
+            # the second projections' dense weights, made once (a quantized layer's dequantized)
+            ws = tuple(m.get(n) for m in (self.f_b_proj, self.g_b_proj) for n in ("weight", "scales", "biases"))
+            low = derived(self, "_low_rank_w", ws, lambda: (linear_weight(self.f_b_proj), linear_weight(self.g_b_proj)))
+            r = kda_gated_conv(q.x, q.conv_state, q.w, q.f_a, q.g_a, low, b, self.dt_bias, self.A_log,
+                               self.o_norm.weight, self.eps, state)
             if r is not None:
                 return r
-            qkv, conv = causal_short_conv(q.x, q.w, q.conv_state, q.w_t)  # no kernel took it: the convs here
-            P = self.num_heads * self.head_dim
-            q, k, v = (qkv[..., i * P:(i + 1) * P].reshape(f.shape) for i in range(3))
+            q, k, v, f, gate, conv = self._finish(q)  # no kernel took it
         o, state = kda_gated(q, k, v, f, b, self.dt_bias, self.A_log, self.o_norm.weight, gate, self.eps, state)
         return o, state, conv
 

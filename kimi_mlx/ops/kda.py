@@ -5,8 +5,9 @@
     kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state)
         -> (o [B,T,H,V] after the gated RMSNorm, state)
         everything a KDA layer does between its short convolutions and o_proj.
-    kda_gated_conv(x, conv_state, conv_w, f, b_raw, ...) -> (o, state, conv state) or None
-        one decode token, its short convolutions in the kernel too.
+    kda_gated_conv(x, conv_state, conv_w, f_a, g_a, low_rank_w, b_raw, ...) -> (o, state, conv
+        state) or None: one decode token, its short convolutions and the second low-rank
+        projections of f and the gate in the kernel too.
 
 Order: KIMI_MLX_KDA=reference forces the per-token recurrence (debugging); otherwise the custom
 kernel (package `metal_kernels`: Metal on Apple GPUs, its CUDA twin on NVIDIA) when it takes
@@ -114,16 +115,18 @@ def _kernel(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, i
     return gated_rms_norm(o, norm_weight, gate, eps), state
 
 
-def kda_gated_conv(x, conv_state, conv_w, f, b_raw, dt_bias, A_log, norm_weight, gate, eps, initial_state):
-    """One decode token with its short convs in the kernel too: x [B, 1, C] the token's
-    projections before the convs ([q | k | v]), conv_state [B, KC-1, C], conv_w [C, KC].
-    Returns (o fp32 [B, 1, H, V], state, new conv state), or None where no kernel takes it (the
-    caller runs the convs and kda_gated)."""
+def kda_gated_conv(x, conv_state, conv_w, f_a, g_a, low_rank_w, b_raw, dt_bias, A_log, norm_weight, eps,
+                   initial_state):
+    """One decode token with its short convs and the second low-rank projections in the kernel
+    too: x [B, 1, C] the token's projections before the convs ([q | k | v]), conv_state
+    [B, KC-1, C], conv_w [C, KC]; f_a, g_a [B, 1, K] the first projections of f and the gate,
+    low_rank_w = (f_b weight [H*K, K], g_b weight [H*V, K]). Returns (o [B, 1, H, V], state,
+    new conv state), or None where no kernel takes it (the caller runs the MLX ops and kda_gated)."""
     mk = _kernels()
     if mk is None or _forced_reference() or initial_state is None:
         return None
-    return mk.kda_decode_step_fused(x, None, None, f, dt_bias, A_log, b_raw, initial_state, norm_weight,
-                                    gate, eps, conv=(conv_state, conv_w))
+    return mk.kda_decode_step_fused(x, None, None, f_a, dt_bias, A_log, b_raw, initial_state, norm_weight,
+                                    g_a, eps, conv=(conv_state, conv_w), low_rank=low_rank_w)
 
 
 def kda_gated(q_raw, k_raw, v, f, b_raw, dt_bias, A_log, norm_weight, gate, eps,
