@@ -28,7 +28,7 @@ import mlx.core as mx  # noqa: E402
 
 import metal_kernels  # noqa: E402
 from kimi_mlx.bench import model as mb  # noqa: E402
-from kimi_mlx.bench.step import _graph_ops, _step_outputs  # noqa: E402
+from kimi_mlx.bench.step import ZeroKernel, _graph_ops, _step_outputs  # noqa: E402
 
 
 def med_us(f, n=50, warm=5):
@@ -114,12 +114,8 @@ def step(depth: int) -> dict:
                 cls.__call__ = plain
             r["layer_build_us"] = [round(statistics.median(per[id(layer)]) * 1e6, 1) for layer in m.layers]
 
-            class Zeros:  # stand-in kernels: zeros of the output shapes
-                def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
-                    return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-
             real = metal_kernels._kernel
-            metal_kernels._kernel = lambda *a, **k: Zeros()
+            metal_kernels._kernel = lambda *a, **k: ZeroKernel()
             try:
                 r["fake_kernels"] = timed()
             finally:
