@@ -358,7 +358,7 @@ def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
     lead = b_raw.shape[:-1]
     B = b_raw.size // H
     dt = q_raw.dtype
-    dummy = _decode_consts(dt, float(eps))[1]
+    eps_arr, dummy = _decode_consts(dt, float(eps))
     gated = o_norm_weight is not None and gate is not None
     if conv is not None:
         conv_state, conv_w = conv
@@ -405,7 +405,7 @@ def kda_decode_step_fused(q_raw, k_raw, v, f, dt_bias, A_log, b_raw, state,
     kern = _kernel(be, "decode")
     o, S, conv_out = kern(
         inputs=[q_raw, k_raw, v, f, b_raw, dt_bias, A_log, S, norm_w, gate,
-                _decode_consts(dt, float(eps))[0], conv_state, conv_w, f_w, g_w],
+                eps_arr, conv_state, conv_w, f_w, g_w],
         template=[("T", dt), ("K", K), ("V", V), ("BVD", bvd), ("NTD", ntd), ("GATED", gated), ("KC", kc),
                   ("LR", low_rank is not None)],
         grid=(ntd * (V // bvd), H, B),

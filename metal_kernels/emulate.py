@@ -172,6 +172,29 @@ def short_conv_np(x, conv_state, w, dtype: str):
     return round_to(acc / (1.0 + np.exp(-acc)), dtype), xs[:, 1:]
 
 
+def conv_decode_case(rng, B: int, H: int, K: int, V: int, dtype: str, kc: int = 4):
+    """A decode step whose kernel runs the short convs (KC): its inputs (x [B, C], conv_state
+    [B, kc-1, C], w [C, kc], values of dtype) and what they give: q_raw, k_raw [B, H, K], v
+    [B, H, V] and the shifted conv state."""
+    C = H * (2 * K + V)
+    args = tuple(round_to(a, dtype) for a in (rng.standard_normal((B, C)), rng.standard_normal((B, kc - 1, C)),
+                                              0.5 * rng.standard_normal((C, kc))))
+    y, state = short_conv_np(*args, dtype)
+    raw = dict(q_raw=y[:, :H * K].reshape(B, H, K), k_raw=y[:, H * K:2 * H * K].reshape(B, H, K),
+               v=y[:, 2 * H * K:].reshape(B, H, V))
+    return args, raw, state
+
+
+def low_rank_decode_case(rng, B: int, H: int, K: int, V: int, dtype: str):
+    """A decode step whose kernel runs the second low-rank projections (LR): its inputs (f_a, g_a
+    [B, K], f_w [H*K, K], g_w [H*V, K], values of dtype) and what they give: f [B, H, K] and gate
+    [B, H, V], rounded to dtype as the matmuls' outputs are."""
+    f_a, g_a = (round_to(rng.standard_normal((B, K)), dtype) for _ in range(2))
+    f_w, g_w = (round_to(0.2 * rng.standard_normal((H * n, K)), dtype) for n in (K, V))
+    raw = dict(f=round_to(f_a @ f_w.T, dtype).reshape(B, H, K), gate=round_to(g_a @ g_w.T, dtype).reshape(B, H, V))
+    return (f_a, g_a, f_w, g_w), raw
+
+
 def gates_np(q_raw, k_raw, f, dt_bias, A_log, b_raw):
     """(q scaled, k, g, beta) in float64: L2 norm, q * K^-1/2, g = -exp(A_log) softplus(f + dt_bias)."""
     q = np.asarray(q_raw, np.float64)

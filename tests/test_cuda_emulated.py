@@ -16,7 +16,8 @@ from kimi_mlx.ops import attention as A
 from metal_kernels import mla as K
 from metal_kernels import sources
 from metal_kernels.dialect import CUDA, PREC_BF16, PREC_TF32, PREC_TF32X3
-from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_cuda_body, short_conv_np
+from metal_kernels.emulate import (conv_decode_case, cxx, gates_np, kda_np, low_rank_decode_case, rel_err,
+                                   round_to, run_cuda_body)
 from test_kernel_dispatch import _EmulatedKernel, tiny_quant_through_kernels
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
@@ -218,22 +219,16 @@ def test_cuda_kda_decode(cuda_emu, gated, dt, conv, low):
     raw = [mx.array(ins[n]).astype(mt) for n in ("q_raw", "k_raw", "v")]
     kw = {}
     if conv:
-        C, kc = H * (2 * KK + KV), 4
-        x, cs, w = (round_to(a, dt) for a in (rng.standard_normal((B, C)), rng.standard_normal((B, kc - 1, C)),
-                                              0.5 * rng.standard_normal((C, kc))))
-        y, cs_ref = short_conv_np(x, cs, w, dt)
-        r.update(q_raw=y[:, :H * KK].reshape(B, H, KK), k_raw=y[:, H * KK:2 * H * KK].reshape(B, H, KK),
-                 v=y[:, 2 * H * KK:].reshape(B, H, KV))
+        (x, cs, w), conv_raw, cs_ref = conv_decode_case(rng, B, H, KK, KV, dt)
+        r.update(conv_raw)
         raw = [mx.array(x[:, None]).astype(mt), None, None]
         kw["conv"] = (mx.array(cs).astype(mt), mx.array(w).astype(mt))
     f_in, gate_in = mx.array(ins["f"]).astype(mt), mx.array(gate).astype(mt) if gated else None
     rg = {"gate": round_to(gate, dt)}
     if low:
-        f_a, g_a = (round_to(rng.standard_normal((B, 1, KK)), dt) for _ in range(2))
-        f_w, g_w = (round_to(0.2 * rng.standard_normal((H * n, KK)), dt) for n in (KK, KV))
-        r["f"] = round_to(f_a[:, 0] @ f_w.T, dt).reshape(B, H, KK)
-        rg["gate"] = round_to(g_a[:, 0] @ g_w.T, dt).reshape(B, H, KV)
-        f_in, gate_in = mx.array(f_a).astype(mt), mx.array(g_a).astype(mt)
+        (f_a, g_a, f_w, g_w), low_raw = low_rank_decode_case(rng, B, H, KK, KV, dt)
+        r["f"], rg["gate"] = low_raw["f"], low_raw["gate"]
+        f_in, gate_in = mx.array(f_a[:, None]).astype(mt), mx.array(g_a[:, None]).astype(mt)
         kw["low_rank"] = (mx.array(f_w).astype(mt), mx.array(g_w).astype(mt))
     out = metal_kernels.kda_decode_step_fused(
         *raw, f_in, mx.array(dt_bias),

@@ -4,7 +4,8 @@ runs (the CUDA twin shares them and is checked on a GPU by scripts/kda_device_ch
 import numpy as np
 import pytest
 
-from metal_kernels.emulate import cxx, gates_np, kda_np, rel_err, round_to, run_metal, short_conv_np
+from metal_kernels.emulate import (conv_decode_case, cxx, gates_np, kda_np, low_rank_decode_case, rel_err,
+                                   round_to, run_metal)
 from metal_kernels.kda_template import prefill_smem_floats, split_item_sizes
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="no C++ compiler")
@@ -136,20 +137,13 @@ def test_kernel_decode_emulated(gated, dt, conv, low):
                gate=rng.standard_normal((B, H, V)).astype(np.float32))
     S0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
     r = {n: round_to(ins[n], dt) for n in ["q_raw", "k_raw", "v", "f", "b_raw", "norm_w", "gate"]}
-    args = None
+    args = lows = None
     if conv:
-        C, kc = H * (2 * K + V), 4
-        args = tuple(round_to(a, dt) for a in (rng.standard_normal((B, C)), rng.standard_normal((B, kc - 1, C)),
-                                               0.5 * rng.standard_normal((C, kc))))
-        y, cs_ref = short_conv_np(*args, dt)
-        r.update(q_raw=y[:, :H * K].reshape(B, H, K), k_raw=y[:, H * K:2 * H * K].reshape(B, H, K),
-                 v=y[:, 2 * H * K:].reshape(B, H, V))
-    lows = None
+        args, raw, cs_ref = conv_decode_case(rng, B, H, K, V, dt)
+        r.update(raw)
     if low:
-        f_a, g_a = (round_to(rng.standard_normal((B, K)), dt) for _ in range(2))
-        f_w, g_w = (round_to(0.2 * rng.standard_normal((H * n, K)), dt) for n in (K, V))
-        lows = (f_a, g_a, f_w, g_w)
-        r.update(f=round_to(f_a @ f_w.T, dt).reshape(B, H, K), gate=round_to(g_a @ g_w.T, dt).reshape(B, H, V))
+        lows, raw = low_rank_decode_case(rng, B, H, K, V, dt)
+        r.update(raw)
     o, S, cs = _decode(ins, S0, dt, gated, args, lows)
     q, k, g, beta = gates_np(r["q_raw"][:, None], r["k_raw"][:, None], r["f"][:, None],
                              ins["dt_bias"], ins["A_log"], r["b_raw"][:, None])
