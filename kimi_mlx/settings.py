@@ -54,6 +54,7 @@ KERNEL_SETTINGS = {
     "KIMI_MLX_MLA_DECODE_NW": ("8", "MLA decode kernel: warps a threadgroup (8, or 16 with one warp group)"),
     "KIMI_MLX_MLA_DECODE_BULK": ("0", "MLA decode kernel on CUDA: key tiles by bulk copies on an mbarrier (1) instead of cp.async (0); experimental: slower on an H100, 103 against 84 us at 128K"),
     "KIMI_MLX_MOE_ROUTE": ("", "reference: the MLX-ops MoE routing instead of the one-launch routing kernel"),
+    "KIMI_MLX_MOE_STACK": ("on", "a decode token's routed and shared experts as two gathered matmuls over stacked weights (off: the layers one by one)"),
 }
 
 

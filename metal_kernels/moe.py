@@ -1,11 +1,15 @@
 """Launch code of the MoE routing kernel (moe_template.py).
 
-    moe_route(logits, bias, top_k, renormalize, scaling) -> (inds [..., k] uint32, weights [..., k] fp32)
+    moe_route(logits, bias, top_k, renormalize, scaling, shared=False, dup=False, weight_dtype=fp32)
+        -> (inds [..., k] uint32, weights [..., k] weight_dtype)
 
 scores = sigmoid(logits), choice = scores + bias; the k experts of largest choice (ties: the lower
 expert first), weighted by their scores, renormalised when asked, times scaling: what
 kimi_mlx.model.moe.route computes without group limiting. The picks come in descending choice
-(mx.argpartition's order is arbitrary, so callers must not rely on either).
+(mx.argpartition's order is arbitrary, so callers must not rely on either). shared: one more pick,
+expert E (a shared expert stacked after the routed ones) with weight 1 (k + 1 columns); dup: inds
+holds each row's picks, then the same plus E + shared (gate and up halves stacked in one array),
+so 2 (k + shared) columns.
 
 Returns None when there is no kernel for the call: the CPU, KIMI_MLX_MOE_ROUTE=reference (or
 KIMI_MLX_KDA=reference, which turns every kernel off), logits other than fp32, more than 1024
@@ -36,7 +40,8 @@ def _kernel(be):
     return k(be, "moe_route")
 
 
-def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float):
+def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float, shared: bool = False,
+              dup: bool = False, weight_dtype=None):
     be = backend()
     if be is None:
         return None
@@ -45,21 +50,23 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, scaling: float):
     E = logits.shape[-1]
     lead = logits.shape[:-1]
     N = math.prod(lead)
+    ko = top_k + bool(shared)
     if (logits.dtype != mx.float32 or E > MAX_EXPERTS or not 1 <= top_k <= min(E, MAX_TOP_K)
-            or bias.size != E or N == 0):
+            or ko > MAX_TOP_K or bias.size != E or N == 0):
         return None
     if bias.dtype != mx.float32:
         bias = bias.astype(mx.float32)
     nt = threads(E)
     # the kernel reads and writes rows flat (inputs come row contiguous): no reshapes to launch
-    out = (*lead, top_k)
+    wt = mx.float32 if weight_dtype is None else weight_dtype
     inds, weights = _kernel(be)(
         inputs=[logits, bias, info_floats(float(scaling))],
-        template=[("E", E), ("K", top_k), ("NT", nt), ("RENORM", bool(renormalize))],
+        template=[("E", E), ("K", top_k), ("NT", nt), ("RENORM", bool(renormalize)), ("WT", wt),
+                  ("SH", int(bool(shared))), ("DUP", bool(dup))],
         grid=(nt * N, 1, 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[out, out],
-        output_dtypes=[mx.uint32, mx.float32],
+        output_shapes=[(*lead, ko * (2 if dup else 1)), (*lead, ko)],
+        output_dtypes=[mx.uint32, wt],
         init_value=None,
     )
     return inds, weights

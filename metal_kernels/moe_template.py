@@ -25,9 +25,13 @@ DFN bool moe_before(float v, float i, float bv, float bi) { return v > bv || (v 
 """
 
 # Template: E (experts, <= 1024), K (picks, <= 32 and <= E), NT (threads a row, a multiple of 32),
-# RENORM (divide the picked scores by their sum).
+# RENORM (divide the picked scores by their sum), WT (the weights' type), SH (1: one more pick
+# after the K, expert E with weight 1: a shared expert stacked after the routed ones; K + SH <= 32),
+# DUP (each row's KO = K + SH indices, then the same again plus E + SH: the gate and up halves of
+# experts stacked [gate of E + SH | up of E + SH]).
 # Inputs: logits [N, E] fp32 (row contiguous), bias [E] fp32, info_f [scaling] fp32.
-# Outputs: inds [N, K] uint32, weights [N, K] fp32, in descending choice. Grid: (NT * N, 1, 1).
+# Outputs: inds [N, KO * (DUP + 1)] uint32, weights [N, KO] WT, in descending choice, the shared
+# expert last. Grid: (NT * N, 1, 1).
 ROUTE_BODY = r"""
 /*@PROLOGUE@*/
   constexpr int NW = NT / 32, EPT = (E + NT - 1) / NT;
@@ -86,12 +90,16 @@ ROUTE_BODY = r"""
     if (_lane == r) pick = bi;
   }
   if (_warp == 0) {
-    const int e = min((int)pick, E - 1);  // E only when fewer than K choices could be ranked (NaN)
+    constexpr int KO = K + SH, IW = KO * (DUP + 1);
+    static_assert(KO <= 32, "moe route picks");
+    // a routed pick is E only when fewer than K choices could be ranked (NaN): clamped to E - 1
+    const int e = _lane < K ? min((int)pick, E - 1) : E;
     const float s = _lane < K ? moe_sigmoid(logits[row * E + e]) : 0.0f;
     const float den = RENORM ? WARP_SUM(s) + 1e-20f : 1.0f;
-    if (_lane < K) {
-      inds[row * K + _lane] = (unsigned int)e;
-      weights[row * K + _lane] = (RENORM ? s / den : s) * info_f[0];
+    if (_lane < KO) {
+      inds[row * IW + _lane] = (unsigned int)e;
+      if (DUP) inds[row * IW + KO + _lane] = (unsigned int)(e + E + SH);
+      weights[row * KO + _lane] = static_cast<WT>(_lane < K ? (RENORM ? s / den : s) * info_f[0] : 1.0f);
     }
   }
 """

@@ -54,6 +54,9 @@ def main() -> int:
 
     c = mb.slice_config(5, a.experts, 8192, False)
     model = mb.build("ours", c, mb.random_weights(c, 0), "fp32")
+    from kimi_mlx.ops.cpu_fast import disable_cpu_fast_path
+
+    disable_cpu_fast_path(model)  # the GPU's classes (build turns the CPU fast path on here)
     _, cache, tok = mb.prefill_one("ours", model, 64, 2048, 8192, 0, reserve=a.depth + 256)
     mb.fill_synthetic("ours", model, cache, a.depth, 0)
     for _ in range(5):

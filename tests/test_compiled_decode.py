@@ -53,10 +53,10 @@ def test_compiled_decode_matches_plain(model, model_name, monkeypatch, mla_bits,
     for layer in model.layers:
         whole = whole_kda and not layer.is_mla
         assert set(layer.__dict__["_compiled"].fns) == ({"token"} if whole else {"pre", "post"})
-    # the KDA layers' six input projections ran as two joined matmuls, their weights views of the joined ones
+    # the KDA layers' six input projections ran as one joined matmul, their weights views of the joined one
     kda = [layer.self_attn for layer in model.layers if not layer.is_mla]
-    assert kda and all(a.__dict__["_joined_q_proj_k_proj_v_proj"][1] is not None
-                       and a.__dict__["_joined_f_a_proj_g_a_proj_b_proj"][1] is not None for a in kda)
+    slot = "_joined_q_proj_k_proj_v_proj_f_a_proj_g_a_proj_b_proj"
+    assert kda and all(a.__dict__[slot][1] is not None for a in kda)
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     assert shapes == {k: v.shape for k, v in tree_flatten(load_model(MODELS / model_name, cpu_fast_path=False).parameters())}
     assert max(max_abs(r, g) for r, g in zip(ref, got)) < 1e-5
@@ -226,3 +226,56 @@ def _steps_from(model, cache, prev_logits, batch=1):
     logits = model(tok, cache=cache)[:, -1]
     mx.eval(logits)
     return [logits]
+
+
+_ALL_SIX = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
+
+
+@pytest.mark.parametrize("quantized", [(), _ALL_SIX[:5], _ALL_SIX])
+def test_kda_input_projections_joined_or_not(quantized):
+    """A KDA token's six input projections: one joined matmul where they share one form, two
+    (q|k|v and f_a|g_a|b) or six where they don't (b_proj left unquantized), always the same
+    values as the layers alone, batch 2."""
+    import json
+
+    from kimi_mlx.config import ModelConfig
+    from kimi_mlx.model.kda import KimiDeltaAttention
+    from mlx.utils import tree_map
+
+    raw = json.loads((MODELS / "tiny_quant" / "config.json").read_text())
+    raw["linear_attn_config"]["head_dim"] = 32
+    attn = KimiDeltaAttention(ModelConfig.from_dict(raw))
+    mx.random.seed(1)
+    attn.update(tree_map(lambda a: 0.3 * mx.random.normal(a.shape), attn.parameters()))
+    if quantized:
+        nn.quantize(attn, group_size=32, bits=8, class_predicate=lambda p, m: p in quantized)
+    x = mx.random.normal((2, 1, raw["hidden_size"]))
+    want = attn._input_projections(x, join=False)
+    got = attn._input_projections(x, join=True)
+    six = attn.__dict__["_joined_" + "_".join(_ALL_SIX)][1]
+    assert (six is None) == (0 < len(quantized) < 6)
+    assert [a.shape for a in got] == [a.shape for a in want]
+    for a, b in zip(got, want):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-5).item()
+    assert mx.allclose(attn.q_proj(x), want[0][..., : attn.q_proj.weight.shape[0]]).item()  # the layers still work alone
+
+
+def test_joined_weights_are_not_held_twice():
+    """A join (a decode token's gate|up) replaces the layers' arrays by views of the joined ones;
+    what prefill derived from the old arrays (Linear's transposed views) must not keep them alive."""
+    import gc
+
+    from kimi_mlx.model.common import MLP
+
+    mlp = MLP(256, 2048)
+    mx.eval(mlp.parameters())
+    mx.eval(mlp(mx.random.normal((1, 4, 256))))  # prefill: each layer's transposed views
+    x = mx.random.normal((1, 1, 256))
+    mx.eval(x)
+    gc.collect()
+    before = mx.get_active_memory()
+    joined = mlp.gate_proj.weight.nbytes + mlp.up_proj.weight.nbytes
+    mx.eval(mlp(x))  # joins gate|up
+    assert mlp.__dict__["_joined_gate_proj_up_proj"][1] is not None
+    gc.collect()
+    assert mx.get_active_memory() - before < 0.1 * joined

@@ -116,6 +116,15 @@ def derived(module: nn.Module, name: str, sources: tuple, make, *extra):
     return hit[1]
 
 
+def forget_derived(*modules: nn.Module) -> None:
+    """Drop what was derived from modules' replaced arrays (Linear's transposed views, joined_linear's
+    joined copies): kept, it would hold the old arrays in memory until the module's next call (the
+    KDA, MLA and MLP weights twice over during a reply, before)."""
+    for m in modules:
+        for name in [n for n in m.__dict__ if n == "_weight_t" or n.startswith("_joined_")]:
+            del m.__dict__[name]
+
+
 def transposed(w: mx.array) -> tuple:
     """(w.T, w.T[None]) as evaluated views of w (no copy) for matmul_t. `x @ w.T` puts a transpose
     node into a step's graph at every call; a view made once is a constant instead (the 5-layer
@@ -194,6 +203,7 @@ def _join(layers: list):
         # evaluated here: an unevaluated slice belongs to this thread's stream, and MLX streams are
         # thread-local (a chat app decodes on a worker thread)
         mx.eval([m[k] for m in layers for k in keys])
+        forget_derived(*layers)
         q = layers[0]
         if is_plain_linear(q):
             wt = transposed(joined["weight"])

@@ -52,6 +52,10 @@ class DeferredConv(NamedTuple):
     g_a: mx.array
 
 
+# the layers that read a token's hidden state: one joined matmul in decode (joined_linear)
+_INPUT_PROJ = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
+
+
 class KimiDeltaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,17 +88,11 @@ class KimiDeltaAttention(nn.Module):
     # compiled (pure functions of their arguments) and attend, the kernel, between them.
     def project(self, x: mx.array, conv_state: mx.array | None, join: bool = False, defer_conv: bool = False):
         """x [B, T, d] -> (q_raw, k_raw, v, f, gate [B, T, H, K], b_raw [B, T, H], new conv state).
-        join: the projections that read x run as two matmuls (joined_linear) instead of six.
+        join: the six projections that read x run as one matmul (_input_projections).
         defer_conv: a decode token's short convs and the second projections of f and the gate are
         left to the kernel (gated_delta): the first item is then a DeferredConv, the rest None but b."""
         T = x.shape[1]
-        qkv_fn = joined_linear(self, ("q_proj", "k_proj", "v_proj"), split=False) if join else None
-        low_fn = joined_linear(self, ("f_a_proj", "g_a_proj", "b_proj")) if join else None
-        if qkv_fn is not None:
-            qkv = qkv_fn(x)
-        else:
-            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        f_a, g_a, b = low_fn(x) if low_fn is not None else (self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x))
+        qkv, f_a, g_a, b = self._input_projections(x, join)
         ws = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         # joined once, not every token, and transposed for decode (a view: see common.transposed)
         w, w_t = derived(self, "_conv_w_cache", ws, lambda: (w := mx.concatenate(ws, axis=0), w.T))
@@ -103,6 +101,22 @@ class KimiDeltaAttention(nn.Module):
             return deferred, None, None, None, None, b, None
         q, k, v, f, gate, conv_state = self._finish(deferred)
         return q, k, v, f, gate, b, conv_state
+
+    def _input_projections(self, x: mx.array, join: bool):
+        """(q|k|v, f_a, g_a, b) of x. join: one matmul and a split of its output (views), or two
+        matmuls where the six layers can't be joined as one (e.g. mixed quantization)."""
+        if join:
+            six = joined_linear(self, _INPUT_PROJ, split=False)
+            if six is not None:
+                P3 = sum(self[n].weight.shape[0] for n in _INPUT_PROJ[:3])
+                K = self.f_a_proj.weight.shape[0]
+                return mx.split(six(x), [P3, P3 + K, P3 + 2 * K], axis=-1)
+            qkv_fn = joined_linear(self, _INPUT_PROJ[:3], split=False)
+            low_fn = joined_linear(self, _INPUT_PROJ[3:])
+            if qkv_fn is not None and low_fn is not None:
+                return (qkv_fn(x), *low_fn(x))
+        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        return qkv, self.f_a_proj(x), self.g_a_proj(x), self.b_proj(x)
 
     def _finish(self, d: DeferredConv):
         """What project leaves to the kernel with defer_conv, in MLX ops: (q_raw, k_raw, v, f,

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from .switch import SwitchGLU
+from .switch import SwitchGLU, stacked_experts
 
 from ..config import ModelConfig
 from ..ops.cpu_fast import is_plain_linear
+from ..settings import kernel_switch
 from .common import MLP, Linear, derived, matmul_t, one_token, transposed
 
 
@@ -17,7 +18,7 @@ def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
-def _route_kernel(logits, bias, top_k, renormalize, scaling):
+def _route_kernel(logits, bias, top_k, renormalize, scaling, **stacked):
     """metal_kernels' one-launch routing, or None (no kernel here: route_reference runs)."""
     if not _on_gpu():
         return None
@@ -25,7 +26,7 @@ def _route_kernel(logits, bias, top_k, renormalize, scaling):
         from metal_kernels.moe import moe_route
     except ImportError:  # a trimmed install without the kernels
         return None
-    return moe_route(logits, bias, top_k, renormalize, scaling)
+    return moe_route(logits, bias, top_k, renormalize, scaling, **stacked)
 
 
 def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
@@ -38,6 +39,23 @@ def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group
         if out is not None:
             return out
     return route_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+
+
+def route_stacked(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
+                  renormalize: bool, scaling: float, dtype):
+    """route for switch.StackedExperts (a decode token): (gate|up indices [..., 2 (k + 1)], down
+    indices [..., k + 1], weights [..., k + 1] in dtype), the shared expert (index E, weight 1)
+    after the k picks, and the up halves E + 1 after the gate halves."""
+    E = logits.shape[-1]
+    if n_group <= 1 or topk_group >= n_group:
+        out = _route_kernel(logits, bias, top_k, renormalize, scaling, shared=True, dup=True, weight_dtype=dtype)
+        if out is not None:
+            gate_up, weights = out
+            return gate_up, gate_up[..., : top_k + 1], weights
+    inds, weights = route_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+    inds = mx.concatenate([inds.astype(mx.uint32), mx.full((*inds.shape[:-1], 1), E, mx.uint32)], axis=-1)
+    weights = mx.concatenate([weights, mx.ones((*weights.shape[:-1], 1), weights.dtype)], axis=-1)
+    return mx.concatenate([inds, inds + (E + 1)], axis=-1), inds, weights.astype(dtype)
 
 
 def route_reference(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
@@ -85,8 +103,15 @@ class KimiMoE(nn.Module):
         else:
             gx = x if isinstance(self.gate, nn.QuantizedLinear) else x.astype(mx.float32)
             logits = self.gate(gx).astype(mx.float32)
-        inds, weights = route(logits, self.e_score_correction_bias, c.num_experts_per_token,
-                              c.num_expert_group, c.topk_group, c.moe_renormalize, c.routed_scaling_factor)
+        args = (self.e_score_correction_bias, c.num_experts_per_token, c.num_expert_group, c.topk_group,
+                c.moe_renormalize, c.routed_scaling_factor)
+        stacked = stacked_experts(self, self.switch_mlp, self.shared_experts) \
+            if one_token(x) and "shared_experts" in self and kernel_switch("KIMI_MLX_MOE_STACK", "on") != "off" else None
+        if stacked is not None:  # the k picks and the shared expert: two gathered matmuls and one sum
+            gate_up, inds, weights = route_stacked(logits, *args, x.dtype)
+            y = stacked(x, gate_up, inds)  # [..., k + 1, d]
+            return (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(x.dtype)
+        inds, weights = route(logits, *args)
         y = self.switch_mlp(x, inds)  # [..., k, d]
         if one_token(x):  # the weighted sum over the k experts as one matmul, not two kernels
             y = (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(x.dtype)

@@ -11,7 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import derived
+from ..ops.cpu_fast import is_plain_linear
+from .common import MLP, derived, forget_derived
 
 
 def _sort_by_expert(x, indices):
@@ -97,6 +98,96 @@ class SwitchGLU(nn.Module):
         if do_sort:
             y = mx.unflatten(y[inv], 0, indices.shape)
         return y.squeeze(-2)
+
+
+_KEYS = ("weight", "scales", "biases")
+
+
+def _quant(m) -> tuple | None:
+    """A layer's quantization (group size, bits, mode, biases or not), None for a plain one."""
+    if "scales" not in m:
+        return None
+    return m.group_size, m.bits, getattr(m, "mode", "affine"), m.get("biases") is not None
+
+
+def _stackable(glu, shared) -> bool:
+    """The routed experts (a SwitchGLU as it is, not the CPU fast path's) and the shared expert
+    (an MLP as wide as one expert) have one form: plain (no bias) or quantized alike."""
+    if type(glu) is not SwitchGLU or type(shared) is not MLP:
+        return False
+    routed = (glu.gate_proj, glu.up_proj, glu.down_proj)
+    own = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    if all(type(m) is SwitchLinear for m in routed):
+        if not all(is_plain_linear(m) and "bias" not in m for m in own):
+            return False
+    elif not (all(type(m) is QuantizedSwitchLinear for m in routed) and all(type(m) is nn.QuantizedLinear for m in own)):
+        return False
+    if len({_quant(m) for m in routed + own}) != 1 or len({m.weight.dtype for m in routed + own}) != 1:
+        return False
+    return all(m.get(k) is None or m[k].shape[1:] == o[k].shape for m, o in zip(routed, own) for k in _KEYS)
+
+
+class StackedExperts:
+    """A MoE layer's routed experts and its shared expert as two stacked arrays: the gate and up
+    halves [gate of E + 1 | up of E + 1] and the down projections [E + 1], the shared expert at
+    index E. A decode token's k picks and the shared expert then run as two gathered matmuls (with
+    the indices moe.route_stacked gives), not two gathered and three plain matmuls."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        self.gate_up, self.down = gate_up, down
+
+    def __call__(self, x: mx.array, gate_up_inds: mx.array, inds: mx.array) -> mx.array:
+        """x [..., d], gate_up_inds [..., 2k], inds [..., k] -> [..., k, d]."""
+        x = mx.expand_dims(x, (-2, -3))
+        h = self.gate_up(x, gate_up_inds, False, _lhs_rows(x.shape[:-2]))  # [..., 2k, 1, I]
+        k = inds.shape[-1]
+        h = nn.silu(h[..., :k, :, :]) * h[..., k:, :, :]
+        return self.down(h, inds, False, _lhs_rows(inds.shape)).squeeze(-2)
+
+
+def _stacked_layer(arrays: dict, like: nn.Module) -> nn.Module:
+    """A SwitchLinear or QuantizedSwitchLinear (like `like`) over stacked arrays (no copy)."""
+    m = type(like).__new__(type(like))
+    nn.Module.__init__(m)
+    if isinstance(like, QuantizedSwitchLinear):
+        m.group_size, m.bits, m.mode = like.group_size, like.bits, like.mode
+        m.biases = arrays.get("biases")
+    for k, v in arrays.items():
+        m[k] = v
+    return m
+
+
+def stacked_experts(owner: nn.Module, glu: nn.Module, shared: nn.Module) -> StackedExperts | None:
+    """owner's StackedExperts, or None where the experts can't be stacked (_stackable). Made once,
+    and again if one of their arrays is replaced (load_weights). The layers' own arrays become
+    views of the stacked ones (contiguous blocks: prefill's gathered matmuls take them as they
+    are), so nothing is stored twice and the layers still run (and save) alone."""
+    layers = (glu.gate_proj, glu.up_proj, glu.down_proj, shared.gate_proj, shared.up_proj, shared.down_proj)
+    key = tuple(id(m.get(k)) for m in layers for k in _KEYS)
+    hit = owner.__dict__.get("_stacked_experts")
+    if hit is None or hit[0] != key:
+        value = _stack(glu, shared) if _stackable(glu, shared) else None
+        # the arrays are held with their ids (as common.derived does), so no new array reuses one
+        held = [m.get(k) for m in layers for k in _KEYS]
+        hit = owner.__dict__["_stacked_experts"] = (tuple(map(id, held)), value, held)
+    return hit[1]
+
+
+def _stack(glu, shared) -> StackedExperts:
+    g, u, d = glu.gate_proj, glu.up_proj, glu.down_proj
+    sg, su, sd = shared.gate_proj, shared.up_proj, shared.down_proj
+    E = g.weight.shape[0]
+    keys = [k for k in _KEYS if g.get(k) is not None]
+    gate_up = {k: mx.concatenate([g[k], sg[k][None], u[k], su[k][None]]) for k in keys}
+    down = {k: mx.concatenate([d[k], sd[k][None]]) for k in keys}
+    mx.eval(gate_up, down)
+    for k in keys:
+        g[k], sg[k], u[k], su[k] = gate_up[k][:E], gate_up[k][E], gate_up[k][E + 1:2 * E + 1], gate_up[k][2 * E + 1]
+        d[k], sd[k] = down[k][:E], down[k][E]
+    # evaluated here: an unevaluated slice belongs to this thread's stream (see common._join)
+    mx.eval([m[k] for m in (g, u, d, sg, su, sd) for k in keys])
+    forget_derived(g, u, d, sg, su, sd, shared)
+    return StackedExperts(_stacked_layer(gate_up, g), _stacked_layer(down, d))
 
 
 from ..ops.cpu_fast import cpu_switch_glu  # noqa: E402  (ops know no model classes: we register ours)
