@@ -144,6 +144,8 @@ def emu(request, monkeypatch):
     return log
 
 
+# the emulator fills outputs with NaN first, which numpy casts to uint32 with a warning
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("E,k,N,dtype", [(256, 8, 1, mx.bfloat16), (256, 8, 3, mx.float32), (64, 31, 2, mx.float32)])
 def test_route_kernel_stacked_outputs(emu, E, k, N, dtype):
     """The kernel's shared pick, doubled indices and weights' type against route_stacked's MLX ops."""
