@@ -154,18 +154,31 @@ class Linear(nn.Linear):
         return matmul_t(x, views)
 
 
-_LINEAR_KEYS = ("weight", "scales", "biases")
+LINEAR_KEYS = ("weight", "scales", "biases")
+
+
+def linear_form(m: nn.Module) -> tuple:
+    """What layers joined into one array must share: the weight's dtype and the quantization (group
+    size, bits, mode, biases or not; None for a plain layer)."""
+    quant = (m.group_size, m.bits, getattr(m, "mode", "affine"), "biases" in m) if "scales" in m else None
+    return quant, m.weight.dtype
+
+
+def held_arrays(layers) -> tuple:
+    """(key, arrays): the layers' weight / scales / biases and their ids. A cache of something made
+    from them keeps both, so that it is made again when one is replaced and no new array reuses
+    one of the ids."""
+    arrays = [m.get(k) for m in layers for k in LINEAR_KEYS]
+    return tuple(map(id, arrays)), arrays
 
 
 def _joinable(layers) -> bool:
-    if any("bias" in m for m in layers):
+    if any("bias" in m for m in layers) or len({linear_form(m) for m in layers}) != 1:
         return False
     if all(is_plain_linear(m) for m in layers):
-        return len({m.weight.dtype for m in layers}) == 1
-    if all(type(m) is nn.QuantizedLinear for m in layers):  # the same quantization, affine or not
-        return len({(m.group_size, m.bits, getattr(m, "mode", "affine"), "biases" in m, m.weight.dtype)
-                    for m in layers}) == 1 and layers[0].weight.ndim == 2
-    return False  # e.g. the CPU fast path's classes: left as they are
+        return True
+    # the same quantization, affine or not
+    return all(type(m) is nn.QuantizedLinear for m in layers) and layers[0].weight.ndim == 2
 
 
 def joined_linear(module: nn.Module, names: tuple, split: bool = True):
@@ -175,7 +188,7 @@ def joined_linear(module: nn.Module, names: tuple, split: bool = True):
     the output and each layer's arrays become views of the joined ones: nothing is stored twice,
     and the layers still work (and save) alone. Made again if a layer's arrays are replaced."""
     layers = [module[n] for n in names]
-    key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
+    key = held_arrays(layers)[0]
     slot = "_joined_" + "_".join(names)
     hit = module.__dict__.get(slot)
     if hit is None or hit[0] != key:
@@ -190,7 +203,7 @@ def _join(layers: list):
     """(key, fn(x) -> the joined output, the joined layers' arrays, split points) for joined_linear."""
     fn = splits = None
     if _joinable(layers):
-        keys = [k for k in _LINEAR_KEYS if k in layers[0]]
+        keys = [k for k in LINEAR_KEYS if k in layers[0]]
         joined = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in keys}
         mx.eval(joined)
         sizes = [m["weight"].shape[0] for m in layers]
@@ -212,9 +225,8 @@ def _join(layers: list):
             fn = lambda x: mx.quantized_matmul(  # noqa: E731
                 x, joined["weight"], joined["scales"], joined.get("biases"), transpose=True,
                 group_size=q.group_size, bits=q.bits, mode=getattr(q, "mode", "affine"))
-    key = tuple(id(m.get(k)) for m in layers for k in _LINEAR_KEYS)
-    # the arrays are held with their ids (as derived() does), so no new array can reuse one of them
-    return key, fn, [m.get(k) for m in layers for k in _LINEAR_KEYS], splits
+    key, arrays = held_arrays(layers)
+    return key, fn, arrays, splits
 
 
 def linear_weight(layer: nn.Module) -> mx.array:

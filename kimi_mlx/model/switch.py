@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.cpu_fast import is_plain_linear
-from .common import MLP, derived, forget_derived
+from .common import LINEAR_KEYS, MLP, derived, forget_derived, held_arrays, linear_form
 
 
 def _sort_by_expert(x, indices):
@@ -100,16 +100,6 @@ class SwitchGLU(nn.Module):
         return y.squeeze(-2)
 
 
-_KEYS = ("weight", "scales", "biases")
-
-
-def _quant(m) -> tuple | None:
-    """A layer's quantization (group size, bits, mode, biases or not), None for a plain one."""
-    if "scales" not in m:
-        return None
-    return m.group_size, m.bits, getattr(m, "mode", "affine"), m.get("biases") is not None
-
-
 def _stackable(glu, shared) -> bool:
     """The routed experts (a SwitchGLU as it is, not the CPU fast path's) and the shared expert
     (an MLP as wide as one expert) have one form: plain (no bias) or quantized alike."""
@@ -122,9 +112,9 @@ def _stackable(glu, shared) -> bool:
             return False
     elif not (all(type(m) is QuantizedSwitchLinear for m in routed) and all(type(m) is nn.QuantizedLinear for m in own)):
         return False
-    if len({_quant(m) for m in routed + own}) != 1 or len({m.weight.dtype for m in routed + own}) != 1:
+    if len({linear_form(m) for m in routed + own}) != 1:
         return False
-    return all(m.get(k) is None or m[k].shape[1:] == o[k].shape for m, o in zip(routed, own) for k in _KEYS)
+    return all(m.get(k) is None or m[k].shape[1:] == o[k].shape for m, o in zip(routed, own) for k in LINEAR_KEYS)
 
 
 class StackedExperts:
@@ -151,7 +141,6 @@ def _stacked_layer(arrays: dict, like: nn.Module) -> nn.Module:
     nn.Module.__init__(m)
     if isinstance(like, QuantizedSwitchLinear):
         m.group_size, m.bits, m.mode = like.group_size, like.bits, like.mode
-        m.biases = arrays.get("biases")
     for k, v in arrays.items():
         m[k] = v
     return m
@@ -163,13 +152,11 @@ def stacked_experts(owner: nn.Module, glu: nn.Module, shared: nn.Module) -> Stac
     views of the stacked ones (contiguous blocks: prefill's gathered matmuls take them as they
     are), so nothing is stored twice and the layers still run (and save) alone."""
     layers = (glu.gate_proj, glu.up_proj, glu.down_proj, shared.gate_proj, shared.up_proj, shared.down_proj)
-    key = tuple(id(m.get(k)) for m in layers for k in _KEYS)
     hit = owner.__dict__.get("_stacked_experts")
-    if hit is None or hit[0] != key:
+    if hit is None or hit[0] != held_arrays(layers)[0]:
         value = _stack(glu, shared) if _stackable(glu, shared) else None
-        # the arrays are held with their ids (as common.derived does), so no new array reuses one
-        held = [m.get(k) for m in layers for k in _KEYS]
-        hit = owner.__dict__["_stacked_experts"] = (tuple(map(id, held)), value, held)
+        key, arrays = held_arrays(layers)
+        hit = owner.__dict__["_stacked_experts"] = (key, value, arrays)
     return hit[1]
 
 
@@ -177,7 +164,7 @@ def _stack(glu, shared) -> StackedExperts:
     g, u, d = glu.gate_proj, glu.up_proj, glu.down_proj
     sg, su, sd = shared.gate_proj, shared.up_proj, shared.down_proj
     E = g.weight.shape[0]
-    keys = [k for k in _KEYS if g.get(k) is not None]
+    keys = [k for k in LINEAR_KEYS if g.get(k) is not None]
     gate_up = {k: mx.concatenate([g[k], sg[k][None], u[k], su[k][None]]) for k in keys}
     down = {k: mx.concatenate([d[k], sd[k][None]]) for k in keys}
     mx.eval(gate_up, down)
