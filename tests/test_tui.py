@@ -424,7 +424,9 @@ async def test_restart_finds_conversation_and_switches_chats(tmp_path):
         await wait_until(pilot, lambda: chat(app2).chat.title == "Renamed", what="rename")
         chat(app2).prompt.focus()
         await send(pilot, "/rename Via command", wait=False)
-        await settle(pilot)
+        # the command is handled after the keypresses: wait for it, as for the sidebar rename above
+        await wait_until(pilot, lambda: app2.store.get_chat(chat(app2).chat.id).title == "Via command",
+                         what="rename by command")
         assert app2.store.get_chat(chat(app2).chat.id).title == "Via command"
 
 
